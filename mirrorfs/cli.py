@@ -1,0 +1,226 @@
+"""`mirrorfs`: the command line. Each subcommand is a thin shell over tap/, inference/ and mirrorfs/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mirrorfs.progress import Progress
+
+EPILOG = """\
+examples:
+  # QEMU started with: -qmp unix:/run/vm1.qmp,server=on,wait=off
+  mirrorfs attach --qmp /run/vm1.qmp --state /var/lib/mirrorfs/vm1
+  mirrorfs log --state /var/lib/mirrorfs/vm1 | tail
+  mirrorfs replica --state /var/lib/mirrorfs/vm1 --base vm1-base.raw -o /tmp/vm1-now.raw
+
+See mirrorfs(1) and mirrorfs-attach(1): man -l man/mirrorfs.1
+"""
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as `mirrorfs: <message>` with exit code 1."""
+
+
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", required=True, type=Path, metavar="DIR",
+                   help="state directory of one watched disk (write log, replica, metadata)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrorfs", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Agentless file monitoring of virtual machines: QEMU mirrors a running VM's disk "
+                    "writes to mirrorfs, which records them and turns them into file-level mutations.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "attach", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="mirror a running VM's disk writes into a state directory until interrupted",
+        description="Attach to a running QEMU (or qemu-storage-daemon) through its QMP socket: serve an NBD "
+                    "target, start a blockdev-mirror job onto it, and append every write to the state "
+                    "directory's write log. Ctrl-C or SIGTERM detaches cleanly (block-job-cancel; the guest "
+                    "stays on its own disk). Once the job is ready, one line says so and DIR/attach.json "
+                    "holds pid, device, mode, sync, ready and last seq.",
+        epilog="""examples:
+  mirrorfs attach --qmp vm1.qmp --state st/vm1                      # exact copy, from now on
+  mirrorfs attach --qmp vm1.qmp --state st/vm1 --mode async         # lowest guest overhead
+  mirrorfs attach --qmp vm1.qmp --state st/vm1 --sync full          # also copy the whole disk first
+  qemu-system-x86_64 -S ... ; mirrorfs attach --qmp vm1.qmp --state st/vm1 --cont   # miss nothing
+""")
+    p.add_argument("--qmp", required=True, type=Path, metavar="SOCKET", help="QEMU's QMP unix socket")
+    _state_arg(p)
+    p.add_argument("--device", metavar="DRIVE",
+                   help="drive id, qdev id or node name to mirror (default: the only drive)")
+    p.add_argument("--mode", choices=["exact", "async"], default="exact",
+                   help="exact: write-blocking copy, every write as issued (default); "
+                        "async: background copy, coalesced, least guest overhead")
+    p.add_argument("--sync", choices=["none", "full"], default="none",
+                   help="none: only new writes (default; pair with the base image); "
+                        "full: copy the whole disk first, so no base image is needed")
+    p.add_argument("--cont", action="store_true",
+                   help="resume a paused VM (QEMU -S) once the mirror job is ready, so no write is missed")
+    p.add_argument("--fsync", choices=["always", "flush", "never"], default="flush",
+                   help="when the write log is fsynced: after every write, on guest flushes and at exit "
+                        "(default), or never")
+    p.add_argument("--reconnect-delay", type=int, default=10, metavar="SECONDS",
+                   help="how long QEMU holds writes and retries if this process dies (default 10)")
+    p.add_argument("--base", type=Path, metavar="IMAGE",
+                   help="raw image of the disk when the attach starts (seeds the replica served to readers)")
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="extra NBD listener for readers, unix:PATH or tcp:HOST:PORT (repeatable)")
+
+    p = sub.add_parser("log", help="list the write log's records",
+                       description="List the records of a state directory's write log: seq, host receive "
+                                   "time, kind, offset and length.")
+    _state_arg(p)
+    p.add_argument("--since", type=int, default=1, metavar="SEQ", help="first seq to list (default 1)")
+    p.add_argument("--until", type=int, metavar="SEQ", help="last seq to list")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("replica", help="write the disk as the log makes it at a seq",
+                       description="Write the block-level point-in-time view: the base image (or zeros) "
+                                   "with every logged write up to --until applied.",
+                       epilog="example: mirrorfs replica --state st/vm1 --base vm1.raw --until 5000 -o t.raw")
+    _state_arg(p)
+    p.add_argument("--base", type=Path, metavar="IMAGE",
+                   help="raw image of the disk when recording started (omit after --sync full)")
+    p.add_argument("--until", type=int, metavar="SEQ", help="last seq to apply (default: all)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="raw image to write")
+
+    p = sub.add_parser("serve", help="serve a state directory's replica read-only over NBD",
+                       description="Serve the replica of a stopped attach, read-only, to NBD clients "
+                                   "(nbdinfo, nbdcopy, qemu-img, nbd-client).",
+                       epilog="example: mirrorfs serve --state st/vm1 --listen tcp:127.0.0.1:10809 &\n"
+                              "         nbdcopy nbd://127.0.0.1/mirrorfs copy.raw")
+    _state_arg(p)
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="unix:PATH or tcp:HOST:PORT (repeatable; default unix:DIR/nbd.sock)")
+    return parser
+
+
+def cmd_attach(args: argparse.Namespace) -> None:
+    from tap.attach import AttachConfig, Attachment
+
+    cfg = AttachConfig(qmp=args.qmp, state=args.state, device=args.device, mode=args.mode, sync=args.sync,
+                       cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
+                       base=args.base, listen=tuple(args.listen))
+    import trio
+    trio.run(Attachment(cfg).run)
+    print("mirrorfs: detached", flush=True)
+
+
+def cmd_log(args: argparse.Namespace) -> None:
+    from tap.state import StateDir
+    from tap.writelog import Kind, read_records
+
+    state = StateDir(args.state)
+    state.require_state()
+    out = sys.stdout
+    for r in read_records(state.log, since=args.since, until=args.until):
+        kind = Kind(r.kind).name
+        if args.json:
+            out.write(json.dumps({"seq": r.seq, "time_ns": r.time_ns, "kind": kind,
+                                  "offset": r.offset, "length": r.length}) + "\n")
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(r.time_ns / 1e9)) + f".{r.time_ns % 10**9 // 1000:06d}"
+            out.write(f"{r.seq:>10} {stamp} {kind:<6} {r.offset:>14} {r.length:>9}\n")
+
+
+def cmd_replica(args: argparse.Namespace) -> None:
+    from tap.replica import build_replica
+    from tap.state import StateDir
+
+    state = StateDir(args.state)
+    size = state.require_state()["size"]
+    if args.base is not None and not args.base.is_file():
+        raise CLIError(f"base image {args.base} does not exist")
+    progress = Progress("replica", unit=" rec")
+    try:
+        last = build_replica(state.log, args.output, size, base=args.base, until=args.until, progress=progress)
+    finally:
+        progress.close()
+    print(f"mirrorfs: wrote {args.output} ({size} bytes) as of seq {last}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import trio
+
+    from tap import nbd
+    from tap.replica import BlockReplica
+    from tap.server import TapBackend, open_listeners, serve_nbd
+    from tap.state import EXPORT_NAME, StateDir
+
+    state = StateDir(args.state)
+    size = state.require_state()["size"]
+    state.lock()
+    replica = BlockReplica(state.replica, size)
+    replica.catch_up(state.log)
+    addrs = args.listen or [f"unix:{state.nbd_socket}"]
+
+    async def main() -> None:
+        listeners = await open_listeners(addrs)
+        exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=size, read_only=True)}
+        print(f"mirrorfs: serving {state.replica} read-only as export {EXPORT_NAME!r} on {', '.join(addrs)}",
+              flush=True)
+        with trio.open_signal_receiver(2, 15) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_nbd, listeners, exports, TapBackend(replica=replica))
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        replica.close()
+        state.unlock()
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        format="mirrorfs: %(message)s")
+    from tap.attach import AttachError
+    from tap.state import StateError
+    user_errors = (CLIError, AttachError, StateError, ValueError, OSError)
+    try:
+        COMMANDS[args.command](args)
+    except user_errors as exc:
+        print(f"mirrorfs: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:  # trio nurseries wrap what their tasks raise
+        match, rest = group.split(user_errors)
+        if match is None or rest is not None:
+            raise
+        for exc in _leaves(match):
+            print(f"mirrorfs: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

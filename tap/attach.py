@@ -1,0 +1,303 @@
+"""Attach to a running QEMU: serve the NBD target, start the mirror job, record until told to stop.
+
+Detach is always `block-job-cancel` (the guest stays on its own disk), never block-job-complete.
+A tap killed without detaching leaves the job alive: with reconnect-delay and on-target-error=stop,
+QEMU waits for us, and a new attach on the same state directory picks the job up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tap import nbd
+from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
+from tap.replica import BlockReplica
+from tap.server import TapBackend, open_listeners, serve_nbd
+from tap.state import EXPORT_NAME, StateDir
+from tap.writelog import WriteLog
+
+log = logging.getLogger("mirrorfs.attach")
+
+COPY_MODES = {"exact": "write-blocking", "async": "background"}
+DETACH_TIMEOUT = 120.0
+
+
+class AttachError(Exception):
+    """Attach cannot go on; the message names the cause and the fix."""
+
+
+@dataclass
+class AttachConfig:
+    qmp: Path
+    state: Path
+    device: str | None = None
+    mode: str = "exact"
+    sync: str = "none"
+    cont: bool = False
+    fsync: str = "flush"
+    reconnect_delay: int = 10
+    base: Path | None = None
+    listen: tuple[str, ...] = ()
+
+
+@dataclass
+class Drive:
+    device: str  # what blockdev-mirror's `device` takes: a drive id or a node name
+    size: int
+    description: str
+
+
+def _drive_names(entry: dict[str, Any]) -> list[str]:
+    inserted = entry.get("inserted") or {}
+    names = (entry.get("device"), entry.get("qdev"), inserted.get("node-name"))
+    return [n for n in names if n and not n.startswith("#")]  # '#block123' are QEMU's internal names
+
+
+async def find_drive(qmp: QMPClient, wanted: str | None) -> Drive:
+    """Resolve --device against query-block (VMs) and query-named-block-nodes (qemu-storage-daemon)."""
+    candidates: list[Drive] = []
+    for entry in await qmp.execute("query-block"):
+        inserted = entry.get("inserted")
+        if not inserted:
+            continue
+        names = _drive_names(entry)
+        size = (inserted.get("image") or {}).get("virtual-size")
+        if not names or not isinstance(size, int):
+            continue
+        device = entry.get("device") or inserted.get("node-name")
+        d = Drive(device, size, " / ".join(names))
+        if wanted in names or (wanted is None and not inserted.get("ro")):
+            candidates.append(d)  # by default only writable drives: read-only ones never change
+    if wanted is not None and not candidates:
+        for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+            if node.get("node-name") == wanted:
+                size = (node.get("image") or {}).get("virtual-size")
+                if isinstance(size, int):
+                    candidates.append(Drive(wanted, size, wanted))
+                break
+    if len(candidates) == 1:
+        return candidates[0]
+    listing = await list_drives(qmp)
+    if wanted is None and candidates:
+        raise AttachError("QEMU has several drives; choose one with --device:\n" + listing)
+    raise AttachError(
+        (f"drive {wanted!r} not found" if wanted else "QEMU has no writable drive with a medium") +
+        "; choose one of these with --device:\n" + listing)
+
+
+async def list_drives(qmp: QMPClient) -> str:
+    lines = []
+    for entry in await qmp.execute("query-block"):
+        inserted = entry.get("inserted") or {}
+        size = (inserted.get("image") or {}).get("virtual-size", "?")
+        lines.append(f"  {' / '.join(_drive_names(entry)) or '(anonymous)'}  {size} bytes"
+                     + ("" if inserted else "  (no medium)") + ("  (read-only)" if inserted.get("ro") else ""))
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+        if node.get("node-name") and not node["node-name"].startswith("#"):
+            size = (node.get("image") or {}).get("virtual-size", "?")
+            lines.append(f"  node {node['node-name']}  {node.get('drv', '?')}  {size} bytes")
+    return "\n".join(lines) or "  (none)"
+
+
+def job_names(device: str) -> tuple[str, str]:
+    """(job id, target node name): deterministic, so a restarted tap finds its own job."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in device)
+    return f"mirrorfs-{safe}", f"mirrorfs-tgt-{safe}"
+
+
+async def _job(qmp: QMPClient, job_id: str) -> dict[str, Any] | None:
+    for job in await qmp.execute("query-block-jobs"):
+        if job.get("device") == job_id:
+            return job
+    return None
+
+
+class Attachment:
+    """One attach run: the state dir, the log, the replica, the NBD server and the mirror job."""
+
+    def __init__(self, cfg: AttachConfig) -> None:
+        self.cfg = cfg
+        self.state = StateDir(cfg.state)
+        self.drive: Drive | None = None
+        self.job_id = self.node = ""
+        self.ready = False
+        self.started = time.time()
+        self.backend: TapBackend | None = None
+
+    def info(self, **extra: Any) -> dict[str, Any]:
+        b = self.backend
+        return {
+            "pid": os.getpid(), "qmp": str(self.cfg.qmp), "device": self.drive.device if self.drive else None,
+            "size": self.drive.size if self.drive else None, "job": self.job_id, "node": self.node,
+            "mode": self.cfg.mode, "sync": self.cfg.sync, "ready": self.ready,
+            "last_seq": b.writelog.last_seq if b and b.writelog else 0,
+            "writes": b.stats.writes if b else 0, "bytes": b.stats.bytes if b else 0,
+            "nbd_socket": str(self.state.nbd_socket), "started": self.started, "updated": time.time(),
+            **extra,
+        }
+
+    async def run(self, *, announce=print) -> None:
+        cfg = self.cfg
+        if cfg.mode not in COPY_MODES:
+            raise AttachError(f"unknown --mode {cfg.mode!r}: use exact or async")
+        if cfg.sync not in ("none", "full"):
+            raise AttachError(f"unknown --sync {cfg.sync!r}: use none or full")
+        self.state.lock()
+        try:
+            async with open_qmp(cfg.qmp) as qmp:
+                await self._run(qmp, announce)
+        except QMPConnectError as exc:
+            raise AttachError(str(exc)) from exc
+        finally:
+            self.state.unlock()
+
+    async def _run(self, qmp: QMPClient, announce) -> None:
+        cfg = self.cfg
+        self.drive = drive = await find_drive(qmp, cfg.device)
+        self.job_id, self.node = job_names(drive.device)
+        self.state.init_state(drive.size, drive.device)
+        writelog = WriteLog(self.state.log, fsync=cfg.fsync)
+        try:
+            replica = BlockReplica(self.state.replica, drive.size, base=cfg.base)
+            replica.catch_up(self.state.log)
+            self.backend = backend = TapBackend(replica=replica, writelog=writelog)
+            sock = self.state.nbd_socket
+            exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
+            listeners = await open_listeners([f"unix:{sock}", *cfg.listen])
+            self.state.write_attach(self.info())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_nbd, listeners, exports, backend)
+                try:
+                    await self._start_job(qmp, sock)
+                    if cfg.cont:
+                        status = await qmp.execute("query-status")
+                        if not status.get("running"):
+                            await qmp.execute("cont")
+                    self.ready = True
+                    self.state.write_attach(self.info())
+                    announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
+                             f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
+                    nursery.start_soon(self._keep_info_current)
+                    reason = await self._wait_for_end(qmp)
+                    if reason:
+                        raise AttachError(reason)
+                    await self._detach(qmp)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            writelog.flush()
+            if self.backend:
+                self.backend.replica.checkpoint()
+                self.backend.replica.close()
+            writelog.close()
+            self.ready = False
+            self.state.write_attach(self.info(detached=time.time()))
+            if self.state.nbd_socket.is_socket():
+                self.state.nbd_socket.unlink()
+
+    async def _start_job(self, qmp: QMPClient, sock: Path) -> None:
+        cfg = self.cfg
+        job = await _job(qmp, self.job_id)
+        if job is not None:
+            # A previous tap on this state dir was killed: QEMU is reconnecting to our socket.
+            log.info("resuming mirror job %s left by a previous attach", self.job_id)
+            if job.get("paused") or job.get("status") == "paused":
+                await qmp.execute("block-job-resume", {"device": self.job_id})
+            if job.get("ready"):
+                return
+        else:
+            try:
+                await qmp.execute("blockdev-add", {
+                    "driver": "nbd", "node-name": self.node, "export": EXPORT_NAME,
+                    "server": {"type": "unix", "path": str(sock)}, "reconnect-delay": cfg.reconnect_delay})
+            except QMPError as exc:
+                raise AttachError(f"QEMU cannot open our NBD target: {exc.desc}") from exc
+            try:
+                await qmp.execute("blockdev-mirror", {
+                    "job-id": self.job_id, "device": self.drive.device, "target": self.node,
+                    "sync": cfg.sync, "copy-mode": COPY_MODES[cfg.mode], "on-target-error": "stop"})
+            except QMPError as exc:
+                await self._drop_node(qmp)
+                raise AttachError(f"QEMU refused the mirror job: {exc.desc}") from exc
+        ev = await qmp.wait_event(
+            lambda e: e.data.get("device") == self.job_id and e.name in (
+                "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"))
+        if ev is None:
+            raise AttachError(f"lost QEMU before the mirror job was ready: {qmp.close_reason}")
+        if ev.name != "BLOCK_JOB_READY":
+            await self._drop_node(qmp)
+            raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
+
+    async def _wait_for_end(self, qmp: QMPClient) -> str:
+        """Block until a signal (→ '') or the job/QEMU ends on its own (→ the reason)."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                result = [""]
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+                async def on_event() -> None:
+                    while (ev := await qmp.next_event()) is not None:
+                        if ev.data.get("device") != self.job_id:
+                            continue
+                        if ev.name == "BLOCK_JOB_ERROR":
+                            log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
+                                        ev.data.get("operation"))
+                        elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                            result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
+                            nursery.cancel_scope.cancel()
+                            return
+                    result[0] = f"lost QEMU: {qmp.close_reason}"
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_event)
+        return result[0]
+
+    async def _detach(self, qmp: QMPClient) -> None:
+        """Cancel the job (a ready mirror first copies what is still dirty), then drop our node."""
+        log.info("detaching: block-job-cancel %s", self.job_id)
+        job = await _job(qmp, self.job_id)
+        if job is not None:
+            if job.get("paused") or job.get("status") == "paused":
+                await qmp.execute("block-job-resume", {"device": self.job_id})
+            await qmp.execute("block-job-cancel", {"device": self.job_id})
+            ev = await qmp.wait_event(
+                lambda e: e.data.get("device") == self.job_id
+                and e.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout=DETACH_TIMEOUT)
+            if ev is None:
+                raise AttachError(f"the mirror job did not end within {DETACH_TIMEOUT:.0f} s of block-job-cancel")
+            if ev.data.get("error"):
+                raise AttachError(f"the mirror job ended with an error: {ev.data['error']}")
+        await self._drop_node(qmp)
+
+    async def _drop_node(self, qmp: QMPClient) -> None:
+        try:
+            await qmp.execute("blockdev-del", {"node-name": self.node})
+        except (QMPError, QMPConnectError) as exc:
+            log.debug("blockdev-del %s: %s", self.node, exc)
+
+    async def _keep_info_current(self) -> None:
+        """Once a second: fsync the log in a worker thread (QEMU forwards almost no guest flushes,
+        so this bounds what a host crash can lose) and rewrite attach.json for scripts."""
+        while True:
+            await trio.sleep(1)
+            await trio.to_thread.run_sync(self.backend.writelog.flush)
+            self.state.write_attach(self.info())
+
+
+def attach(cfg: AttachConfig) -> None:
+    """Run an attach to completion (blocking); raises AttachError with a user-facing message."""
+    trio.run(Attachment(cfg).run)
+
