@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=int, default=1, metavar="SEQ", help="first seq to list (default 1)")
     p.add_argument("--until", type=int, metavar="SEQ", help="last seq to list")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing records as they are appended (Ctrl-C stops)")
 
     p = sub.add_parser("replica", help="write the disk as the log makes it at a seq",
                        description="Write the block-level point-in-time view: the base image (or zeros) "
@@ -116,21 +118,37 @@ def cmd_attach(args: argparse.Namespace) -> None:
     print("mirrorfs: detached", flush=True)
 
 
+def format_record(r, as_json: bool) -> str:
+    from tap.writelog import Kind
+
+    kind = Kind(r.kind).name
+    if as_json:
+        return json.dumps({"seq": r.seq, "time_ns": r.time_ns, "kind": kind, "offset": r.offset, "length": r.length})
+    stamp = time.strftime("%H:%M:%S", time.localtime(r.time_ns / 1e9)) + f".{r.time_ns % 10**9 // 1000:06d}"
+    return f"{r.seq:>10} {stamp} {kind:<6} {r.offset:>14} {r.length:>9}"
+
+
 def cmd_log(args: argparse.Namespace) -> None:
     from tap.state import StateDir
-    from tap.writelog import Kind, read_records
+    from tap.writelog import LogFollower, read_records
 
     state = StateDir(args.state)
     state.require_state()
     out = sys.stdout
-    for r in read_records(state.log, since=args.since, until=args.until):
-        kind = Kind(r.kind).name
-        if args.json:
-            out.write(json.dumps({"seq": r.seq, "time_ns": r.time_ns, "kind": kind,
-                                  "offset": r.offset, "length": r.length}) + "\n")
-        else:
-            stamp = time.strftime("%H:%M:%S", time.localtime(r.time_ns / 1e9)) + f".{r.time_ns % 10**9 // 1000:06d}"
-            out.write(f"{r.seq:>10} {stamp} {kind:<6} {r.offset:>14} {r.length:>9}\n")
+    if not args.follow:
+        for r in read_records(state.log, since=args.since, until=args.until):
+            out.write(format_record(r, args.json) + "\n")
+        return
+    with LogFollower(state.log, since=args.since) as follower:
+        while True:
+            batch = follower.poll()
+            for r in batch:
+                if args.until is not None and r.seq > args.until:
+                    return
+                out.write(format_record(r, args.json) + "\n")
+            out.flush()
+            if not batch:
+                time.sleep(0.05)
 
 
 def cmd_replica(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ QEMU waits for us, and a new attach on the same state directory picks the job up
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -107,10 +108,12 @@ async def list_drives(qmp: QMPClient) -> str:
     return "\n".join(lines) or "  (none)"
 
 
-def job_names(device: str) -> tuple[str, str]:
-    """(job id, target node name): deterministic, so a restarted tap finds its own job."""
+def job_names(device: str, state: Path) -> tuple[str, str]:
+    """(job id, target node name): derived from the device and the state directory, so a restarted
+    tap finds its own job, and an attach with another state directory never takes it over."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in device)
-    return f"mirrorfs-{safe}", f"mirrorfs-tgt-{safe}"
+    tag = hashlib.sha1(os.fsencode(Path(state).absolute())).hexdigest()[:8]
+    return f"mirrorfs-{safe}-{tag}", f"mirrorfs-tgt-{safe}-{tag}"
 
 
 async def _job(qmp: QMPClient, job_id: str) -> dict[str, Any] | None:
@@ -162,7 +165,7 @@ class Attachment:
     async def _run(self, qmp: QMPClient, announce) -> None:
         cfg = self.cfg
         self.drive = drive = await find_drive(qmp, cfg.device)
-        self.job_id, self.node = job_names(drive.device)
+        self.job_id, self.node = job_names(drive.device, self.state.path)
         self.state.init_state(drive.size, drive.device)
         writelog = WriteLog(self.state.log, fsync=cfg.fsync)
         try:
@@ -208,7 +211,7 @@ class Attachment:
         job = await _job(qmp, self.job_id)
         if job is not None:
             # A previous tap on this state dir was killed: QEMU is reconnecting to our socket.
-            log.info("resuming mirror job %s left by a previous attach", self.job_id)
+            print(f"mirrorfs: resuming mirror job {self.job_id} left by a previous attach", flush=True)
             if job.get("paused") or job.get("status") == "paused":
                 await qmp.execute("block-job-resume", {"device": self.job_id})
             if job.get("ready"):
@@ -226,7 +229,11 @@ class Attachment:
                     "sync": cfg.sync, "copy-mode": COPY_MODES[cfg.mode], "on-target-error": "stop"})
             except QMPError as exc:
                 await self._drop_node(qmp)
-                raise AttachError(f"QEMU refused the mirror job: {exc.desc}") from exc
+                jobs = [j.get("device") for j in await qmp.execute("query-block-jobs")]
+                hint = (f"; QEMU already runs block job(s) {', '.join(map(str, jobs))} (another attach, or one "
+                        "killed without detaching: attach again with its --state, or block-job-cancel it)"
+                        if jobs else "")
+                raise AttachError(f"QEMU refused the mirror job: {exc.desc}{hint}") from exc
         ev = await qmp.wait_event(
             lambda e: e.data.get("device") == self.job_id and e.name in (
                 "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"))
