@@ -360,6 +360,108 @@ def build_parts(name: str) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- LVM2 disk
+
+LVM_VG = "vgmirror"
+LVM_CONF = """devices { filter = [ "a|^/dev/loop|", "r|.*|" ] obtain_device_list_from_udev = 0 use_devicesfile = 0
+  scan_lvs = 0 }
+activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }
+backup { backup = 0 archive = 0 }
+global { event_activation = 0 }
+"""
+
+
+@contextmanager
+def lvm_session(image: Path, offset: int = 0, size: int = 0) -> Iterator[tuple[Callable[..., str], str]]:
+    """Attach `image` (or its `size` bytes at `offset`: one partition) to a loop device; yield (`lvm`, loop device).
+
+    `lvm(cmd, *args)` runs an lvm command confined to that device.
+
+    The host's own LVM is never touched: a private LVM_SYSTEM_DIR with a loop-only filter, no devices file, no
+    backups, `--devices` naming only our loop, and `--driverloaded n` (no device-mapper: LVs are never activated,
+    which also works in containers without /dev/mapper). The loop is detached even when a command fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="mirrorfs-lvm.") as etc:
+        (Path(etc) / "lvm.conf").write_text(LVM_CONF)
+        env = {**os.environ, "LVM_SYSTEM_DIR": etc, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+        part = [*(["--offset", str(offset)] if offset else []), *(["--sizelimit", str(size)] if size else [])]
+        loop = run("losetup", "-f", "--show", *part, image).strip()
+        try:
+            def lvm(cmd: str, *args: str) -> str:
+                p = subprocess.run(["lvm", cmd, "--devices", loop, "--driverloaded", "n", *args],
+                                   capture_output=True, env=env)
+                if p.returncode:
+                    raise RuntimeError(f"lvm {cmd} {' '.join(args)} failed: {p.stderr.decode(errors='replace')}")
+                return p.stdout.decode(errors="replace")
+            yield lvm, loop
+            lvm("vgchange", "-an")
+        finally:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def lvm_layout(lvm: Callable[..., str]) -> dict:
+    """What the LVM tools say the layout is, in bytes: the ground truth the volume tests compare against."""
+    pv = json.loads(lvm("pvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                        "-o", "pv_uuid,pe_start"))["report"][0]["pv"][0]
+    vg = json.loads(lvm("vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                        "-o", "vg_name,vg_extent_size,vg_seqno"))["report"][0]["vg"][0]
+    segs = json.loads(lvm("lvs", "--reportformat", "json", "--segments", "-o",
+                          "lv_name,lv_uuid,segtype,seg_start_pe,seg_size_pe,seg_pe_ranges"))["report"][0]["seg"]
+    pe_start, extent = int(pv["pe_start"]), int(vg["vg_extent_size"])
+    lvs: dict[str, dict] = {}
+    for seg in segs:
+        lv = lvs.setdefault(seg["lv_name"], {"uuid": seg["lv_uuid"], "size": 0, "segments": [], "pe_ranges": []})
+        first = int(seg["seg_pe_ranges"].rsplit(":", 1)[1].split("-")[0])
+        n = int(seg["seg_size_pe"])
+        lv["segments"].append([pe_start + first * extent, int(seg["seg_start_pe"]) * extent, n * extent])
+        lv["pe_ranges"].append(seg["seg_pe_ranges"])
+        lv["size"] += n * extent
+    return {"vg": vg["vg_name"], "seqno": int(vg["vg_seqno"]), "pv_uuid": pv["pv_uuid"], "pe_start": pe_start,
+            "extent_size": extent, "lvs": lvs}
+
+
+def write_lv(disk: Path, segments: list[list[int]], content: Path) -> None:
+    """Copy a file-system image into an LV through its segments (what dm-linear would do), keeping holes."""
+    with open(content, "rb") as src, open(disk, "r+b") as dst:
+        for disk_off, lv_off, length in segments:
+            for pos in range(0, length, MiB):
+                src.seek(lv_off + pos)
+                chunk = src.read(min(MiB, length - pos))
+                if chunk.strip(b"\0"):
+                    dst.seek(disk_off + pos)
+                    dst.write(chunk)
+
+
+def build_lvm() -> Path:
+    """lvm.img: a whole-disk PV, VG vgmirror, LV one (two segments: lvextend after LV two) and LV two, each ext4.
+
+    Beside it, lvm.json holds the layout as the LVM tools report it. Needs root (loop device).
+    """
+    out = cache_dir() / "lvm.img"
+    if out.exists():
+        return out
+    with building(out) as tmp:
+        with open(tmp, "wb") as f:
+            f.truncate(128 * MiB)
+        with lvm_session(tmp) as (lvm, loop):
+            lvm("pvcreate", "-q", loop)
+            lvm("vgcreate", "-q", LVM_VG, loop)
+            for name, size in (("one", "16M"), ("two", "24M")):
+                lvm("lvcreate", "-q", "-an", "-Zn", "-Wn", "-L", size, "-n", name, LVM_VG)
+            lvm("lvextend", "-q", "-L", "+16M", f"{LVM_VG}/one")
+            layout = lvm_layout(lvm)
+        for name, lv in layout["lvs"].items():
+            with tempfile.TemporaryDirectory(dir=tmp.parent) as td:
+                make_small_tree(Path(td) / "tree", f"lvm-{name}")
+                fs = Path(td) / "fs"
+                mke2fs(fs, lv["size"], ["-t", "ext4"], Path(td) / "tree", label=f"lvm-{name}")
+                write_lv(tmp, lv["segments"], fs)
+        meta = cache_dir() / "lvm.json"
+        meta.with_suffix(".json.tmp").write_text(json.dumps(layout, indent=1) + "\n")
+        os.rename(meta.with_suffix(".json.tmp"), meta)
+    return out
+
+
 # ---------------------------------------------------------------- public API
 
 BUILDERS: dict[str, Callable[[], Path]] = {
@@ -367,14 +469,16 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "initramfs.gz": build_initramfs,
     **{name: (lambda n=name: build_fsimage(n)) for name in FS_IMAGES},
     **{name: (lambda n=name: build_parts(n)) for name in PART_TABLES},
+    "lvm.img": build_lvm,
 }
 TARGETS = {
     "kernel": ["vmlinux"],
     "initramfs": ["initramfs.gz"],
     "fsimages": list(FS_IMAGES),
     "parts": list(PART_TABLES),
+    "lvm": ["lvm.img"],
 }
-TARGETS["all"] = [a for t in ("kernel", "initramfs", "fsimages", "parts") for a in TARGETS[t]]
+TARGETS["all"] = [a for t in ("kernel", "initramfs", "fsimages", "parts", "lvm") for a in TARGETS[t]]
 
 
 def artifact(name: str) -> Path:
@@ -401,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="targets: kernel = vmlinux (Debian linux-image, unpacked, never installed); "
                "initramfs = busybox + virtio/ext4 modules + /init that runs a workload disk; "
                "fsimages = ext2/ext3/ext4/ext4-1k images (64 MiB) of a generated tree; "
-               "parts = mbr.img and gpt.img partitioned disks; all = everything.")
+               "parts = mbr.img and gpt.img partitioned disks; lvm = lvm.img (LVM2 PV, two ext4 LVs, "
+               "needs root); all = everything.")
     ap.add_argument("targets", nargs="+", choices=sorted(TARGETS), help="what to build")
     args = ap.parse_args(argv)
     for target in args.targets:

@@ -96,6 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=int, metavar="SEQ", help="last seq to apply (default: all)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="raw image to write")
 
+    p = sub.add_parser(
+        "replay", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run the inference engine over a recorded write log: file-level mutation events",
+        description="Run the inference engine over a state directory's write log and write its mutation events "
+                    "to DIR/events.jsonl (one JSON object per line, see mirrorfs-events(5)). The engine needs the "
+                    "disk as it was when recording started: --base IMAGE (raw or qcow2), or --index INDEX made by "
+                    "`mirrorfs index`; after `attach --sync full` it needs neither.",
+        epilog="examples:\n  mirrorfs replay --state st/vm1 --base vm1-base.raw\n"
+               "  mirrorfs index vm1-base.raw -o vm1.idx && mirrorfs replay --state st/vm1 --index vm1.idx\n"
+               "  mirrorfs events --state st/vm1 --kind rename")
+    _state_arg(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--base", type=Path, metavar="IMAGE", help="the disk image at the start of recording")
+    src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
+    p.add_argument("--vm", default="", help="VM name stamped on each event (default: the state dir's name)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep following the log as it grows (SIGINT/SIGTERM: drain, finish, exit)")
+
+    p = sub.add_parser("events", help="read the mutation event log",
+                       description="Print the mutation events of a state directory (written by replay or a "
+                                   "live attach), optionally following new ones.")
+    _state_arg(p)
+    p.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events with seq >= SEQ")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="JSON lines, as in the event log")
+
+    p = sub.add_parser("index", help="pre-index a base image (the starting shadow tree)",
+                       description="Walk every ext2/3/4 file system of a disk image (raw or qcow2; partition "
+                                   "tables and LVM are followed) and save the shadow tree, so that replay and "
+                                   "attach start without crawling the image again.")
+    p.add_argument("image", type=Path, metavar="IMAGE")
+    p.add_argument("-o", "--output", type=Path, metavar="INDEX", help="index file (default: IMAGE.mfsidx)")
+
     p = sub.add_parser("serve", help="serve a state directory's replica read-only over NBD",
                        description="Serve the replica of a stopped attach, read-only, to NBD clients "
                                    "(nbdinfo, nbdcopy, qemu-img, nbd-client).",
@@ -207,7 +240,105 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
-COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve}
+def raw_image(image: Path, workdir: Path) -> Path:
+    """A raw view of a base image: itself, or a qcow2 converted by qemu-img into workdir."""
+    import subprocess
+
+    if not image.is_file():
+        raise CLIError(f"image {image} does not exist")
+    with open(image, "rb") as f:
+        magic = f.read(4)
+    if magic != b"QFI\xfb":
+        return image
+    out = workdir / (image.name + ".raw")
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"mirrorfs: converting qcow2 {image} to raw {out}", file=sys.stderr)
+    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CLIError(f"qemu-img could not convert {image}: {proc.stderr.strip()} (is qemu-utils installed?)")
+    return out
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    import signal
+
+    from inference.engine import Engine
+    from inference.eventlog import EventLog
+    from tap.state import StateDir
+    from tap.writelog import LogFollower, last_seq
+
+    state = StateDir(args.state)
+    size = state.require_state()["size"]
+    workdir = state.path / "engine"
+    base = raw_image(args.base, workdir) if args.base else None
+    progress = Progress("index", unit=" inodes")
+    engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
+    progress.close()
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    end = last_seq(state.log)
+    bar = Progress("replay", unit=" rec")
+    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+        while True:
+            batch = follower.poll()
+            if batch:
+                events.append(engine.process(batch))
+                bar(batch[-1].seq, max(end, batch[-1].seq))
+                continue
+            if not args.follow or stop:
+                break
+            time.sleep(0.05)
+        events.append(engine.finish())
+        bar.close()
+        engine.close()
+        print(f"mirrorfs: {events.count} events from {engine.last_seq} records into {events.path}", file=sys.stderr)
+
+
+def format_event(ev, as_json: bool) -> str:
+    if as_json:
+        return ev.to_json()
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
+    what = f"{ev.old_path} -> {ev.path}" if ev.old_path else ev.path
+    if ev.kind == "error":
+        what = f"{ev.path}: {ev.message}"
+    elif ev.target is not None:
+        what += f" -> {ev.target}"
+    if ev.ranges:
+        what += " [" + ",".join(f"{a}-{b}" for a, b in ev.ranges[:4]) + ("…" if len(ev.ranges) > 4 else "") + "]"
+    return f"{ev.seq:>8} {stamp} {ev.fs or '-':<6} {ev.kind:<8} {what}"
+
+
+def cmd_events(args: argparse.Namespace) -> None:
+    from inference.eventlog import read_events
+    from tap.state import StateDir
+
+    state = StateDir(args.state)
+    state.require_state()
+    path = state.path / "events.jsonl"
+    if not path.exists():
+        raise CLIError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
+                       "or attach with --base/--index")
+    for ev in read_events(path, args.since, follow=args.follow):
+        print(format_event(ev, args.json), flush=args.follow)
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from inference.engine import build_index
+
+    out = args.output or args.image.with_name(args.image.name + ".mfsidx")
+    image = raw_image(args.image, out.parent)
+    progress = Progress("index", unit=" inodes")
+    start = time.monotonic()
+    data = build_index(image, out, progress=progress)
+    progress.close()
+    n = sum(len(h.tree) for h in data["handlers"].values())
+    print(f"mirrorfs: indexed {n} inodes in {len(data['handlers'])} file system(s) in "
+          f"{time.monotonic() - start:.2f} s → {out}", file=sys.stderr)
+
+
+COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve, "replay": cmd_replay,
+            "events": cmd_events, "index": cmd_index}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,200 @@
+"""The inference engine: write-log records in, Mutation events out, for every file system on the disk.
+
+It keeps its own replica (the base image plus every record it has processed, so metadata is read as
+of the record being processed, not as of the tap's newest write), routes each write through the volume
+layer to the file-system handler that owns it, and re-reads the volume layout when a write touches a
+partition table or LVM metadata. Swap and unknown volumes are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.errors import CorruptMetadata
+from inference.events import Mutation
+from inference.ext.handler import ExtHandler
+from inference.volume import Volume, VolumeMap
+from tap.replica import BlockReplica
+from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
+
+log = logging.getLogger("mirrorfs.engine")
+
+INDEX_FORMAT = 1
+
+
+def volume_reader(vol: Volume, read_disk: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+    """read(offset, length) inside a volume, through its segments (one for a partition, several for LVM)."""
+    segs = sorted(vol.segments, key=lambda s: s[1])
+    if len(segs) == 1:
+        disk0, vol0, _ = segs[0]
+        delta = disk0 - vol0
+        return lambda off, n: read_disk(off + delta, n)
+
+    def read(off: int, n: int) -> bytes:
+        out = bytearray()
+        for disk_off, vol_off, length in segs:
+            lo, hi = max(off, vol_off), min(off + n, vol_off + length)
+            if lo < hi:
+                out += read_disk(disk_off + lo - vol_off, hi - lo)
+        return bytes(out) + bytes(n - len(out))
+
+    return read
+
+
+@dataclass
+class FsEntry:
+    volume: Volume
+    handler: ExtHandler
+
+
+class Engine:
+    """Follows one disk's write log; `process` a batch of records, `finish` at the end of a replay."""
+
+    def __init__(self, workdir: Path, size: int, *, base: Path | None = None, vm: str = "",
+                 index: Path | None = None, progress: Callable[[int, int], None] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.size, self.vm = size, vm
+        disk = self.workdir / "disk.img"
+        for stale in (disk, disk.with_name(disk.name + ".seq")):
+            stale.unlink(missing_ok=True)  # derived state: every run starts again from the base
+        if index is not None:
+            loaded = load_index(index)
+            base = base or Path(loaded["base"])
+        self.replica = BlockReplica(disk, size, base=base)
+        self.volumes = VolumeMap(self.replica.read, size)
+        self.filesystems: dict[str, FsEntry] = {}
+        self.last_seq = 0
+        self.errors: list[Mutation] = []
+        self.waiting_for_copy = base is None  # sync full: the disk is complete at the first FLUSH (job ready)
+        if index is not None:
+            self._adopt(loaded)
+            self.waiting_for_copy = False
+        elif base is not None:
+            self._rescan(initial=True, progress=progress)
+
+    # -- volumes and file systems
+
+    def _rescan(self, *, initial: bool = False, progress=None) -> list[Mutation]:
+        self.volumes.scan()
+        events: list[Mutation] = []
+        current = {v.name: v for v in self.volumes.volumes if v.kind == "ext"}
+        for name in list(self.filesystems):
+            if name not in current or current[name].segments != self.filesystems[name].volume.segments:
+                log.info("file system %s left the disk layout", name)
+                del self.filesystems[name]
+        for name, vol in current.items():
+            if name in self.filesystems:
+                continue
+            try:
+                handler = ExtHandler(volume_reader(vol, self.replica.read), name=name, vm=self.vm)
+                handler.index(progress)
+            except CorruptMetadata as exc:
+                if not initial:
+                    log.info("file system %s not readable yet: %s", name, exc)
+                continue
+            self.filesystems[name] = FsEntry(vol, handler)
+        return events
+
+    def _adopt(self, loaded: dict) -> None:
+        self.volumes.scan()
+        for name, handler in loaded["handlers"].items():
+            vol = next((v for v in self.volumes.volumes if v.name == name), None)
+            if vol is None:
+                continue
+            handler.attach(volume_reader(vol, self.replica.read))
+            self.filesystems[name] = FsEntry(vol, handler)
+
+    # -- records
+
+    def process(self, records: Iterable[Record]) -> list[Mutation]:
+        events: list[Mutation] = []
+        last: Record | None = None
+        rescan = False
+        for rec in records:
+            last = rec
+            self.last_seq = rec.seq
+            if rec.kind == KIND_WRITE:
+                self.replica.write(rec.offset, rec.payload)
+            elif rec.kind == KIND_ZEROES:
+                self.replica.zero(rec.offset, rec.length)
+            elif rec.kind == KIND_FLUSH and self.waiting_for_copy:
+                self.waiting_for_copy = False
+                self._rescan(initial=True)
+                continue
+            else:
+                continue
+            if self.waiting_for_copy:
+                continue
+            if self.volumes.is_layout_write(rec.offset, rec.length):
+                rescan = True
+            for vol, vol_off, _disk_off, length in self.volumes.locate(rec.offset, rec.length):
+                fs = self.filesystems.get(vol.name)
+                if fs is not None:
+                    events += fs.handler.on_write(vol_off, length, rec.seq, rec.time_ns)
+            if rescan:
+                rescan = False
+                events += self._rescan()
+        if last is not None:
+            for fs in self.filesystems.values():
+                events += fs.handler.flush(last.seq, last.time_ns)
+        return events
+
+    def finish(self) -> list[Mutation]:
+        """End of a replay (or a detach): whatever is dirty or pending becomes events now."""
+        import time
+
+        events: list[Mutation] = []
+        if self.waiting_for_copy:
+            self.waiting_for_copy = False
+            self._rescan(initial=True)
+        for fs in self.filesystems.values():
+            events += fs.handler.flush(self.last_seq, time.time_ns(), final=True)
+        return events
+
+    def close(self) -> None:
+        self.replica.close()
+
+
+def build_index(image: Path, out: Path, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Pre-index a raw base image: the shadow tree of every file system on it, saved for fast loading."""
+    import tempfile
+
+    size = image.stat().st_size
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        with open(image, "rb") as f:
+            def read(off: int, n: int) -> bytes:
+                f.seek(off)
+                return f.read(n).ljust(n, b"\0")
+
+            vmap = VolumeMap(read, size)
+            vmap.scan()
+            handlers = {}
+            for vol in vmap.volumes:
+                if vol.kind != "ext":
+                    continue
+                h = ExtHandler(volume_reader(vol, read), name=vol.name)
+                h.index(progress)
+                handlers[vol.name] = h
+        data = {"format": INDEX_FORMAT, "base": str(image.resolve()), "size": size,
+                "mtime_ns": image.stat().st_mtime_ns, "handlers": handlers}
+        tmpfile = Path(tmp) / "index"
+        with open(tmpfile, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmpfile.replace(out)
+    return data
+
+
+def load_index(path: Path) -> dict:
+    with open(path, "rb") as f:
+        data = pickle.load(f)  # noqa: S301 - our own file, written by build_index
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path} is not a mirrorfs index (or from another version): rebuild it with mirrorfs index")
+    base = Path(data["base"])
+    if not base.exists() or base.stat().st_size != data["size"] or base.stat().st_mtime_ns != data["mtime_ns"]:
+        raise ValueError(f"the base image {base} changed since {path} was built: rebuild the index")
+    return data

@@ -1,0 +1,81 @@
+"""The Mutation event: the one currency after the tap, and its JSON-lines form (mirrorfs-events(5)).
+
+Every event carries the inode's attributes as they are after the change, so a consumer can apply the
+stream to a tree without reading the disk: replaying the events on the tree at T gives the tree at T'.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("create", "mkdir", "symlink", "mknod", "link", "delete", "rmdir", "rename", "modify", "truncate",
+         "attrib", "xattr", "error")
+TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
+
+
+@dataclass(slots=True)
+class Mutation:
+    seq: int                      # write-log seq of the record that completed the change
+    time: float                   # host receive time of that record, seconds since the epoch
+    kind: str
+    path: str                     # absolute inside its file system, e.g. /etc/passwd
+    vm: str = ""
+    fs: str = ""                  # the file system: pN, label or UUID
+    old_path: str | None = None   # rename: where it was
+    ino: int = 0
+    type: str = "unknown"
+    size: int | None = None
+    mode: int | None = None       # permission bits and set-id/sticky (S_IMODE), not the type
+    uid: int | None = None
+    gid: int | None = None
+    mtime: float | None = None
+    mtime_ns: int | None = None
+    ranges: list[tuple[int, int]] | None = None  # modify: [start, end) byte ranges
+    target: str | None = None     # symlink target; link: the existing path linked to
+    xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
+    message: str | None = None    # error: what was wrong, and what the engine did
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind,
+                             "path": self.path}
+        for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ranges",
+                     "target", "xattr", "message"):
+            value = getattr(self, name)
+            if value is not None and not (name == "ino" and self.kind == "error" and not value):
+                d[name] = [list(r) for r in value] if name == "ranges" else value
+        if self.extra:
+            d.update(self.extra)
+        return d
+
+    def to_json(self) -> str:
+        """One line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still valid JSON)."""
+        text = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = json.dumps(self.to_dict(), separators=(",", ":"))
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Mutation:
+        known = {f for f in cls.__slots__ if f != "extra"}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("ranges") is not None:
+            kw["ranges"] = [tuple(r) for r in kw["ranges"]]
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known})
+
+    @classmethod
+    def from_json(cls, line: str) -> Mutation:
+        return cls.from_dict(json.loads(line))
+
+
+def fs_path(raw: bytes) -> str:
+    """A guest path as text: UTF-8 where valid, other bytes kept reversibly (surrogateescape)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def path_bytes(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")

@@ -1,0 +1,468 @@
+"""One ext2/3/4 file system: block writes in, Mutations out, at its consistency points.
+
+The handler reads the file system through a metadata view: the engine's replica (the disk as the write
+log makes it) overlaid with the blocks of committed jbd2 transactions not yet written home. Each write
+is classified by block: journal, superblock, group descriptors, bitmaps, inode table, a mapping block
+(extent tree / indirect), an xattr block, a directory block or file data. Metadata writes mark inodes
+and directories dirty; at a consistency point (a jbd2 commit; for ext2, the end of a batch of writes,
+with names waiting until inode and directory agree) the dirty ones are re-read and reconciled with the
+shadow tree. File data is attributed through the block map; blocks nobody owns yet (delayed
+allocation) need no buffering: their content is in the replica, and a newly allocated extent counts as
+changed content when its allocation commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from inference.blockmap import BlockMap
+from inference.errors import CorruptMetadata
+from inference.events import Mutation
+from inference.ext import reader as R
+from inference.ext.journal import JournalGap, JournalTracker, parse_journal_superblock
+from inference.reconcile import Change, Context, Reconciler
+from inference.shadow import ROOT_INO, Node, ShadowTree
+
+log = logging.getLogger("mirrorfs.ext")
+
+ReadFn = Callable[[int, int], bytes]
+DATA_FLUSH_NS = 1_000_000_000  # data writes with no commit after them become events after this long
+MAX_ERRORS_PER_POINT = 20
+
+
+@dataclass
+class Stats:
+    writes: int = 0
+    transactions: int = 0
+    gaps: int = 0
+    unowned_blocks: int = 0
+    metadata_blocks: int = 0
+    errors: int = 0
+
+
+@dataclass
+class _Dirty:
+    itable: set[int] = field(default_factory=set)    # inode-table blocks
+    inodes: set[int] = field(default_factory=set)    # mapping or xattr block changed
+    dirs: set[int] = field(default_factory=set)
+    gdt: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.itable or self.inodes or self.dirs or self.gdt)
+
+
+class ExtHandler:
+    """The shadow tree of one ext file system, kept current from its block writes."""
+
+    def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
+        self._read_home = read
+        self.overlay: dict[int, bytes] = {}
+        self.name, self.vm = name, vm
+        self.stats = Stats()
+        self.reader = R.ExtReader(self._read_view)
+        self.geo = geo = self.reader.geo
+        self.tree = ShadowTree()
+        self.blocks = BlockMap()
+        self.meta_owner: dict[int, int] = {}         # extent-tree / indirect block -> inode
+        self.xattr_owners: dict[int, set[int]] = {}  # shared xattr block -> inodes
+        self.reconciler = Reconciler(self.tree)
+        self.dirty = _Dirty()
+        self.retry_dirs: set[int] = set()
+        self.pending_data: dict[int, list[tuple[int, int]]] = {}
+        self.pending_since = 0
+        self._layout()
+        self.journal: JournalTracker | None = None
+        self.jmap: list[tuple[int, int, int]] = []  # (fs start, length, journal start)
+        self._jrev: dict[int, int] = {}
+        if geo.has_journal and geo.journal_inum:
+            self._open_journal()
+
+    def __getstate__(self) -> dict:
+        """For the index file: everything but the function that reads the disk (see attach)."""
+        state = self.__dict__.copy()
+        state["_read_home"] = None
+        return state
+
+    def attach(self, read: ReadFn) -> None:
+        """Point a loaded (unpickled) handler at the disk it describes."""
+        self._read_home = read
+
+    # -- reading through the metadata view
+
+    def _read_view(self, offset: int, length: int) -> bytes:
+        if not self.overlay:
+            return self._read_home(offset, length)
+        bs = self.geo.block_size if hasattr(self, "geo") else 1024
+        first, last = offset // bs, (offset + length - 1) // bs
+        if not any(b in self.overlay for b in range(first, last + 1)):
+            return self._read_home(offset, length)
+        out = bytearray(self._read_home(first * bs, (last - first + 1) * bs))
+        for b in range(first, last + 1):
+            if (blk := self.overlay.get(b)) is not None:
+                out[(b - first) * bs:(b - first + 1) * bs] = blk
+        start = offset - first * bs
+        return bytes(out[start:start + length])
+
+    def _layout(self) -> None:
+        """Static block classes: superblock, descriptors, bitmaps, inode tables."""
+        geo, descs = self.geo, self.reader.descs
+        self.sb_block = 0 if geo.block_size > 1024 else 1
+        self.gdt = set(R.gdt_blocks(geo))
+        self.bitmaps = {d.block_bitmap for d in descs} | {d.inode_bitmap for d in descs}
+        per_block = geo.block_size // geo.inode_size
+        itable_blocks = -(-geo.inodes_per_group // per_block)
+        self.itables = sorted((d.inode_table, d.inode_table + itable_blocks, g) for g, d in enumerate(descs))
+        self._itable_starts = [t[0] for t in self.itables]
+
+    def _open_journal(self) -> None:
+        geo = self.geo
+        try:
+            inode = self.reader.inode(geo.journal_inum)
+            extents, _ = R.file_map(inode, geo, self.reader.read_block)
+            jsb = parse_journal_superblock(self.reader.read_block(extents[0].physical))
+        except (CorruptMetadata, IndexError) as exc:
+            self._error(f"journal unreadable ({exc}); following home locations only")
+            return
+        self.jmap = sorted((e.physical, e.length, e.logical) for e in extents)
+        self._jrev = {}
+        self.journal = JournalTracker(jsb, self._read_jblock, fs_blocks=geo.blocks_count)
+
+    def _read_jblock(self, j: int) -> bytes:
+        for start, length, logical in self.jmap:
+            if logical <= j < logical + length:
+                return self._read_home((start + j - logical) * self.geo.block_size, self.geo.block_size)
+        return b""
+
+    # -- the initial tree
+
+    def index(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Build the shadow tree from the current view (the base image, or the disk after a full sync)."""
+        tree = self.tree
+        root = self._load(ROOT_INO)
+        if root is None:
+            raise CorruptMetadata("root directory inode 2 is not a directory")
+        tree.add_node(root)
+        queue = [ROOT_INO]
+        seen = {ROOT_INO}
+        total = max(self.geo.inodes_count - self._free_inodes(), 1)
+        while queue:
+            d = queue.pop()
+            for name, ino in self._entries(d).items():
+                if ino not in tree.nodes:
+                    node = self._load(ino)
+                    if node is None:
+                        continue
+                    tree.add_node(node)
+                    if progress is not None and len(tree.nodes) % 1000 == 0:
+                        progress(len(tree.nodes), total)
+                tree.add_name(d, name, ino)
+                if tree.nodes[ino].type == "dir" and ino not in seen:
+                    seen.add(ino)
+                    queue.append(ino)
+        if progress is not None:
+            progress(len(tree.nodes), len(tree.nodes))
+
+    def _free_inodes(self) -> int:
+        try:
+            raw = self._read_view(1024, 1024)
+            return int.from_bytes(raw[16:20], "little")
+        except Exception:  # noqa: BLE001 - only a progress estimate
+            return 0
+
+    def _load(self, ino: int, inode: R.Inode | None = None) -> Node | None:
+        """A full Node for a live inode (mapping, xattrs, link target), registered in the block maps."""
+        geo, rb = self.geo, self.reader.read_block
+        inode = inode or self.reader.inode(ino)
+        if inode.links == 0 or inode.mode == 0:
+            return None
+        extents, meta = R.file_map(inode, geo, rb)
+        node = Node(ino=ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=inode.size,
+                    mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns, links=inode.links, rdev=inode.rdev,
+                    extents=tuple((e.logical, e.physical, e.length, e.uninit) for e in extents),
+                    meta_blocks=tuple(meta), xattr_block=inode.file_acl, gen=inode.generation, sig=_sig(inode))
+        xattrs = R.inode_xattrs(inode, geo, rb)
+        node.xattrs = {k: bytes(v) for k, v in xattrs.items()} or None
+        if inode.type == "symlink":
+            node.target = R.symlink_target(inode, geo, rb)
+        self._own(node)
+        return node
+
+    def _own(self, node: Node, old: Node | None = None) -> None:
+        self.blocks.set_extents(node.ino, old.extents if old else (), node.extents)
+        if old is not None:
+            for b in old.meta_blocks:
+                if self.meta_owner.get(b) == node.ino:
+                    del self.meta_owner[b]
+            if old.xattr_block:
+                self.xattr_owners.get(old.xattr_block, set()).discard(node.ino)
+        for b in node.meta_blocks:
+            self.meta_owner[b] = node.ino
+        if node.xattr_block:
+            self.xattr_owners.setdefault(node.xattr_block, set()).add(node.ino)
+
+    def _disown(self, node: Node) -> None:
+        self.blocks.set_extents(node.ino, node.extents, ())
+        for b in node.meta_blocks:
+            if self.meta_owner.get(b) == node.ino:
+                del self.meta_owner[b]
+        if node.xattr_block:
+            owners = self.xattr_owners.get(node.xattr_block, set())
+            owners.discard(node.ino)
+            if not owners:
+                self.xattr_owners.pop(node.xattr_block, None)
+
+    def _entries(self, d: int) -> dict[bytes, int]:
+        inode = self.reader.inode(d)
+        out: dict[bytes, int] = {}
+        for e in R.read_dir(inode, self.geo, self.reader.read_block):
+            if e.name in (b".", b"..") or not 1 <= e.ino <= self.geo.inodes_count:
+                continue
+            out[e.name] = e.ino
+        return out
+
+    # -- writes
+
+    def on_write(self, offset: int, length: int, seq: int, time_ns: int) -> list[Mutation]:
+        """A write of [offset, offset+length) (fs-relative) is now in the replica."""
+        self.stats.writes += 1
+        bs = self.geo.block_size
+        first, end = offset // bs, -(-(offset + length) // bs)
+        jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
+        if not jblocks or self.journal is None:
+            return []
+        events: list[Mutation] = []
+        for tx in self.journal.on_write(jblocks):
+            if isinstance(tx, JournalGap):
+                self.stats.gaps += 1
+                log.info("%s: journal gap at tid %d; reconciling from home locations", self.name, tx.tid)
+                continue
+            self.stats.transactions += 1
+            for b in tx.revoked:
+                self.overlay.pop(b, None)
+            for b, data in tx.blocks.items():
+                if 0 <= b < self.geo.blocks_count and len(data) == bs:
+                    self.overlay[b] = data
+                    self._classify(b, b + 1, b * bs, bs, home=False, time_ns=time_ns)
+            events += self.evaluate(seq, time_ns)
+        return events
+
+    def _classify(self, first: int, end: int, offset: int, length: int, *, home: bool, time_ns: int) -> list[int]:
+        """Mark what a write of blocks [first, end) dirties; return the journal blocks among them."""
+        jblocks: list[int] = []
+        count = end - first
+        for start, n, logical in self.jmap:
+            lo, hi = max(first, start), min(end, start + n)
+            if lo < hi:
+                jblocks.extend(range(logical + lo - start, logical + hi - start))
+        if home and self.overlay:
+            if count < len(self.overlay):
+                for b in range(first, end):
+                    self.overlay.pop(b, None)
+            else:
+                for b in [b for b in self.overlay if first <= b < end]:
+                    del self.overlay[b]
+        dirty = self.dirty
+        if first <= self.sb_block < end:
+            pass  # counters and state flags; a resize would need a re-index
+        if any(first <= b < end for b in self.gdt) if count < 64 else bool(self.gdt & set(range(first, end))):
+            dirty.gdt = True
+            self.stats.metadata_blocks += 1
+        i = max(bisect_right(self._itable_starts, first) - 1, 0)
+        while i < len(self.itables) and self.itables[i][0] < end:
+            t0, t1, _ = self.itables[i]
+            lo, hi = max(first, t0), min(end, t1)
+            if lo < hi:
+                dirty.itable.update(range(lo, hi))
+                self.stats.metadata_blocks += hi - lo
+            i += 1
+        owners = self.meta_owner if count < 64 else {b: o for b, o in self.meta_owner.items() if first <= b < end}
+        for b in range(first, end) if count < 64 else owners:
+            if (ino := owners.get(b)) is not None:
+                dirty.inodes.add(ino)
+        if self.xattr_owners:
+            for b, inos in list(self.xattr_owners.items()):
+                if first <= b < end:
+                    dirty.inodes.update(inos)
+        bs = self.geo.block_size
+        owned = 0
+        for phys, n, ino, logical in self.blocks.owners(first, count):
+            owned += n
+            node = self.tree.nodes.get(ino)
+            if node is None:
+                continue
+            if node.type == "dir":
+                dirty.dirs.add(ino)
+                continue
+            lo = max(offset, phys * bs) - phys * bs + logical * bs
+            hi = min(offset + length, (phys + n) * bs) - phys * bs + logical * bs
+            if not self.pending_data:
+                self.pending_since = time_ns
+            self.pending_data.setdefault(ino, []).append((lo, hi))
+        self.stats.unowned_blocks += max(count - owned - len(jblocks), 0) if home else 0
+        return jblocks
+
+    # -- consistency points
+
+    def flush(self, seq: int, time_ns: int, *, final: bool = False) -> list[Mutation]:
+        """End of a batch of writes: ext2 reconciles now; data with no commit after it is reported once old."""
+        no_journal = self.journal is None
+        data_due = self.pending_data and (final or time_ns - self.pending_since >= DATA_FLUSH_NS)
+        if (no_journal and (self.dirty or self.retry_dirs)) or data_due or (final and self.dirty):
+            return self.evaluate(seq, time_ns)
+        return []
+
+    def evaluate(self, seq: int, time_ns: int) -> list[Mutation]:
+        """Re-read everything dirty and reconcile it with the shadow tree."""
+        ctx = Context(seq=seq, time=time_ns / 1e9, fs=self.name, vm=self.vm)
+        errors: list[str] = []
+        dirty, self.dirty = self.dirty, _Dirty()
+        if dirty.gdt:
+            try:
+                gdt = b"".join(self.reader.read_block(b) for b in R.gdt_blocks(self.geo))
+                self.reader.descs = R.parse_group_descs(gdt, self.geo)
+            except CorruptMetadata as exc:
+                errors.append(str(exc))
+        change = Change()
+        reload: set[int] = set(dirty.inodes)
+        for b in sorted(dirty.itable):
+            reload |= self._changed_inodes(b, change, errors)
+        for ino in sorted(reload):
+            self._reload(ino, change, dirty, errors)
+        dirs = dirty.dirs | self.retry_dirs
+        for d in sorted(dirs):
+            node = change.inodes.get(d, self.tree.nodes.get(d))
+            if node is None or node.type != "dir":
+                if d in self.tree.children:
+                    change.dirs[d] = {}
+                continue
+            try:
+                change.dirs[d] = self._entries(d)
+            except CorruptMetadata as exc:
+                errors.append(f"directory inode {d}: {exc}")
+        for entries in change.dirs.values():  # entries may name inodes this point did not re-read (ext2 order)
+            for ino in entries.values():
+                if ino not in change.inodes and ino not in self.tree.nodes:
+                    self._reload(ino, change, dirty, errors)
+        change.data, self.pending_data = self.pending_data, {}
+        before = {ino: self.tree.nodes.get(ino) for ino in change.inodes}
+        events, self.retry_dirs = self.reconciler.apply(change, ctx)
+        for ino, node in change.inodes.items():
+            # An inode that left the tree, or was freed: its blocks leave the maps at once (they are reused quickly).
+            if node is None or ino not in self.tree.nodes:
+                for gone in (node, before[ino]):
+                    if gone is not None:
+                        self._disown(gone)
+        for msg in errors[:MAX_ERRORS_PER_POINT]:
+            events.append(self._error(msg, ctx))
+        if len(errors) > MAX_ERRORS_PER_POINT:
+            events.append(self._error(f"{len(errors) - MAX_ERRORS_PER_POINT} more errors at this point", ctx))
+        return events
+
+    def _changed_inodes(self, block: int, change: Change, errors: list[str]) -> set[int]:
+        """Inodes of one inode-table block whose cheap signature differs from the tree's."""
+        geo = self.geo
+        i = bisect_right(self._itable_starts, block) - 1
+        t0, _, group = self.itables[i]
+        per_block = geo.block_size // geo.inode_size
+        ino0 = group * geo.inodes_per_group + (block - t0) * per_block + 1
+        raw = self._read_view(block * geo.block_size, geo.block_size)
+        out: set[int] = set()
+        for k in range(per_block):
+            ino = ino0 + k
+            if ino > geo.inodes_count or (ino < geo.first_ino and ino != ROOT_INO):
+                continue
+            rec = raw[k * geo.inode_size:(k + 1) * geo.inode_size]
+            old = self.tree.nodes.get(ino)
+            if old is None and not any(rec):
+                continue
+            try:
+                inode = R.parse_inode(rec, ino, geo)
+            except CorruptMetadata as exc:
+                errors.append(str(exc))
+                continue
+            if inode.links == 0 or inode.mode == 0:
+                if old is not None:
+                    change.inodes[ino] = None
+                continue
+            if old is None or _sig(inode) != old.sig or (inode.mode, inode.uid, inode.gid, inode.size,
+                                                         inode.mtime_ns, inode.links, inode.generation) != (
+                    old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen):
+                out.add(ino)
+        return out
+
+    def _reload(self, ino: int, change: Change, dirty: _Dirty, errors: list[str]) -> None:
+        old = self.tree.nodes.get(ino)
+        try:
+            inode = self.reader.inode(ino)
+            if inode.links == 0 or inode.mode == 0:
+                if old is not None:
+                    change.inodes[ino] = None
+                return
+            node = self._load_detached(inode)
+        except CorruptMetadata as exc:
+            errors.append(f"inode {ino}: {exc}")
+            return
+        change.inodes[ino] = node
+        reborn = old is not None and old.gen != node.gen
+        change.generations[ino] = reborn
+        if node.type == "dir" and (old is None or reborn or old.extents != node.extents or old.size != node.size):
+            dirty.dirs.add(ino)
+        self._own(node, old)
+        if old is not None and not reborn and node.type == "file":
+            bs = self.geo.block_size
+            for lo, hi in _new_blocks(old.extents, node.extents):
+                change.data.setdefault(ino, []).append((lo * bs, hi * bs))
+        if change.data.get(ino):
+            self.pending_data.setdefault(ino, []).extend(change.data.pop(ino))
+
+    def _load_detached(self, inode: R.Inode) -> Node:
+        """Like _load, without touching the block maps (the caller reconciles ownership)."""
+        geo, rb = self.geo, self.reader.read_block
+        extents, meta = R.file_map(inode, geo, rb)
+        node = Node(ino=inode.ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=inode.size,
+                    mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns, links=inode.links, rdev=inode.rdev,
+                    extents=tuple((e.logical, e.physical, e.length, e.uninit) for e in extents),
+                    meta_blocks=tuple(meta), xattr_block=inode.file_acl, gen=inode.generation, sig=_sig(inode))
+        node.xattrs = {k: bytes(v) for k, v in R.inode_xattrs(inode, geo, rb).items()} or None
+        if inode.type == "symlink":
+            node.target = R.symlink_target(inode, geo, rb)
+        return node
+
+    def _error(self, message: str, ctx: Context | None = None) -> Mutation:
+        self.stats.errors += 1
+        log.warning("%s: %s", self.name, message)
+        ctx = ctx or Context(seq=0, time=0.0, fs=self.name, vm=self.vm)
+        return Mutation(seq=ctx.seq, time=ctx.time, kind="error", path="/", fs=ctx.fs, vm=ctx.vm, message=message)
+
+
+def _sig(inode: R.Inode) -> int:
+    """Cheap fingerprint of what the tuple compare in _changed_inodes misses: block-map root, xattrs in the inode,
+    the xattr block, ctime (which moves with every xattr or link change)."""
+    return zlib.crc32(inode.i_block + inode.raw[128:] + inode.file_acl.to_bytes(8, "little")
+                      + inode.ctime_ns.to_bytes(8, "little", signed=True))
+
+
+def _new_blocks(old: tuple, new: tuple) -> list[tuple[int, int]]:
+    """Logical block ranges that the new mapping maps (initialized) to different physical blocks than the old."""
+    old_map: list[tuple[int, int, int]] = sorted((lg, ph, n) for lg, ph, n, un in old if not un)
+    out: list[tuple[int, int]] = []
+    for lg, ph, n, un in new:
+        if un:
+            continue
+        pos, end = lg, lg + n
+        for olg, oph, on in old_map:
+            if olg + on <= pos or olg >= end:
+                continue
+            if olg > pos:
+                out.append((pos, olg))
+            same_lo, same_hi = max(pos, olg), min(end, olg + on)
+            if oph - olg != ph - lg:
+                out.append((same_lo, same_hi))
+            pos = same_hi
+        if pos < end:
+            out.append((pos, end))
+    return out

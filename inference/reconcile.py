@@ -1,0 +1,355 @@
+"""A consistency point: new inode states and directory contents in, ordered Mutations out.
+
+The file-system handler says what it re-read (changed inodes, full entry maps of changed directories,
+data ranges written); this module diffs that against the shadow tree, pairs removed and added names by
+inode into renames, orders the operations so that each one is valid when it is applied (a directory
+exists before its children are created, is empty before it is removed, a name is free before it is
+reused), applies them to the tree and emits one Mutation per operation.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from inference.events import Mutation, fs_path
+from inference.shadow import ROOT_INO, Node, ShadowTree
+
+CREATE_KIND = {"file": "create", "dir": "mkdir", "symlink": "symlink"}
+
+
+@dataclass
+class Context:
+    """Where the events come from: stamped on each one."""
+
+    seq: int
+    time: float
+    fs: str = ""
+    vm: str = ""
+
+
+@dataclass
+class Change:
+    inodes: dict[int, Node | None] = field(default_factory=dict)   # re-read inodes; None = free
+    dirs: dict[int, dict[bytes, int]] = field(default_factory=dict)  # full new entries of re-read directories
+    data: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # byte ranges written per inode
+    generations: dict[int, bool] = field(default_factory=dict)  # ino -> True if reallocated (a new file)
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    kind: str          # rename, create, link, unlink
+    ino: int
+    src: tuple[int, bytes] | None = None
+    dst: tuple[int, bytes] | None = None
+
+
+def _live(node: Node | None) -> bool:
+    return node is not None and node.links > 0
+
+
+def _event(ctx: Context, kind: str, path: bytes | None, node: Node | None, **kw) -> Mutation:
+    m = Mutation(seq=ctx.seq, time=ctx.time, kind=kind, path=fs_path(path or b"?"), fs=ctx.fs, vm=ctx.vm)
+    if node is not None:
+        m.ino, m.type, m.size, m.mode = node.ino, node.type, node.size, stat.S_IMODE(node.mode)
+        m.uid, m.gid, m.mtime_ns = node.uid, node.gid, node.mtime_ns
+        m.mtime = node.mtime_ns / 1e9
+        if node.type == "symlink" and node.target is not None:
+            m.target = fs_path(node.target)
+    for k, v in kw.items():
+        setattr(m, k, v)
+    return m
+
+
+class Reconciler:
+    """Turns one Change into events on one ShadowTree; remembers names it must look at again."""
+
+    MAX_RETRIES = 8  # consistency points a half-written directory change may wait (ext2: home blocks disagree)
+
+    def __init__(self, tree: ShadowTree) -> None:
+        self.tree = tree
+        self.waiting: dict[int, int] = {}  # dir ino -> retries so far
+
+    def apply(self, change: Change, ctx: Context) -> tuple[list[Mutation], set[int]]:
+        """Events for `change`, and the directories to re-read at the next consistency point."""
+        tree = self.tree
+        events: list[Mutation] = []
+        retry: set[int] = set()
+
+        def new_state(ino: int) -> Node | None:
+            return change.inodes[ino] if ino in change.inodes else tree.nodes.get(ino)
+
+        reborn = {ino for ino, flag in change.generations.items() if flag and ino in tree.nodes}
+        removed: list[tuple[int, bytes, int]] = []
+        added: list[tuple[int, bytes, int]] = []
+        for d, entries in change.dirs.items():
+            old = tree.children.get(d, {})
+            removed += [(d, n, i) for n, i in old.items() if entries.get(n) != i]
+            added += [(d, n, i) for n, i in entries.items() if old.get(n) != i]
+
+        # Names must agree with inodes (ext2 writes them back in any order): wait for the other half.
+        names_after: dict[int, int] = defaultdict(int)
+        for ino, node in tree.nodes.items():
+            if ino in change.inodes or any(r[2] == ino for r in removed):
+                names_after[ino] = 0 if ino in reborn else len(node.names)
+        for _, _, i in removed:
+            if i not in reborn:
+                names_after[i] -= 1
+        ok_added = []
+        for d, n, i in added:
+            if not _live(new_state(i)):
+                retry.add(d)
+                continue
+            ok_added.append((d, n, i))
+            names_after[i] += 1
+        ok_removed = []
+        for d, n, i in removed:
+            st = new_state(i)
+            if i not in reborn and _live(st) and names_after[i] <= 0 and self.waiting.get(d, 0) < self.MAX_RETRIES:
+                retry.add(d)  # a live inode lost its only name: the rest of the rename has not arrived yet
+                continue
+            ok_removed.append((d, n, i))
+        for d in retry:
+            self.waiting[d] = self.waiting.get(d, 0) + 1
+        for d in change.dirs:
+            if d not in retry:
+                self.waiting.pop(d, None)
+
+        ops = self._pair(ok_removed, ok_added, reborn)
+        created: set[int] = set()
+        events += self._schedule(ops, change, ctx, created, reborn)
+
+        # Settle: whatever the order, the tree now holds the directories as re-read, except for the
+        # names that wait for their other half.
+        deferred_add = set(added) - set(ok_added)
+        deferred_rem = set(removed) - set(ok_removed)
+        for d, entries in change.dirs.items():
+            target = {n: i for n, i in entries.items() if (d, n, i) not in deferred_add}
+            for dd, n, i in deferred_rem:
+                if dd == d:
+                    target.setdefault(n, i)
+            self._settle_dir(d, target)
+
+        events += self._attributes(change, ctx, created, reborn)
+        return events, retry
+
+    # -- pairing and ordering
+
+    @staticmethod
+    def _pair(removed, added, reborn) -> list[_Op]:
+        rem_by: dict[int, list] = defaultdict(list)
+        add_by: dict[int, list] = defaultdict(list)
+        for r in removed:
+            rem_by[r[2]].append(r)
+        for a in added:
+            add_by[a[2]].append(a)
+        ops: list[_Op] = []
+        for ino in list(rem_by):
+            if ino in reborn:
+                continue
+            while rem_by[ino] and add_by.get(ino):
+                (d1, n1, _), (d2, n2, _) = rem_by[ino].pop(0), add_by[ino].pop(0)
+                ops.append(_Op("rename", ino, (d1, n1), (d2, n2)))
+        for ino, rs in rem_by.items():
+            ops += [_Op("unlink", ino, src=(d, n)) for d, n, _ in rs]
+        for ino, adds in add_by.items():
+            for d, n, _ in adds:
+                ops.append(_Op("add", ino, dst=(d, n)))
+        return ops
+
+    def _schedule(self, ops: list[_Op], change: Change, ctx: Context, created: set[int],
+                  reborn: set[int]) -> list[Mutation]:
+        tree = self.tree
+        events: list[Mutation] = []
+        pending = list(ops)
+        victims = {op.src: op for op in ops if op.kind == "unlink"}
+        done: set[_Op] = set()
+
+        def dir_exists(d: int) -> bool:
+            return d == ROOT_INO or (d in tree.nodes and tree.nodes[d].type == "dir" and tree.path(d) is not None)
+
+        def ready(op: _Op, force: bool) -> bool:
+            if op.kind == "unlink":
+                node = tree.nodes.get(op.ino)
+                last = node is None or len(node.names) <= 1 or op.ino in reborn
+                return force or not (node and node.type == "dir" and last and tree.children.get(op.ino))
+            d, n = op.dst
+            if not force and not dir_exists(d):
+                return False
+            old = tree.nodes.get(op.ino)
+            if op.kind == "add" and op.ino in reborn and old is not None and old.names and not force:
+                return False  # the old file of this inode number must be gone first
+            if op.kind == "rename" and op.src and tree.lookup(*op.src) != op.ino:
+                return force
+            occupant = tree.lookup(d, n)
+            if occupant is None or occupant == op.ino:
+                return True
+            victim = victims.get((d, n))
+            if op.kind == "rename" and victim is not None and victim not in done:
+                return True  # rename over an existing name: it replaces the victim
+            return force
+
+        def run(op: _Op) -> None:
+            done.add(op)
+            if op.kind == "unlink":
+                events.append(self._unlink(op, change, ctx, reborn))
+                return
+            d, n = op.dst
+            occupant = tree.lookup(d, n)
+            if occupant is not None and occupant != op.ino:
+                victim = victims.get((d, n))
+                if victim is not None:
+                    done.add(victim)
+                    if victim in pending:
+                        pending.remove(victim)
+                self._drop_name(d, n, occupant, change)
+            if op.kind == "rename":
+                old_path = tree.name_path(*op.src)
+                tree.remove_name(*op.src)
+                tree.add_name(d, n, op.ino)
+                events.append(_event(ctx, "rename", tree.name_path(d, n), self._node(op.ino, change),
+                                     old_path=fs_path(old_path or b"?")))
+                return
+            node = tree.nodes.get(op.ino)
+            if node is None or (op.ino in reborn and op.ino not in created):
+                new = change.inodes.get(op.ino) or node
+                if new is None:
+                    return
+                new = _copy(new)
+                new.names = []
+                tree.add_node(new)
+                created.add(op.ino)
+                tree.add_name(d, n, op.ino)
+                kind = CREATE_KIND.get(new.type, "mknod")
+                events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change)))
+                return
+            first = tree.path(op.ino)
+            tree.add_name(d, n, op.ino)
+            events.append(_event(ctx, "link", tree.name_path(d, n), self._node(op.ino, change),
+                                 target=fs_path(first or b"?")))
+
+        order = {"unlink": 2, "rename": 0, "add": 1}
+        for force in (False, True):
+            progress = True
+            while pending and progress:
+                progress = False
+                for op in sorted(pending, key=lambda o: (order[o.kind], self._depth(o))):
+                    if op in done or op not in pending:
+                        continue
+                    if ready(op, force):
+                        pending.remove(op)
+                        run(op)
+                        progress = True
+                        if force:
+                            break
+        return events
+
+    def _depth(self, op: _Op) -> int:
+        where = op.dst or op.src
+        path = self.tree.name_path(*where) if where else None
+        depth = path.count(b"/") if path else 0
+        return -depth if op.kind == "unlink" else depth
+
+    def _node(self, ino: int, change: Change) -> Node | None:
+        return change.inodes.get(ino) or self.tree.nodes.get(ino)
+
+    def _unlink(self, op: _Op, change: Change, ctx: Context, reborn: set[int]) -> Mutation:
+        tree = self.tree
+        d, n = op.src
+        path = tree.name_path(d, n)
+        old = tree.nodes.get(op.ino)
+        tree.remove_name(d, n)
+        gone = old is None or not old.names
+        kind = "rmdir" if old is not None and old.type == "dir" and gone else "delete"
+        ev = _event(ctx, kind, path, old)
+        if gone:
+            tree.drop_node(op.ino)
+        else:
+            new = change.inodes.get(op.ino)
+            ev.extra["links"] = new.links if new is not None else len(old.names)
+        return ev
+
+    def _drop_name(self, d: int, n: bytes, ino: int, change: Change) -> None:
+        self.tree.remove_name(d, n)
+        node = self.tree.nodes.get(ino)
+        if node is not None and not node.names:
+            self.tree.drop_node(ino)
+
+    def _settle_dir(self, d: int, entries: dict[bytes, int]) -> None:
+        tree = self.tree
+        current = dict(tree.children.get(d, {}))
+        for n, i in current.items():
+            if entries.get(n) != i:
+                tree.remove_name(d, n)
+        for n, i in entries.items():
+            if current.get(n) != i and i in tree.nodes:
+                tree.add_name(d, n, i)
+
+    # -- attributes, content, xattrs
+
+    def _attributes(self, change: Change, ctx: Context, created: set[int], reborn: set[int]) -> list[Mutation]:
+        tree = self.tree
+        events: list[Mutation] = []
+        touched = set(change.inodes) | set(change.data)
+        for ino in sorted(touched):
+            node = tree.nodes.get(ino)
+            new = change.inodes.get(ino, node)
+            if node is None or new is None or not node.names:
+                continue
+            path = tree.path(ino)
+            if ino in created:
+                _update(node, new)
+                if new.type == "file" and new.size > 0:
+                    events.append(_event(ctx, "modify", path, node, ranges=[(0, new.size)]))
+                if new.xattrs:
+                    events.append(_event(ctx, "xattr", path, node, xattr={k: v.hex() for k, v in new.xattrs.items()}))
+                continue
+            ranges = _merge(change.data.get(ino, []), new.size)
+            old_size, old = node.size, _copy(node)
+            _update(node, new)
+            content = False
+            if new.size < old_size:
+                events.append(_event(ctx, "truncate", path, node))
+                content = True
+            elif new.size > old_size and new.type == "file":
+                ranges = _merge(ranges + [(old_size, new.size)], new.size)
+            if ranges and new.type == "file":
+                events.append(_event(ctx, "modify", path, node, ranges=ranges))
+                content = True
+            if (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or (
+                    old.mtime_ns != new.mtime_ns and not content and not self._entries_changed(ino, change)):
+                events.append(_event(ctx, "attrib", path, node))
+            if (old.xattrs or {}) != (new.xattrs or {}):
+                diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
+                diff.update({k: None for k in (old.xattrs or {}) if k not in (new.xattrs or {})})
+                events.append(_event(ctx, "xattr", path, node, xattr=diff))
+        return events
+
+    def _entries_changed(self, ino: int, change: Change) -> bool:
+        """A directory whose entries changed gets its new mtime from that; no separate attrib."""
+        return ino in change.dirs
+
+
+def _copy(node: Node) -> Node:
+    return Node(**{f: getattr(node, f) for f in Node.__slots__ if f != "names"}, names=list(node.names))
+
+
+def _update(node: Node, new: Node) -> None:
+    if node is new:
+        return
+    for f in Node.__slots__:
+        if f != "names":
+            setattr(node, f, getattr(new, f))
+
+
+def _merge(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted((max(a, 0), min(b, size)) for a, b in ranges):
+        if a >= b:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]

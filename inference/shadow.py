@@ -1,0 +1,109 @@
+"""The shadow tree: what the engine believes a file system holds, inode by inode and name by name.
+
+File-system agnostic: handlers fill it from their own layouts. Paths are bytes as the guest wrote them.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+ROOT_INO = 2
+MAX_DEPTH = 4096  # a path deeper than this means a cycle (hostile metadata)
+
+
+@dataclass(slots=True)
+class Node:
+    ino: int
+    type: str
+    mode: int = 0            # full st_mode
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    links: int = 0
+    rdev: int = 0
+    target: bytes | None = None                     # symlinks
+    xattrs: dict[str, bytes] | None = None
+    extents: tuple[tuple[int, int, int, bool], ...] = ()  # (logical, physical, length, uninit)
+    meta_blocks: tuple[int, ...] = ()                # blocks of the mapping itself (extent tree, indirect)
+    xattr_block: int = 0
+    gen: int = 0            # changes when the inode number is reused for a new file
+    sig: int = 0            # the handler's checksum of what else it compares cheaply (e.g. the block-map root)
+    names: list[tuple[int, bytes]] = field(default_factory=list)  # (parent ino, name)
+
+    @property
+    def perm(self) -> int:
+        return stat.S_IMODE(self.mode)
+
+
+class ShadowTree:
+    """Inodes and directory entries; `path()` walks names up to the root."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, Node] = {}
+        self.children: dict[int, dict[bytes, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def add_node(self, node: Node) -> None:
+        self.nodes[node.ino] = node
+        if node.type == "dir":
+            self.children.setdefault(node.ino, {})
+
+    def drop_node(self, ino: int) -> Node | None:
+        node = self.nodes.pop(ino, None)
+        self.children.pop(ino, None)
+        return node
+
+    def add_name(self, parent: int, name: bytes, ino: int) -> None:
+        self.children.setdefault(parent, {})[name] = ino
+        node = self.nodes.get(ino)
+        if node is not None and (parent, name) not in node.names:
+            node.names.append((parent, name))
+
+    def remove_name(self, parent: int, name: bytes) -> int | None:
+        ino = self.children.get(parent, {}).pop(name, None)
+        if ino is not None and (node := self.nodes.get(ino)) is not None:
+            try:
+                node.names.remove((parent, name))
+            except ValueError:
+                pass
+        return ino
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        return self.children.get(parent, {}).get(name)
+
+    def path(self, ino: int) -> bytes | None:
+        """The first path of an inode, or None if it is not reachable from the root."""
+        parts: list[bytes] = []
+        seen: set[int] = set()
+        while ino != ROOT_INO:
+            node = self.nodes.get(ino)
+            if node is None or not node.names or ino in seen or len(parts) > MAX_DEPTH:
+                return None
+            seen.add(ino)
+            parent, name = node.names[0]
+            parts.append(name)
+            ino = parent
+        return b"/" + b"/".join(reversed(parts))
+
+    def name_path(self, parent: int, name: bytes) -> bytes | None:
+        base = self.path(parent)
+        if base is None:
+            return None
+        return (base.rstrip(b"/") or b"") + b"/" + name
+
+    def is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if `anc` is `ino` or above it (used to refuse moving a directory into itself)."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            node = self.nodes.get(ino)
+            if node is None or not node.names or seen > MAX_DEPTH:
+                return False
+            ino = node.names[0][0]
+            seen += 1
