@@ -45,6 +45,25 @@ def volume_reader(vol: Volume, read_disk: Callable[[int, int], bytes]) -> Callab
     return read
 
 
+def changed_span(old: bytes, new: bytes | None, length: int) -> tuple[int, int] | None:
+    """[first, last+1) of the bytes a write changes (None: none), so modify ranges are exact to the byte."""
+    new = new if new is not None else bytes(length)
+    if old == new:
+        return None
+    step = 4096
+    lo = 0
+    while old[lo:lo + step] == new[lo:lo + step]:
+        lo += step
+    while old[lo] == new[lo]:
+        lo += 1
+    hi = length
+    while old[max(hi - step, lo):hi] == new[max(hi - step, lo):hi]:
+        hi = max(hi - step, lo)
+    while old[hi - 1] == new[hi - 1]:
+        hi -= 1
+    return lo, hi
+
+
 @dataclass
 class FsEntry:
     volume: Volume
@@ -68,7 +87,7 @@ class Engine:
         self.replica = BlockReplica(disk, size, base=base)
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
-        self.last_seq = 0
+        self.last_seq = self.last_time_ns = 0
         self.errors: list[Mutation] = []
         self.waiting_for_copy = base is None  # sync full: the disk is complete at the first FLUSH (job ready)
         if index is not None:
@@ -113,15 +132,19 @@ class Engine:
 
     def process(self, records: Iterable[Record]) -> list[Mutation]:
         events: list[Mutation] = []
-        last: Record | None = None
         rescan = False
         for rec in records:
-            last = rec
-            self.last_seq = rec.seq
-            if rec.kind == KIND_WRITE:
-                self.replica.write(rec.offset, rec.payload)
-            elif rec.kind == KIND_ZEROES:
-                self.replica.zero(rec.offset, rec.length)
+            self.last_seq, self.last_time_ns = rec.seq, rec.time_ns
+            if rec.kind in (KIND_WRITE, KIND_ZEROES):
+                new = rec.payload if rec.kind == KIND_WRITE else None
+                span = changed_span(self.replica.read(rec.offset, rec.length), new, rec.length)
+                if new is not None:
+                    self.replica.write(rec.offset, new)
+                else:
+                    self.replica.zero(rec.offset, rec.length)
+                if span is None:
+                    continue  # rewriting the same bytes changes nothing: no event can come of it
+                offset, length = rec.offset + span[0], span[1] - span[0]
             elif rec.kind == KIND_FLUSH and self.waiting_for_copy:
                 self.waiting_for_copy = False
                 self._rescan(initial=True)
@@ -130,30 +153,32 @@ class Engine:
                 continue
             if self.waiting_for_copy:
                 continue
-            if self.volumes.is_layout_write(rec.offset, rec.length):
+            if self.volumes.is_layout_write(offset, length):
                 rescan = True
-            for vol, vol_off, _disk_off, length in self.volumes.locate(rec.offset, rec.length):
+            for vol, vol_off, _disk_off, piece in self.volumes.locate(offset, length):
                 fs = self.filesystems.get(vol.name)
                 if fs is not None:
-                    events += fs.handler.on_write(vol_off, length, rec.seq, rec.time_ns)
+                    events += fs.handler.on_write(vol_off, piece, rec.seq, rec.time_ns)
             if rescan:
                 rescan = False
                 events += self._rescan()
-        if last is not None:
-            for fs in self.filesystems.values():
-                events += fs.handler.flush(last.seq, last.time_ns)
+        return events
+
+    def tick(self, now_ns: int) -> list[Mutation]:
+        """The log is idle: file systems quiet long enough reconcile their home locations now."""
+        events: list[Mutation] = []
+        for fs in self.filesystems.values():
+            events += fs.handler.tick(now_ns)
         return events
 
     def finish(self) -> list[Mutation]:
         """End of a replay (or a detach): whatever is dirty or pending becomes events now."""
-        import time
-
         events: list[Mutation] = []
         if self.waiting_for_copy:
             self.waiting_for_copy = False
             self._rescan(initial=True)
         for fs in self.filesystems.values():
-            events += fs.handler.flush(self.last_seq, time.time_ns(), final=True)
+            events += fs.handler.finish(self.last_seq, self.last_time_ns)
         return events
 
     def close(self) -> None:

@@ -65,11 +65,14 @@ def _event(ctx: Context, kind: str, path: bytes | None, node: Node | None, **kw)
 class Reconciler:
     """Turns one Change into events on one ShadowTree; remembers names it must look at again."""
 
-    MAX_RETRIES = 8  # consistency points a half-written directory change may wait (ext2: home blocks disagree)
+    # How long (guest-write time) a half-written directory change may wait for its other half: ext2 writes
+    # dirty buffers back within dirty_expire (30 s) in any order. Past it, the names are taken as they are.
+    MAX_WAIT = 35.0
 
     def __init__(self, tree: ShadowTree) -> None:
         self.tree = tree
-        self.waiting: dict[int, int] = {}  # dir ino -> retries so far
+        self.waiting: dict[int, float] = {}  # dir ino -> time its change began to wait
+        self.deadline_passed = False  # set at the end of a replay: nothing more will come
 
     def apply(self, change: Change, ctx: Context) -> tuple[list[Mutation], set[int]]:
         """Events for `change`, and the directories to re-read at the next consistency point."""
@@ -96,22 +99,64 @@ class Reconciler:
         for _, _, i in removed:
             if i not in reborn:
                 names_after[i] -= 1
+        def expired(d: int) -> bool:
+            return self.deadline_passed or ctx.time - self.waiting.get(d, ctx.time) > self.MAX_WAIT
+
         ok_added = []
+        removed_inos = {i for _, _, i in removed}
+        live_added = [(d, n, i) for d, n, i in added if _live(new_state(i))]
         for d, n, i in added:
-            if not _live(new_state(i)):
-                retry.add(d)
+            if (d, n, i) not in live_added and not expired(d):
+                retry.add(d)  # the entry came home before its inode: wait (past the deadline: stale, ignore)
+        # An entry counts only where its directory is reachable from the root, now or through entries of
+        # this same point (a new tree arrives top-down); the rest waits for its parent's entry.
+        reachable = {d for d, _, _ in live_added if d == ROOT_INO or tree.path(d) is not None}
+        grew = True
+        while grew:
+            grew = False
+            for d, _n, i in live_added:
+                if d in reachable and i not in reachable and (new_state(i) or tree.nodes[i]).type == "dir":
+                    reachable.add(i)
+                    grew = True
+        for d, n, i in live_added:
+            if d not in reachable:
+                if not expired(d):
+                    retry.add(d)
                 continue
             ok_added.append((d, n, i))
             names_after[i] += 1
+        # A second name for an inode that keeps its old one is a hard link only if the link count says so;
+        # otherwise (and always for a directory) it is the first half of a rename whose other half is late.
+        for d, n, i in list(ok_added):
+            node, st = tree.nodes.get(i), new_state(i)
+            if node is None or not node.names or i in reborn or i in removed_inos:
+                continue
+            if (node.type == "dir" or st.links < names_after[i]) and not expired(d):
+                ok_added.remove((d, n, i))
+                names_after[i] -= 1
+                retry.add(d)
+        # A name that moved to an inode whose own record was not re-read is ambiguous: a rename (which
+        # also rewrites the inode's ctime) or a delete and a create reusing the number (a new generation).
+        # ext2 writes the inode back later: wait for it.
+        moved = {i for _, _, i in removed} & {i for _, _, i in ok_added}
+        unsure = {i for i in moved if i not in reborn and i in tree.nodes
+                  and (new_state(i) or tree.nodes[i]).ctime_ns == tree.nodes[i].name_ctime_ns}
+        if unsure:
+            hold = {(d, n, i) for d, n, i in removed + ok_added if i in unsure and not expired(d)}
+            ok_added = [a for a in ok_added if a not in hold]
+            retry.update(d for d, _, _ in hold)
+            removed_for_pairing = [r for r in removed if r not in hold]
+        else:
+            removed_for_pairing = removed
         ok_removed = []
-        for d, n, i in removed:
+        for d, n, i in removed_for_pairing:
             st = new_state(i)
-            if i not in reborn and _live(st) and names_after[i] <= 0 and self.waiting.get(d, 0) < self.MAX_RETRIES:
+            if i not in reborn and _live(st) and names_after[i] <= 0 and not expired(d):
                 retry.add(d)  # a live inode lost its only name: the rest of the rename has not arrived yet
                 continue
             ok_removed.append((d, n, i))
         for d in retry:
-            self.waiting[d] = self.waiting.get(d, 0) + 1
+            self.waiting.setdefault(d, ctx.time)
         for d in change.dirs:
             if d not in retry:
                 self.waiting.pop(d, None)
@@ -193,7 +238,7 @@ class Reconciler:
         def run(op: _Op) -> None:
             done.add(op)
             if op.kind == "unlink":
-                events.append(self._unlink(op, change, ctx, reborn))
+                events.extend(self._unlink(op, change, ctx, reborn))
                 return
             d, n = op.dst
             occupant = tree.lookup(d, n)
@@ -208,6 +253,7 @@ class Reconciler:
                 old_path = tree.name_path(*op.src)
                 tree.remove_name(*op.src)
                 tree.add_name(d, n, op.ino)
+                self._named(op.ino, change)
                 events.append(_event(ctx, "rename", tree.name_path(d, n), self._node(op.ino, change),
                                      old_path=fs_path(old_path or b"?")))
                 return
@@ -221,11 +267,13 @@ class Reconciler:
                 tree.add_node(new)
                 created.add(op.ino)
                 tree.add_name(d, n, op.ino)
+                self._named(op.ino, change)
                 kind = CREATE_KIND.get(new.type, "mknod")
                 events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change)))
                 return
             first = tree.path(op.ino)
             tree.add_name(d, n, op.ino)
+            self._named(op.ino, change)
             events.append(_event(ctx, "link", tree.name_path(d, n), self._node(op.ino, change),
                                  target=fs_path(first or b"?")))
 
@@ -245,6 +293,10 @@ class Reconciler:
                             break
         return events
 
+    def _named(self, ino: int, change: Change) -> None:
+        node = self.tree.nodes[ino]
+        node.name_ctime_ns = (change.inodes.get(ino) or node).ctime_ns
+
     def _depth(self, op: _Op) -> int:
         where = op.dst or op.src
         path = self.tree.name_path(*where) if where else None
@@ -254,21 +306,28 @@ class Reconciler:
     def _node(self, ino: int, change: Change) -> Node | None:
         return change.inodes.get(ino) or self.tree.nodes.get(ino)
 
-    def _unlink(self, op: _Op, change: Change, ctx: Context, reborn: set[int]) -> Mutation:
+    def _unlink(self, op: _Op, change: Change, ctx: Context, reborn: set[int]) -> list[Mutation]:
         tree = self.tree
         d, n = op.src
         path = tree.name_path(d, n)
         old = tree.nodes.get(op.ino)
+        events: list[Mutation] = []
+        if old is not None and old.type == "dir" and len(old.names) <= 1 and tree.children.get(op.ino):
+            # The directory is gone, so its entries are too, even if its freed blocks still list them
+            # (ext2 need not write back a directory it deletes).
+            for name, child in sorted(tree.children[op.ino].items()):
+                events += self._unlink(_Op("unlink", child, src=(op.ino, name)), change, ctx, reborn)
         tree.remove_name(d, n)
         gone = old is None or not old.names
         kind = "rmdir" if old is not None and old.type == "dir" and gone else "delete"
         ev = _event(ctx, kind, path, old)
+        events.append(ev)
         if gone:
             tree.drop_node(op.ino)
         else:
             new = change.inodes.get(op.ino)
             ev.extra["links"] = new.links if new is not None else len(old.names)
-        return ev
+        return events
 
     def _drop_name(self, d: int, n: bytes, ino: int, change: Change) -> None:
         self.tree.remove_name(d, n)
@@ -295,9 +354,9 @@ class Reconciler:
         for ino in sorted(touched):
             node = tree.nodes.get(ino)
             new = change.inodes.get(ino, node)
-            if node is None or new is None or not node.names:
-                continue
-            path = tree.path(ino)
+            path = tree.path(ino) if node is not None else None
+            if node is None or new is None or path is None:
+                continue  # not (yet) reachable from the root: its create will carry what it has
             if ino in created:
                 _update(node, new)
                 if new.type == "file" and new.size > 0:
@@ -317,8 +376,11 @@ class Reconciler:
             if ranges and new.type == "file":
                 events.append(_event(ctx, "modify", path, node, ranges=ranges))
                 content = True
+            # A directory's mtime moves with its entries, and those are events of their own (the entry and
+            # the directory's record may reach the disk at different points): only mode and owner changes
+            # of a directory are attrib events. A file's mtime change without a content change is one.
             if (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or (
-                    old.mtime_ns != new.mtime_ns and not content and not self._entries_changed(ino, change)):
+                    old.mtime_ns != new.mtime_ns and not content and new.type != "dir"):
                 events.append(_event(ctx, "attrib", path, node))
             if (old.xattrs or {}) != (new.xattrs or {}):
                 diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
@@ -326,20 +388,17 @@ class Reconciler:
                 events.append(_event(ctx, "xattr", path, node, xattr=diff))
         return events
 
-    def _entries_changed(self, ino: int, change: Change) -> bool:
-        """A directory whose entries changed gets its new mtime from that; no separate attrib."""
-        return ino in change.dirs
-
 
 def _copy(node: Node) -> Node:
     return Node(**{f: getattr(node, f) for f in Node.__slots__ if f != "names"}, names=list(node.names))
 
 
 def _update(node: Node, new: Node) -> None:
+    """Take the re-read attributes; names and the name bookkeeping stay the tree's."""
     if node is new:
         return
     for f in Node.__slots__:
-        if f != "names":
+        if f not in ("names", "name_ctime_ns"):
             setattr(node, f, getattr(new, f))
 
 

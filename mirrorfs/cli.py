@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconnect-delay", type=int, default=10, metavar="SECONDS",
                    help="how long QEMU holds writes and retries if this process dies (default 10)")
     p.add_argument("--base", type=Path, metavar="IMAGE",
-                   help="raw image of the disk when the attach starts (seeds the replica served to readers)")
+                   help="image of the disk when the attach starts: seeds the replica served to readers and "
+                        "starts the inference engine live (events in DIR/events.jsonl)")
+    p.add_argument("--index", type=Path, metavar="INDEX",
+                   help="like --base, from a pre-index made by `mirrorfs index` (faster start)")
+    p.add_argument("--no-engine", action="store_true",
+                   help="record only: no inference engine even with --base/--index/--sync full")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
                    help="extra NBD listener for readers, unix:PATH or tcp:HOST:PORT (repeatable)")
 
@@ -141,13 +146,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_attach(args: argparse.Namespace) -> None:
+    import subprocess
+
+    import trio
+
     from tap.attach import AttachConfig, Attachment
 
+    base = args.base
+    if args.index is not None and base is None:
+        from inference.engine import load_index
+        base = Path(load_index(args.index)["base"])
     cfg = AttachConfig(qmp=args.qmp, state=args.state, device=args.device, mode=args.mode, sync=args.sync,
                        cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
-                       base=args.base, listen=tuple(args.listen))
-    import trio
-    trio.run(Attachment(cfg).run)
+                       base=base, listen=tuple(args.listen))
+    engine: list[subprocess.Popen] = []
+    wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
+
+    def start_engine() -> None:
+        """The engine runs in its own process, following the log: it never slows the ack path."""
+        if not wants_engine:
+            return
+        cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
+        cmd += ["--index", str(args.index)] if args.index else ["--base", str(args.base)] if args.base else []
+        engine.append(subprocess.Popen(cmd, start_new_session=True))
+        print(f"mirrorfs: inference engine pid {engine[0].pid}: mutation events in {args.state}/events.jsonl",
+              flush=True)
+
+    try:
+        trio.run(lambda: Attachment(cfg).run(on_ready=start_engine))
+    finally:
+        for proc in engine:  # it drains the log, reports what is pending, and exits
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     print("mirrorfs: detached", flush=True)
 
 
@@ -288,6 +321,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 continue
             if not args.follow or stop:
                 break
+            events.append(engine.tick(time.time_ns()))
             time.sleep(0.05)
         events.append(engine.finish())
         bar.close()

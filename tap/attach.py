@@ -147,7 +147,8 @@ class Attachment:
             **extra,
         }
 
-    async def run(self, *, announce=print) -> None:
+    async def run(self, *, announce=print, on_ready=None) -> None:
+        """Attach, record until a signal or the job's end, detach. `on_ready()` runs once the job is ready."""
         cfg = self.cfg
         if cfg.mode not in COPY_MODES:
             raise AttachError(f"unknown --mode {cfg.mode!r}: use exact or async")
@@ -156,13 +157,13 @@ class Attachment:
         self.state.lock()
         try:
             async with open_qmp(cfg.qmp) as qmp:
-                await self._run(qmp, announce)
+                await self._run(qmp, announce, on_ready)
         except QMPConnectError as exc:
             raise AttachError(str(exc)) from exc
         finally:
             self.state.unlock()
 
-    async def _run(self, qmp: QMPClient, announce) -> None:
+    async def _run(self, qmp: QMPClient, announce, on_ready) -> None:
         cfg = self.cfg
         self.drive = drive = await find_drive(qmp, cfg.device)
         self.job_id, self.node = job_names(drive.device, self.state.path)
@@ -188,6 +189,8 @@ class Attachment:
                     self.state.write_attach(self.info())
                     announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
                              f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
+                    if on_ready is not None:
+                        on_ready()
                     nursery.start_soon(self._keep_info_current)
                     reason = await self._wait_for_end(qmp)
                     if reason:

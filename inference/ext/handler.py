@@ -30,8 +30,9 @@ from inference.shadow import ROOT_INO, Node, ShadowTree
 log = logging.getLogger("mirrorfs.ext")
 
 ReadFn = Callable[[int, int], bytes]
-DATA_FLUSH_NS = 1_000_000_000  # data writes with no commit after them become events after this long
+QUIET_NS = 0  # per record: ext2 names wait for their inodes in Reconciler, half-written blocks in broken
 MAX_ERRORS_PER_POINT = 20
+MAX_DIR_ROUNDS = 64  # bound on directory levels discovered at one consistency point (the rest waits)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class _Dirty:
     inodes: set[int] = field(default_factory=set)    # mapping or xattr block changed
     dirs: set[int] = field(default_factory=set)
     gdt: bool = False
+    now: float = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.itable or self.inodes or self.dirs or self.gdt)
@@ -72,8 +74,10 @@ class ExtHandler:
         self.reconciler = Reconciler(self.tree)
         self.dirty = _Dirty()
         self.retry_dirs: set[int] = set()
+        self.broken: dict[int, float] = {}  # inode -> time it was first unreadable
         self.pending_data: dict[int, list[tuple[int, int]]] = {}
-        self.pending_since = 0
+        self.last_seq = self.last_ns = 0
+        self._quiet_done = True
         self._layout()
         self.journal: JournalTracker | None = None
         self.jmap: list[tuple[int, int, int]] = []  # (fs start, length, journal start)
@@ -231,10 +235,11 @@ class ExtHandler:
         self.stats.writes += 1
         bs = self.geo.block_size
         first, end = offset // bs, -(-(offset + length) // bs)
+        events = self.tick(time_ns)
         jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
+        self.last_seq, self.last_ns, self._quiet_done = seq, time_ns, False
         if not jblocks or self.journal is None:
-            return []
-        events: list[Mutation] = []
+            return events
         for tx in self.journal.on_write(jblocks):
             if isinstance(tx, JournalGap):
                 self.stats.gaps += 1
@@ -299,21 +304,29 @@ class ExtHandler:
                 continue
             lo = max(offset, phys * bs) - phys * bs + logical * bs
             hi = min(offset + length, (phys + n) * bs) - phys * bs + logical * bs
-            if not self.pending_data:
-                self.pending_since = time_ns
             self.pending_data.setdefault(ino, []).append((lo, hi))
         self.stats.unowned_blocks += max(count - owned - len(jblocks), 0) if home else 0
         return jblocks
 
     # -- consistency points
 
-    def flush(self, seq: int, time_ns: int, *, final: bool = False) -> list[Mutation]:
-        """End of a batch of writes: ext2 reconciles now; data with no commit after it is reported once old."""
-        no_journal = self.journal is None
-        data_due = self.pending_data and (final or time_ns - self.pending_since >= DATA_FLUSH_NS)
-        if (no_journal and (self.dirty or self.retry_dirs)) or data_due or (final and self.dirty):
-            return self.evaluate(seq, time_ns)
+    def tick(self, now_ns: int) -> list[Mutation]:
+        """Home-location changes (ext2's only truth; for ext3/4 a checkpoint or a reconciliation) and data with
+        no commit after them become events once the file system has been quiet for QUIET_NS: writeback
+        comes in bursts, in any order, and is consistent only once a burst is over. Judged by record time,
+        so a live run and a replay of the same log stop at the same records; the live loop also calls this
+        when the log is idle, stamping the events with the last record."""
+        if now_ns - self.last_ns < QUIET_NS or self._quiet_done:
+            return []
+        self._quiet_done = True
+        if self.dirty or self.pending_data or self.retry_dirs or self.broken:
+            return self.evaluate(self.last_seq, self.last_ns)
         return []
+
+    def finish(self, seq: int, time_ns: int) -> list[Mutation]:
+        """End of a replay or a detach: what is dirty, waiting or pending becomes events now."""
+        self.reconciler.deadline_passed = True
+        return self.evaluate(seq, time_ns)
 
     def evaluate(self, seq: int, time_ns: int) -> list[Mutation]:
         """Re-read everything dirty and reconcile it with the shadow tree."""
@@ -327,29 +340,33 @@ class ExtHandler:
             except CorruptMetadata as exc:
                 errors.append(str(exc))
         change = Change()
-        reload: set[int] = set(dirty.inodes)
+        dirty.now = time_ns / 1e9
+        reload: set[int] = set(dirty.inodes) | {k for k in self.broken if k > 0}
         for b in sorted(dirty.itable):
             reload |= self._changed_inodes(b, change, errors)
         for ino in sorted(reload):
             self._reload(ino, change, dirty, errors)
-        dirs = dirty.dirs | self.retry_dirs
-        for d in sorted(dirs):
-            node = change.inodes.get(d, self.tree.nodes.get(d))
-            if node is None or node.type != "dir":
-                if d in self.tree.children:
-                    change.dirs[d] = {}
-                continue
-            try:
-                change.dirs[d] = self._entries(d)
-            except CorruptMetadata as exc:
-                errors.append(f"directory inode {d}: {exc}")
-        for entries in change.dirs.values():  # entries may name inodes this point did not re-read (ext2 order)
-            for ino in entries.values():
-                if ino not in change.inodes and ino not in self.tree.nodes:
-                    self._reload(ino, change, dirty, errors)
+        freed_dirs = {ino for ino, node in change.inodes.items() if node is None and ino in self.tree.children}
+        todo = dirty.dirs | self.retry_dirs | freed_dirs  # a freed directory is empty, whatever its old blocks say
+        for _ in range(MAX_DIR_ROUNDS):  # a new directory found below brings its own entries to read
+            for d in sorted(todo):
+                self._read_dir_into(d, change, dirty, errors)
+            # Inodes whose names change but whose records this point did not re-read (ext2 writes them back
+            # in any order): read them now, so a reused inode number shows its new generation.
+            for d in todo:
+                entries, old = change.dirs.get(d, {}), self.tree.children.get(d, {})
+                for ino in {i for n, i in entries.items() if old.get(n) != i} | {
+                        i for n, i in old.items() if entries.get(n) != i}:
+                    if ino not in change.inodes and self._differs(ino):
+                        self._reload(ino, change, dirty, errors)
+            todo = dirty.dirs - set(change.dirs)
+            if not todo:
+                break
         change.data, self.pending_data = self.pending_data, {}
         before = {ino: self.tree.nodes.get(ino) for ino in change.inodes}
+        broken_dirs = self.retry_dirs
         events, self.retry_dirs = self.reconciler.apply(change, ctx)
+        self.retry_dirs |= {d for d in broken_dirs if -d in self.broken}
         for ino, node in change.inodes.items():
             # An inode that left the tree, or was freed: its blocks leave the maps at once (they are reused quickly).
             if node is None or ino not in self.tree.nodes:
@@ -394,6 +411,41 @@ class ExtHandler:
                 out.add(ino)
         return out
 
+    def _read_dir_into(self, d: int, change: Change, dirty: _Dirty, errors: list[str]) -> None:
+        node = change.inodes.get(d, self.tree.nodes.get(d))
+        if node is None or node.type != "dir":
+            if d in self.tree.children:
+                change.dirs[d] = {}
+            return
+        try:
+            change.dirs[d] = self._entries(d)
+            self.broken.pop(-d, None)
+        except CorruptMetadata as exc:
+            if self._still_broken(-d, dirty):  # (negative: a directory's blocks, not its inode)
+                errors.append(f"directory inode {d}: {exc}")
+            else:
+                self.retry_dirs.add(d)
+
+    def _still_broken(self, key: int, dirty: _Dirty) -> bool:
+        """Unreadable metadata may be half-written (ext2 writes an inode before its blocks): look again at the
+        next point, and report it only once it stays broken past the deadline (or at the end)."""
+        first = self.broken.setdefault(key, dirty.now)
+        if self.reconciler.deadline_passed or dirty.now - first > self.reconciler.MAX_WAIT:
+            del self.broken[key]
+            return True
+        return False
+
+    def _differs(self, ino: int) -> bool:
+        """Does the inode's record differ from the tree's node (or is it new)?"""
+        old = self.tree.nodes.get(ino)
+        try:
+            inode = self.reader.inode(ino)
+        except CorruptMetadata:
+            return True
+        if old is None:
+            return inode.links > 0 and inode.mode != 0
+        return inode.links == 0 or inode.mode == 0 or inode.generation != old.gen or _sig(inode) != old.sig
+
     def _reload(self, ino: int, change: Change, dirty: _Dirty, errors: list[str]) -> None:
         old = self.tree.nodes.get(ino)
         try:
@@ -404,8 +456,12 @@ class ExtHandler:
                 return
             node = self._load_detached(inode)
         except CorruptMetadata as exc:
-            errors.append(f"inode {ino}: {exc}")
+            # Half-written (ext2 writes an inode before its indirect blocks) or garbage: look again at the
+            # next consistency point, and report it only if it stays broken past the deadline.
+            if self._still_broken(ino, dirty):
+                errors.append(f"inode {ino}: {exc}")
             return
+        self.broken.pop(ino, None)
         change.inodes[ino] = node
         reborn = old is not None and old.gen != node.gen
         change.generations[ino] = reborn
