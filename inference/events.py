@@ -32,6 +32,9 @@ class Mutation:
     gid: int | None = None
     mtime: float | None = None
     mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    links: int | None = None
+    rdev: int | None = None
     ranges: list[tuple[int, int]] | None = None  # modify: [start, end) byte ranges
     target: str | None = None     # symlink target; link: the existing path linked to
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
@@ -41,8 +44,8 @@ class Mutation:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind,
                              "path": self.path}
-        for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ranges",
-                     "target", "xattr", "message"):
+        for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
+                     "links", "rdev", "ranges", "target", "xattr", "message"):
             value = getattr(self, name)
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value

@@ -53,7 +53,9 @@ def _event(ctx: Context, kind: str, path: bytes | None, node: Node | None, **kw)
     m = Mutation(seq=ctx.seq, time=ctx.time, kind=kind, path=fs_path(path or b"?"), fs=ctx.fs, vm=ctx.vm)
     if node is not None:
         m.ino, m.type, m.size, m.mode = node.ino, node.type, node.size, stat.S_IMODE(node.mode)
-        m.uid, m.gid, m.mtime_ns = node.uid, node.gid, node.mtime_ns
+        m.uid, m.gid, m.mtime_ns, m.ctime_ns, m.links = node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links
+        if node.type in ("chardev", "blockdev"):
+            m.rdev = node.rdev
         m.mtime = node.mtime_ns / 1e9
         if node.type == "symlink" and node.target is not None:
             m.target = fs_path(node.target)
@@ -323,10 +325,11 @@ class Reconciler:
         ev = _event(ctx, kind, path, old)
         events.append(ev)
         if gone:
+            ev.links = 0
             tree.drop_node(op.ino)
         else:
             new = change.inodes.get(op.ino)
-            ev.extra["links"] = new.links if new is not None else len(old.names)
+            ev.links = new.links if new is not None else len(old.names)
         return events
 
     def _drop_name(self, d: int, n: bytes, ino: int, change: Change) -> None:

@@ -97,6 +97,14 @@ class ExtHandler:
 
     # -- reading through the metadata view
 
+    def read_home(self, offset: int, length: int) -> bytes:
+        """The file system's bytes as the replica holds them (file data lives here)."""
+        return self._read_home(offset, length)
+
+    def read_view(self, offset: int, length: int) -> bytes:
+        """Metadata as of the last commit: home locations overlaid with committed journal blocks."""
+        return self._read_view(offset, length)
+
     def _read_view(self, offset: int, length: int) -> bytes:
         if not self.overlay:
             return self._read_home(offset, length)
