@@ -356,18 +356,22 @@ class ExtHandler:
             self._reload(ino, change, dirty, errors)
         freed_dirs = {ino for ino, node in change.inodes.items() if node is None and ino in self.tree.children}
         todo = dirty.dirs | self.retry_dirs | freed_dirs  # a freed directory is empty, whatever its old blocks say
+        attempted: set[int] = set()
         for _ in range(MAX_DIR_ROUNDS):  # a new directory found below brings its own entries to read
             for d in sorted(todo):
                 self._read_dir_into(d, change, dirty, errors)
+            attempted |= todo
             # Inodes whose names change but whose records this point did not re-read (ext2 writes them back
             # in any order): read them now, so a reused inode number shows its new generation.
             for d in todo:
-                entries, old = change.dirs.get(d, {}), self.tree.children.get(d, {})
+                if d not in change.dirs:
+                    continue  # unreadable: its names stay as they were
+                entries, old = change.dirs[d], self.tree.children.get(d, {})
                 for ino in {i for n, i in entries.items() if old.get(n) != i} | {
                         i for n, i in old.items() if entries.get(n) != i}:
                     if ino not in change.inodes and self._differs(ino):
                         self._reload(ino, change, dirty, errors)
-            todo = dirty.dirs - set(change.dirs)
+            todo = dirty.dirs - attempted
             if not todo:
                 break
         change.data, self.pending_data = self.pending_data, {}
