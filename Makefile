@@ -10,7 +10,7 @@ export MIRRORFS_CACHE := $(abspath $(CACHE))
 
 APT_PACKAGES := python3 python3-venv python3-dev gcc qemu-system-x86 qemu-utils busybox-static fuse3 \
 	libfuse3-dev pkg-config e2fsprogs inotify-tools libnbd-bin fdisk gdisk lvm2 xz-utils cpio \
-	kmod util-linux
+	kmod util-linux sleuthkit redis-server
 
 .PHONY: all setup apt venv images demo test bench lint clean
 

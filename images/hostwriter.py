@@ -87,8 +87,10 @@ class HostWriter:
               self.workdir / "daemon1.log", "open its sockets")
         return self
 
-    def mount(self, fstype: str | None = None) -> Path:
-        """Serve the NBD export as a FUSE file (daemon 2), attach a loop device, mount it at workdir/mnt."""
+    def mount(self, fstype: str | None = None, *, offset: int = 0, sizelimit: int = 0) -> Path:
+        """Serve the NBD export as a FUSE file (daemon 2), attach a loop device, mount it at workdir/mnt.
+
+        offset/sizelimit (bytes) put the loop device on one partition or one linear LV segment of the disk."""
         if self._d1 is None:
             self.start()
         size = self.disk.stat().st_size
@@ -100,7 +102,8 @@ class HostWriter:
             "--export", f"type=fuse,id=e1,node-name=n0,mountpoint={self.fuse_file},writable=on")
         _wait(lambda: _is_mountpoint(self.fuse_file) and self.fuse_file.stat().st_size == size, self._d2,
               self.workdir / "daemon2.log", "export the FUSE file")
-        self.loop = subprocess.run(["losetup", "-f", "--show", str(self.fuse_file)], check=True,
+        window = [*(["-o", str(offset)] if offset else []), *(["--sizelimit", str(sizelimit)] if sizelimit else [])]
+        self.loop = subprocess.run(["losetup", "-f", "--show", *window, str(self.fuse_file)], check=True,
                                    capture_output=True, text=True).stdout.strip()
         self.mnt.mkdir(exist_ok=True)
         p = subprocess.run(["mount", *(["-t", fstype] if fstype else []), self.loop, str(self.mnt)],

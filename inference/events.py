@@ -39,11 +39,17 @@ class Mutation:
     target: str | None = None     # symlink target; link: the existing path linked to
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
     message: str | None = None    # error: what was wrong, and what the engine did
+    id: str | None = None         # "SEQ-N": N-th event (from 1) of that seq, given by the EventLog; stable position
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(seq, N) from the id: totally ordered within one VM, for resume and dedupe; (seq, 0) without an id."""
+        return parse_id(self.id) if self.id else (self.seq, 0)
+
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind,
-                             "path": self.path}
+        d: dict[str, Any] = {"id": self.id} if self.id else {}
+        d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
         for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
                      "links", "rdev", "ranges", "target", "xattr", "message"):
             value = getattr(self, name)
@@ -73,6 +79,18 @@ class Mutation:
     @classmethod
     def from_json(cls, line: str) -> Mutation:
         return cls.from_dict(json.loads(line))
+
+
+def parse_id(event_id: str) -> tuple[int, int]:
+    """"SEQ-N" -> (SEQ, N); ValueError if it is not one."""
+    seq, sep, n = event_id.partition("-")
+    if not sep or not seq.isdigit() or not n.isdigit():
+        raise ValueError(f"not an event id (SEQ-N): {event_id!r}")
+    return int(seq), int(n)
+
+
+def format_id(seq: int, n: int) -> str:
+    return f"{seq}-{n}"
 
 
 def fs_path(raw: bytes) -> str:

@@ -78,6 +78,12 @@ class EngineView:
                     seen.add(ino)
                     queue.append((ino, child))
 
+    def stat(self, fs: str, ino: int) -> Entry | None:
+        """One inode's attributes now (path left empty): for attributes no event carries, such as a
+        directory's mtime, which moves with its entries."""
+        node = self._handler(fs).tree.nodes.get(ino)
+        return None if node is None else _entry(b"", node)
+
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
         """File content as the replica holds it now (holes and unwritten extents read as zeros)."""
         handler = self._handler(fs)

@@ -32,6 +32,17 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
                    help="state directory of one watched disk (write log, replica, metadata)")
 
 
+def _mount_args(p: argparse.ArgumentParser, name: str) -> None:
+    if name.startswith("--"):
+        p.add_argument(name, type=Path, metavar="MNT",
+                       help="also serve the live read-only FUSE view of the disk's file systems at MNT "
+                            "(needs the engine; see mirrorfs-mount(1))")
+    else:
+        p.add_argument(name, type=Path, metavar="MNT", help="mount point (an existing directory)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other host users into the view (guest file modes then decide what they read)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirrorfs", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record only: no inference engine even with --base/--index/--sync full")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
                    help="extra NBD listener for readers, unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="the engine serves Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
+    _mount_args(p, "--mount")
 
     p = sub.add_parser("log", help="list the write log's records",
                        description="List the records of a state directory's write log: seq, host receive "
@@ -117,7 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
     p.add_argument("--vm", default="", help="VM name stamped on each event (default: the state dir's name)")
     p.add_argument("-f", "--follow", action="store_true",
-                   help="keep following the log as it grows (SIGINT/SIGTERM: drain, finish, exit)")
+                   help="keep following the log as it grows, until the attach detaches or SIGINT/SIGTERM "
+                        "(then drain, finish, exit)")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
+    _mount_args(p, "--mount")
+
+    p = sub.add_parser(
+        "mount", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="serve a state directory's file systems as a read-only FUSE view",
+        description="Replay a state directory's write log (as `mirrorfs replay`) and serve the file systems "
+                    "it leaves as a read-only FUSE mount until SIGINT/SIGTERM or `mirrorfs umount`. For the live "
+                    "view of a running attach, use `mirrorfs attach ... --mount MNT`. See mirrorfs-mount(1).",
+        epilog="examples:\n  mirrorfs mount --state st/vm1 --base vm1-base.raw /mnt/vm1 &\n"
+               "  find /mnt/vm1 -newer /mnt/vm1/etc/hostname\n  mirrorfs umount /mnt/vm1")
+    _state_arg(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--base", type=Path, metavar="IMAGE",
+                     help="the disk image at the start of recording (default: what the last replay used)")
+    src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
+    p.add_argument("--vm", default="", help="VM name (default: the state dir's name)")
+    _mount_args(p, "mountpoint")
+
+    p = sub.add_parser("umount", help="unmount a mirrorfs view",
+                       description="Unmount a view served by `mirrorfs mount` or `attach --mount` (the serving "
+                                   "process then exits); a stale mount left by a killed mirrorfs is lazily "
+                                   "detached.")
+    p.add_argument("mountpoint", type=Path, metavar="MNT")
 
     p = sub.add_parser("events", help="read the mutation event log",
                        description="Print the mutation events of a state directory (written by replay or a "
@@ -125,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events with seq >= SEQ")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    p.add_argument("--json", action="store_true", help="JSON lines, as in the event log")
+    from mirrorfs import cli_stream
+    cli_stream.add_filter_args(p)
+    cli_stream.add_output_args(p)
+    cli_stream.add_parsers(sub)
 
     p = sub.add_parser("index", help="pre-index a base image (the starting shadow tree)",
                        description="Walk every ext2/3/4 file system of a disk image (raw or qcow2; partition "
@@ -161,6 +204,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
                        base=base, listen=tuple(args.listen))
     engine: list[subprocess.Popen] = []
     wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
+    if args.mount is not None and not wants_engine:
+        raise CLIError("--mount needs the inference engine: give --base or --index (or --sync full)")
 
     def start_engine() -> None:
         """The engine runs in its own process, following the log: it never slows the ack path."""
@@ -168,6 +213,9 @@ def cmd_attach(args: argparse.Namespace) -> None:
             return
         cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
         cmd += ["--index", str(args.index)] if args.index else ["--base", str(args.base)] if args.base else []
+        cmd += ["--metrics", args.metrics] if args.metrics else []
+        if args.mount is not None:
+            cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
         engine.append(subprocess.Popen(cmd, start_new_session=True))
         print(f"mirrorfs: inference engine pid {engine[0].pid}: mutation events in {args.state}/events.jsonl",
               flush=True)
@@ -175,12 +223,15 @@ def cmd_attach(args: argparse.Namespace) -> None:
     try:
         trio.run(lambda: Attachment(cfg).run(on_ready=start_engine))
     finally:
-        for proc in engine:  # it drains the log, reports what is pending, and exits
-            proc.terminate()
+        for proc in engine:  # it sees the detach in attach.json, drains the log, reports what is pending, exits
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     print("mirrorfs: detached", flush=True)
 
 
@@ -292,14 +343,23 @@ def raw_image(image: Path, workdir: Path) -> Path:
     return out
 
 
+def attach_finished(state) -> bool:
+    """A following engine ends once the latest attach of its state dir has detached (attach.json says so)."""
+    return bool((state.read_attach() or {}).get("detached"))
+
+
 def cmd_replay(args: argparse.Namespace) -> None:
     import signal
 
     from inference.engine import Engine
     from inference.eventlog import EventLog
+    from mirrorfs.live import start_live
     from tap.state import StateDir
     from tap.writelog import LogFollower, last_seq
 
+    stop: list[int] = []  # first thing: a SIGTERM during start-up must still drain the log, not kill us
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
     state = StateDir(args.state)
     size = state.require_state()["size"]
     workdir = state.path / "engine"
@@ -307,26 +367,64 @@ def cmd_replay(args: argparse.Namespace) -> None:
     progress = Progress("index", unit=" inodes")
     engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
     progress.close()
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
+    (workdir / "source.json").write_text(json.dumps({"base": str(Path(args.base).resolve()) if args.base else None,
+                                                     "index": str(Path(args.index).resolve()) if args.index
+                                                     else None}))
+    if getattr(args, "mount", None) is not None:
+        from mirrorfs.mount import serve_log
+        try:
+            serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
+                      live=lambda follower, events: start_live(args, state.path, engine, follower, events))
+        finally:
+            engine.close()
+        return
     end = last_seq(state.log)
     bar = Progress("replay", unit=" rec")
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+        live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
         while True:
             batch = follower.poll()
             if batch:
                 events.append(engine.process(batch))
                 bar(batch[-1].seq, max(end, batch[-1].seq))
                 continue
-            if not args.follow or stop:
+            if not args.follow or stop or attach_finished(state):
                 break
             events.append(engine.tick(time.time_ns()))
             time.sleep(0.05)
         events.append(engine.finish())
+        live.close()
         bar.close()
         engine.close()
         print(f"mirrorfs: {events.count} events from {engine.last_seq} records into {events.path}", file=sys.stderr)
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    from tap.state import StateDir
+
+    state = StateDir(args.state)
+    state.require_state()
+    if args.base is None and args.index is None:
+        try:
+            source = json.loads((state.path / "engine" / "source.json").read_text())
+        except (OSError, ValueError):
+            source = {}
+        if source.get("index"):
+            args.index = Path(source["index"])
+        elif source.get("base"):
+            args.base = Path(source["base"])
+    args.follow, args.mount = False, args.mountpoint
+    cmd_replay(args)
+
+
+def cmd_umount(args: argparse.Namespace) -> None:
+    from mirrorfs.mount import is_stale, mount_type, unmount
+
+    if mount_type(args.mountpoint) is None:
+        raise CLIError(f"nothing is mounted at {args.mountpoint}")
+    if not unmount(args.mountpoint, lazy=is_stale(args.mountpoint)):
+        raise CLIError(f"{args.mountpoint} is busy (a process has a file open there); "
+                       f"fusermount3 -u -z {args.mountpoint} detaches it lazily")
 
 
 def format_event(ev, as_json: bool) -> str:
@@ -344,17 +442,9 @@ def format_event(ev, as_json: bool) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> None:
-    from inference.eventlog import read_events
-    from tap.state import StateDir
+    from mirrorfs.cli_stream import cmd_events as events_with_filters
 
-    state = StateDir(args.state)
-    state.require_state()
-    path = state.path / "events.jsonl"
-    if not path.exists():
-        raise CLIError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
-                       "or attach with --base/--index")
-    for ev in read_events(path, args.since, follow=args.follow):
-        print(format_event(ev, args.json), flush=args.follow)
+    events_with_filters(args)
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -372,7 +462,15 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve, "replay": cmd_replay,
-            "events": cmd_events, "index": cmd_index}
+            "events": cmd_events, "index": cmd_index, "mount": cmd_mount, "umount": cmd_umount}
+
+
+def _stream_commands() -> dict:
+    from mirrorfs.cli_stream import COMMANDS as STREAM_COMMANDS  # publish, collect, status (issue 5)
+    return STREAM_COMMANDS
+
+
+COMMANDS.update(_stream_commands())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,16 @@
-"""Run the tap benchmarks and update the "Tap (issue 2)" section of BENCHMARKS.md.
+"""Run the benchmarks and update the "Tap (issue 2)" and "Inference engine (issue 3)" sections of BENCHMARKS.md.
 
-    make bench                                   # everything (~8 min), writes BENCHMARKS.md
+    make bench                                   # everything (~15 min once inputs are cached), writes BENCHMARKS.md
     .venv/bin/python -m tests.bench.run --only ingest [--only latency]
     .venv/bin/python -m tests.bench.run --quick  # smaller and one round, for development: prints only
 
-Benchmarks: overhead (1: guest write overhead of the mirror), ingest (2: tap MB/s and writes/s),
-latency (3: guest write -> write-log record). Speeds are ratios against a baseline measured in the same run,
-in interleaved rounds; tables give the median of the per-round values and their range (min-max).
+Tap benchmarks: overhead (1: guest write overhead of the mirror), ingest (2: tap MB/s and writes/s),
+latency (3: guest write -> write-log record).
+Engine benchmarks: replay (1: replay throughput vs reading the log), index (2: pre-index speed vs fls -r),
+memory (3: RSS per tracked inode at 100k and 1M files), synclat (4: guest sync -> emitted event).
+Their inputs (recorded logs, many-file images, the 1M-file index) are built once into .cache/bench/engine/
+(`python -m tests.bench.enginedata` builds them ahead). Speeds are ratios against a baseline measured in the
+same run, in interleaved rounds; tables give the median of the per-round values and their range (min-max).
 """
 
 from __future__ import annotations
@@ -25,13 +29,21 @@ from pathlib import Path
 from tests.bench.common import Stopwatch, Workspace, log, make_disk
 from tests.support import CACHE, REPO
 
-NAMES = ("ingest", "overhead", "latency")
+TAP_NAMES = ("ingest", "overhead", "latency")
+ENGINE_NAMES = ("replay", "index", "memory", "synclat")
+NAMES = TAP_NAMES + ENGINE_NAMES
+GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES}}
+CHAPTER = {"tap": "## Tap (issue 2)", "engine": "## Inference engine (issue 3)"}
 DOC = REPO / "BENCHMARKS.md"
 
 TITLES = {
     "overhead": "1. Guest write overhead (TCG guest, guest-timed)",
     "ingest": "2. Tap ingest (local NBD client → tap)",
     "latency": "3. Latency from the guest's write to its record in the write log",
+    "replay": "1. Replay throughput (recorded logs, offline)",
+    "index": "2. Pre-index speed (100k-file image) and index load time",
+    "memory": "3. Memory per tracked inode (100k and 1M files)",
+    "synclat": "4. Latency from the guest's sync to the emitted event (TCG guest, live engine)",
 }
 
 METHODS = {
@@ -70,7 +82,51 @@ estimate. Latency = record time - (t0 + offset). Caveat: the estimate is too lar
 the drift check compares the offset estimated from the first and last third of a run. "Record before pwrite
 returned" is a consistency check: in exact mode the tap appends the record before acknowledging, so every record
 should precede the guest's t1. "Guest pwrite" is t1 - t0 in the guest, with the no-mirror run as baseline.""",
+    "replay": """\
+Each workload was recorded once (cached in `.cache/bench/engine/`, `python -m tests.bench.enginedata`) by the
+host kernel as the writer (`images/hostwriter.py`: a fresh 512 MiB ext4 image, Debian `mke2fs -t ext4` defaults,
+mounted through qemu-storage-daemon + loop) with `mirrorfs attach --mode exact --sync none` recording; the cache
+keeps the pristine image and the state dir. Each round runs, each in a fresh subprocess (`python -m
+tests.bench.enginebench probe read|replay`), first the baseline: `tap.writelog.read_records` over all records,
+touching every payload (warm page cache: one unmeasured read of each log comes first), then the engine: what
+`mirrorfs replay --state DIR --base base.raw` does (an `Engine` on the base image, the log in `LogFollower`
+batches, events appended to an `EventLog` in a temp dir, then `finish()`), timed from the first batch to the end
+of `finish()` (engine start-up, a copy of the base image and an index of its empty file system, is excluded).
+MB/s is the log's write payload bytes over each time; replay / read is the ratio of those speeds. Metadata
+blocks are the handler's `stats.metadata_blocks` (group-descriptor and inode-table blocks seen, home and journal
+copies), per second of replay.""",
+    "index": """\
+The image is generated once (`tests/bench/enginedata.py`: a tree of files in directories of 100 under 10 top
+directories, copied in with `mke2fs -t ext4 -N ... -d TREE`, no mount; the tree is deleted) and cached in
+`.cache/bench/engine/`. Each round runs `fls -r -p IMAGE` (output counted; one unmeasured warm-up run first, so
+both tools read from the page cache), then `build_index(IMAGE, OUT)` and `load_index(OUT)`, each in a fresh
+subprocess. files/s: fls output lines, or inodes in the shadow tree, per second.""",
+    "memory": """\
+RSS is `VmRSS` from `/proc/self/status` of a fresh subprocess, read after imports and again after the call (after
+`gc.collect()`, the result still referenced), divided by the inodes in the shadow tree. `load_index` is what a
+replay or attach with `--index` holds; `build_index` includes the crawl's leftovers. The 100k image is the one of
+benchmark 2, the 1M image has empty files only. The index of each image is built once per version of the engine's
+sources (a pickle of engine objects; cached under `.cache/bench/engine/`, keyed by a hash of `inference/`), so
+its build time and RSS are from the run that built it ("cached" when reused); the load is measured every run.
+Image build times (generating the tree on the host's ext4, then `mke2fs -d`) are from when the image was built.""",
+    "synclat": """\
+Each round boots two TCG guests on fresh copies of one 1 GiB ext4 image (as in tap benchmark 1) with
+`mirrorfs attach --mode exact|async --sync none --cont --base PRISTINE`, which runs the live engine (`mirrorfs
+replay --follow` in its own process, polling the log every 50 ms). The static helper `latmark sync` (in
+`tests/bench/latmark.c`) first prints 200 `MIRRORFS-CLK` lines 2 ms apart, then N times: create
+`/sync/sNNNNN` (O_CREAT|O_EXCL, 2 bytes), close, `sync()`, take the guest time t1 right after sync returns and
+print `MIRRORFS-SYNC i t0 ts t1`, sleep 100 ms. The harness stamps every console line and every line of
+`events.jsonl` as it arrives (inotify, stamp taken after the read, so an upper bound); the guest→host clock offset
+is the minimum of (console stamp − guest time) over the CLK and SYNC lines, as in tap benchmark 3 (latencies are
+understated by the smallest console delay, a fraction of a ms). Latency = arrival of the file's `create` event
+line − (t1 + offset); negative means the event was emitted before the guest's sync returned. The event's own
+`time` field (host receive time of the record that completed the change) minus t1 is given for comparison:
+the rest is the engine's work and its polling.""",
 }
+
+ENGINE_CAVEATS = """\
+Caveats: same 2-core machine as above, shared with other sessions' jobs; absolute numbers are noisy, ratios
+are measured within one run. The engine is pure Python (3.11)."""
 
 CAVEATS = """\
 Caveats for every table: the guest runs under TCG (no KVM here), on a shared 2-core machine where the guest's vCPU,
@@ -95,8 +151,9 @@ def machine() -> str:
 
 
 def section(name: str, table: list[str], cmd: str, date: str, host: str, seconds: float) -> str:
+    tag = f"{GROUP[name]}:{name}"
     return "\n".join([
-        f"<!-- BEGIN tap:{name} (generated by tests/bench/run.py) -->",
+        f"<!-- BEGIN {tag} (generated by tests/bench/run.py) -->",
         f"### {TITLES[name]}",
         "",
         f"Command: `{cmd}` — date: {date} — took {seconds:.0f} s — {host}",
@@ -104,7 +161,7 @@ def section(name: str, table: list[str], cmd: str, date: str, host: str, seconds
         *table,
         "",
         METHODS[name],
-        f"<!-- END tap:{name} -->",
+        f"<!-- END {tag} -->",
     ])
 
 
@@ -121,12 +178,19 @@ def update_doc(sections: dict[str, str]) -> None:
         text = text.rstrip("\n") + "\n\n## Tap (issue 2)\n\n" + CAVEATS + "\n" + "".join(
             f"\n<!-- BEGIN tap:{n} (generated by tests/bench/run.py) -->\n(not run yet)\n<!-- END tap:{n} -->\n"
             for n in NAMES)
+    if any(GROUP[n] == "engine" for n in sections) and CHAPTER["engine"] not in text:
+        text = text.rstrip("\n") + "\n\n" + CHAPTER["engine"] + "\n\n" + ENGINE_CAVEATS + "\n"
     for name, body in sections.items():
-        pat = re.compile(rf"<!-- BEGIN tap:{name} .*?<!-- END tap:{name} -->", re.S)
+        tag = f"{GROUP[name]}:{name}"
+        pat = re.compile(rf"<!-- BEGIN {tag} .*?<!-- END {tag} -->", re.S)
         if pat.search(text):
             text = pat.sub(lambda _m, b=body: b, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + body + "\n"
+            continue
+        # a new section goes at the end of its chapter (before the next `## ` heading)
+        start = text.index(CHAPTER[GROUP[name]])
+        nxt = text.find("\n## ", start + 1)
+        end = len(text) if nxt < 0 else nxt
+        text = text[:end].rstrip("\n") + "\n\n" + body + "\n" + text[end:]
     DOC.write_text(text)
 
 
@@ -144,30 +208,44 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     log(f"{cmd}: {', '.join(names)}{' (quick)' if args.quick else ''}; {host}")
 
+    from tests.bench import enginebench as eb
     from tests.bench.guestbench import bench_latency, bench_overhead, latency_table, overhead_table
     from tests.bench.ingest import bench_ingest, ingest_table
+    from tests.bench.synclat import bench_synclat, synclat_table
 
     total = Stopwatch()
     results: dict[str, dict] = {}
     sections: dict[str, str] = {}
     with Workspace() as ws:
-        pristine = make_disk(ws) if {"overhead", "latency"} & set(names) else None
+        pristine = make_disk(ws) if {"overhead", "latency", "synclat"} & set(names) else None
         for name in names:
             sw = Stopwatch()
             if name == "ingest":
                 res, table = bench_ingest(ws, args.quick), ingest_table
             elif name == "overhead":
                 res, table = bench_overhead(ws, pristine, args.quick), overhead_table
-            else:
+            elif name == "latency":
                 res, table = bench_latency(ws, pristine, args.quick), latency_table
+            elif name == "replay":
+                res, table = eb.bench_replay(args.quick), eb.replay_table
+            elif name == "index":
+                res, table = eb.bench_index(args.quick), eb.index_table
+            elif name == "memory":
+                res, table = eb.bench_memory(args.quick), eb.memory_table
+            else:
+                res, table = bench_synclat(ws, pristine, args.quick), synclat_table
             results[name] = res
             lines = table(res)
             print(f"\n### {TITLES[name]}  ({sw})\n" + "\n".join(lines) + "\n", flush=True)
             sections[name] = section(name, lines, cmd, date, host, sw.seconds())
     out = CACHE / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tap-results.json").write_text(json.dumps({"command": cmd, "date": date, "results": results}, indent=1))
-    log(f"raw results in {out / 'tap-results.json'}; total {total}")
+    for group in sorted({GROUP[n] for n in results}):
+        path = out / f"{group}-results.json"
+        mine = {n: r for n, r in results.items() if GROUP[n] == group}
+        path.write_text(json.dumps({"command": cmd, "date": date, "results": mine}, indent=1))
+        log(f"raw results in {path}")
+    log(f"total {total}")
     if not args.quick or args.write:
         update_doc(sections)
         log(f"updated {DOC}")

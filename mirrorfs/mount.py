@@ -1,0 +1,321 @@
+"""Serve the view: the engine, the FUSE loop and the poke helper in one process, and mount hygiene.
+
+Threads, and why:
+- trio thread: pyfuse3's loop only. It answers from the ViewTree and never makes a syscall on the mount.
+- engine thread: follows the write log and runs `Engine.process` in chunks of CHUNK records under
+  `engine_lock`. A chunk can take tens of milliseconds (a jbd2 commit, a rescan); in the trio thread that would
+  stall every FUSE request, `ls` included. Content reads and statfs take the same lock from trio's worker threads.
+- poke thread (mirrorfs.poke): turns the engine's mutations into syscalls on the mount. The engine only appends
+  to its queue, so nothing the mount does (a wedged reader, a slow tool) can slow the engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from inference.events import Mutation
+from inference.view import EngineView
+from mirrorfs.fuse import Stage, ViewOps, mount_options
+from mirrorfs.poke import Poker
+from mirrorfs.viewtree import Applied, ViewError, ViewTree
+
+log = logging.getLogger("mirrorfs.mount")
+
+CHUNK = 64
+FSTYPE = "fuse.mirrorfs"
+
+
+class MountError(OSError):
+    """A user-facing mount failure (an OSError, so the CLI prints it without importing this module)."""
+
+
+# -- mount hygiene
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mount_type(mnt: Path) -> str | None:
+    """The file-system type mounted exactly at `mnt` (the top one), or None."""
+    target = os.path.realpath(mnt)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                found = right.split()[0]
+    return found
+
+
+def is_stale(mnt: Path, timeout: float = 5.0) -> bool:
+    """True if the FUSE server behind `mnt` is gone (ENOTCONN). stat alone can answer from the attribute cache
+    for a second after a crash, so open the directory, which always asks the server; in a thread, so a live but
+    wedged server cannot hang us."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.close(os.open(mnt, os.O_RDONLY | os.O_DIRECTORY))
+            result.append(False)
+        except OSError as exc:
+            result.append(exc.errno == errno.ENOTCONN)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def unmount(mnt: Path, *, lazy: bool = False) -> bool:
+    """fusermount3 -u (then umount -l as root); True if nothing is mounted there afterwards."""
+    cmds = [["fusermount3", "-u", *(["-z"] if lazy else []), str(mnt)]]
+    if lazy:
+        cmds.append(["umount", "-l", str(mnt)])
+    for cmd in cmds:
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if mount_type(mnt) is None:
+            return True
+    return mount_type(mnt) is None
+
+
+def prepare_mountpoint(mnt: Path) -> None:
+    """Clean a stale mount a crashed mirrorfs left (ENOTCONN); refuse a live one."""
+    kind = mount_type(mnt)
+    if kind is not None:
+        if is_stale(mnt):
+            print(f"mirrorfs: cleaning up a stale mount at {mnt} (a previous mirrorfs died)", file=sys.stderr)
+            if not unmount(mnt, lazy=True):
+                raise MountError(f"could not unmount the stale mount at {mnt}")
+        elif kind == FSTYPE:
+            raise MountError(f"{mnt} is already served by a running mirrorfs (mirrorfs umount {mnt})")
+    if not mnt.is_dir():
+        raise MountError(f"mount point {mnt} is not a directory")
+
+
+# -- the engine thread
+
+
+class EngineLoop:
+    """Follows the log in a worker thread; every mutation goes to `sinks` (event log, poke helper)."""
+
+    def __init__(self, engine, follower, lock: threading.Lock, sinks: list[Callable[[list[Mutation]], None]],
+                 follow: bool) -> None:
+        self.engine, self.follower, self.lock, self.sinks, self.follow = engine, follower, lock, sinks, follow
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="mirrorfs-engine", daemon=True)
+        self.on_exit: Callable[[], None] | None = None
+
+    def _emit(self, events: list[Mutation]) -> None:
+        if events:
+            for sink in self.sinks:
+                sink(events)
+
+    def catch_up(self) -> None:
+        """Everything logged so far, before the view is built from the engine's tree."""
+        while batch := self.follower.poll():
+            self._emit(self.engine.process(batch))
+
+    def _run(self) -> None:
+        try:
+            while self.follow and not self.stop.is_set():
+                batch = self.follower.poll()
+                if not batch:
+                    with self.lock:
+                        events = self.engine.tick(time.time_ns())
+                    self._emit(events)
+                    self.stop.wait(0.05)
+                    continue
+                for i in range(0, len(batch), CHUNK):
+                    with self.lock:
+                        events = self.engine.process(batch[i:i + CHUNK])
+                    self._emit(events)
+            while batch := self.follower.poll():
+                with self.lock:
+                    events = self.engine.process(batch)
+                self._emit(events)
+            with self.lock:
+                events = self.engine.finish()
+            self._emit(events)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+            log.exception("inference engine failed")
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+
+# -- serving
+
+
+def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, allow_other: bool = False,
+          fsname: str = "mirrorfs") -> None:
+    """Build the view from the engine's tree now, mount it, serve until SIGINT/SIGTERM (or the engine ends
+    after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations."""
+    view = EngineView(engine)
+    filesystems = view.filesystems()
+    if not filesystems:
+        raise MountError("no file system the engine can read on this disk: nothing to mount")
+    prepare_mountpoint(mnt)
+    if allow_other:
+        print("mirrorfs: warning: allow_other: any host user may read the view as far as the GUEST's file modes "
+              "and uids allow; guest modes are not host policy", file=sys.stderr)
+    tree = ViewTree(filesystems)
+    with lock:
+        names = sum(tree.load(fs, view.snapshot(fs)) for fs in filesystems)
+
+    def read(fs: str, ino: int, off: int, size: int) -> bytes:
+        with lock:
+            return view.read(fs, ino, off, size)
+
+    def statfs() -> pyfuse3.StatvfsData:
+        with lock:
+            totals = [view.statfs(fs) for fs in filesystems]
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = totals[0].block_size
+        s.f_blocks = sum(t.blocks * t.block_size // s.f_bsize for t in totals)
+        s.f_bfree = s.f_bavail = sum(t.blocks_free * t.block_size // s.f_bsize for t in totals)
+        s.f_files = sum(t.files for t in totals)
+        s.f_ffree = s.f_favail = sum(t.files_free for t in totals)
+        s.f_namemax = totals[0].name_max
+        return s
+
+    stage = Stage()
+    ops = ViewOps(tree, stage, read, statfs)
+    token_box: list[trio.lowlevel.TrioToken] = []
+
+    def in_trio(fn: Callable):
+        return trio.from_thread.run_sync(fn, trio_token=token_box[0])
+
+    def apply_direct(m: Mutation) -> Applied:
+        def apply() -> Applied:
+            try:
+                return tree.apply(m)
+            except ViewError as exc:
+                log.warning("mutation does not fit the view: %s", exc)
+                return Applied()
+        return in_trio(apply)
+
+    def invalidate(applied: Applied, content: Mutation | None) -> None:
+        """From the poke thread only: these calls may block, and must never run in the trio thread."""
+        for parent, name in applied.entries:
+            _quiet(pyfuse3.invalidate_entry, parent, name)
+        for nid in dict.fromkeys(applied.nodes):
+            _quiet(pyfuse3.invalidate_inode, nid, True)
+        if content is not None and content.fs in tree.fs_root:
+            _quiet(pyfuse3.invalidate_inode, tree.nid(content.fs, content.ino), False)
+
+    seen = [-1, -1]
+
+    def reconcile_dirs() -> None:
+        """A directory's mtime/ctime/nlink move with its entries and no event says so: take them from the
+        engine when the stream is quiet."""
+        mark = [engine.last_seq, poker.done]
+        if mark == seen:
+            return
+        seen[:] = mark
+        dirs = in_trio(lambda: [(nid, n.fs, n.ino) for nid, n in tree.nodes.items()
+                                if n.children is not None and n.fs])
+        with lock:
+            stats = [(nid, view.stat(fs, ino)) for nid, fs, ino in dirs]
+        changed = in_trio(lambda: [nid for nid, e in stats if e is not None and tree.set_attrs(nid, e)])
+        for nid in changed:
+            _quiet(pyfuse3.invalidate_inode, nid, True)
+
+    poker = Poker(mnt, stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs)
+    if loop is not None:
+        loop.sinks.append(poker.submit)
+
+    async def main() -> None:
+        token_box.append(trio.lowlevel.current_trio_token())
+        done = trio.Event()
+        if loop is not None:
+            loop.on_exit = lambda: _set_from_thread(done, token_box[0])
+        async with trio.open_nursery() as nursery:
+            async def fuse_loop() -> None:
+                await pyfuse3.main()
+                done.set()  # unmounted from outside (mirrorfs umount, fusermount3 -u)
+            nursery.start_soon(fuse_loop)
+            poker.start()
+            if loop is not None:
+                loop.thread.start()
+            print(f"mirrorfs: mounted {mnt} ({names} names in {', '.join(filesystems)}), pid {os.getpid()}",
+                  flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        done.set()
+                        return
+                nursery.start_soon(on_signal)
+                await done.wait()
+            if loop is not None:
+                loop.stop.set()
+                await trio.to_thread.run_sync(loop.thread.join)
+            await trio.to_thread.run_sync(poker.stop)
+            pyfuse3.terminate()
+            nursery.cancel_scope.cancel()
+
+    pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other))
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=True)
+    if mount_type(mnt) == FSTYPE:
+        unmount(mnt, lazy=True)
+    if loop is not None and loop.error is not None:
+        raise loop.error
+    print(f"mirrorfs: unmounted {mnt} ({poker.done} mutations poked, {poker.fallbacks} applied directly)",
+          file=sys.stderr)
+
+
+def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False,
+              live: Callable | None = None) -> None:
+    """`replay [--follow] --mount` and `mount`: catch up with the log (events to DIR/events.jsonl), build the
+    view, then serve it while (with follow) the engine keeps following the log."""
+    from inference.eventlog import EventLog
+    from tap.writelog import LogFollower
+
+    lock = threading.Lock()
+    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+        services = live(follower, events) if live is not None and follow else None  # issue 5's socket, metrics
+        loop = EngineLoop(engine, follower, lock, [events.append], follow=follow)
+        try:
+            loop.catch_up()
+            if not follow:
+                loop._emit(engine.finish())
+            serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other,
+                  fsname=f"mirrorfs:{engine.vm or state.path.name}")
+        finally:
+            if services is not None:
+                services.close()
+
+
+def _set_from_thread(event: trio.Event, token: trio.lowlevel.TrioToken) -> None:
+    try:
+        trio.from_thread.run_sync(event.set, trio_token=token)
+    except trio.RunFinishedError:
+        pass
+
+
+def _quiet(fn: Callable, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass  # the kernel does not hold that entry or inode: nothing to invalidate

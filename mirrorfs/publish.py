@@ -1,0 +1,211 @@
+"""The host publisher: a state directory's mutation events into a Redis stream (`mirrorfs publish`).
+
+Redis Streams is the distributed backbone; this is only a careful client. One stream per VM. Each entry's
+ID is the event id SEQ-N, so the stream is ordered like the event log and Redis itself rejects an entry it
+already holds ("equal or smaller than the target stream top item"): the publisher may resend after a crash
+or a lost reply (at least once), yet the stream holds each event once. Entries carry the event's JSON in one
+field `e`. Filtering happens before XADD, so only what the collectors asked for crosses the network.
+
+The position (byte offset in events.jsonl, last event id, the file's inode) is saved in DIR/publish.json
+after every acknowledged batch; on restart the publisher resumes there (or re-scans from the start, skipping
+what is published, when the event log was rewritten by a new replay).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from inference.eventlog import EventTail
+from inference.events import format_id, parse_id
+from mirrorfs.filters import Filter
+from tap.state import read_json, write_json_atomic
+
+log = logging.getLogger("mirrorfs.publish")
+
+DEFAULT_MAXLEN = 1_000_000
+DEFAULT_REGISTRY = "mirrorfs:streams"
+OWNERS = "mirrorfs:stream-owners"   # hash: stream -> "host:state dir", so two VMs never share a stream
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+POLL_INTERVAL = 0.1
+
+
+def default_stream(state_dir: Path) -> str:
+    return f"mirrorfs:events:{socket.gethostname()}:{Path(state_dir).absolute().name}"
+
+
+def is_duplicate_error(exc: BaseException) -> bool:
+    return "equal or smaller than the target stream top item" in str(exc)
+
+
+class Backoff:
+    """Exponential backoff with jitter, reset by success."""
+
+    def __init__(self, low: float = BACKOFF_MIN, high: float = BACKOFF_MAX) -> None:
+        self.low, self.high, self.delay = low, high, low
+
+    def wait(self) -> float:
+        d = self.delay * random.uniform(0.5, 1.0)
+        time.sleep(d)
+        self.delay = min(self.delay * 2, self.high)
+        return d
+
+    def reset(self) -> None:
+        self.delay = self.low
+
+
+class Publisher:
+    def __init__(self, state_dir: Path, url: str, *, stream: str | None = None, flt: Filter | None = None,
+                 maxlen: int = DEFAULT_MAXLEN, batch: int = 500, registry: str = DEFAULT_REGISTRY) -> None:
+        import redis
+
+        self.state_dir = Path(state_dir).absolute()
+        self.events_path = self.state_dir / "events.jsonl"
+        self.pos_path = self.state_dir / "publish.json"
+        self.url = url
+        self.stream = stream or default_stream(self.state_dir)
+        self.filter = flt or Filter()
+        self.maxlen, self.batch, self.registry = maxlen, max(batch, 1), registry
+        self.owner = f"{socket.gethostname()}:{self.state_dir}"
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.stats = {"sent": 0, "duplicates": 0, "filtered": 0, "batches": 0, "reconnects": 0, "bytes": 0}
+        saved = (read_json(self.pos_path) or {}).get("streams", {}).get(self.stream, {})
+        self.after: tuple[int, int] = parse_id(saved["after"]) if saved.get("after") else (0, 0)
+        offset = int(saved.get("offset", 0))
+        try:
+            ino = os.stat(self.events_path).st_ino
+        except FileNotFoundError:
+            ino = None
+        if saved.get("inode") != ino or (ino is not None and os.stat(self.events_path).st_size < offset):
+            offset = 0   # the log was rewritten: scan from the start, skipping ids already published
+        self.tail = EventTail(self.events_path, offset)
+        self._registered = False
+
+    def position_text(self) -> str:
+        return f"after event {format_id(*self.after)}" if self.after != (0, 0) else "the start"
+
+    def _save(self) -> None:
+        doc = read_json(self.pos_path) or {}
+        streams = doc.setdefault("streams", {})
+        try:
+            ino = os.stat(self.events_path).st_ino
+        except FileNotFoundError:
+            ino = None
+        streams[self.stream] = {"after": format_id(*self.after), "offset": self.tail.offset, "inode": ino,
+                                "redis": self.url.split("@")[-1], "updated": time.time()}
+        write_json_atomic(self.pos_path, doc)
+
+    def _register(self) -> None:
+        """Claim the stream for this state directory and list it for collectors (idempotent)."""
+        if self._registered:
+            return
+        self.redis.hsetnx(OWNERS, self.stream, self.owner)
+        owner = self.redis.hget(OWNERS, self.stream)
+        if owner is not None and owner.decode() != self.owner:
+            raise ValueError(f"stream {self.stream} is published from {owner.decode()}; one stream per VM: "
+                             "choose another --stream (or HDEL the old owner if that VM is gone)")
+        self.redis.sadd(self.registry, self.stream)
+        self._registered = True
+
+    def _prepare(self, lines: list[tuple[int, bytes]]) -> list[tuple[str, bytes]]:
+        """(entry id, event JSON) of the lines that pass the filter and are not published yet."""
+        out: list[tuple[str, bytes]] = []
+        for _end, line in lines:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                log.warning("skipping a malformed event log line")
+                continue
+            if not d.get("id"):
+                continue  # a log written before event ids: replay it to give its events ids
+            pos = parse_id(d["id"])
+            if pos <= self.after:
+                continue
+            if not self.filter.matches(d):
+                self.stats["filtered"] += 1
+                continue
+            out.append((d["id"], line))
+        return out
+
+    def _send(self, entries: list[tuple[str, bytes]]) -> None:
+        """One pipelined round trip; duplicates are fine, any other error raises (the batch is retried)."""
+        import redis
+
+        self._register()
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, line in entries:
+            pipe.xadd(self.stream, {"e": line}, id=entry_id, maxlen=self.maxlen, approximate=True)
+        results = pipe.execute(raise_on_error=False)
+        for (_entry_id, line), res in zip(entries, results, strict=True):
+            if isinstance(res, redis.ResponseError) and is_duplicate_error(res):
+                self.stats["duplicates"] += 1
+            elif isinstance(res, Exception):
+                raise res
+            else:
+                self.stats["sent"] += 1
+                self.stats["bytes"] += len(line)
+        self.stats["batches"] += 1
+
+    def step(self) -> int:
+        """Publish what the log holds now, one batch at a time; returns lines read (0: caught up)."""
+        lines = self.tail.poll(max_bytes=256 * max(self.batch, 1))
+        if self.tail.restarted:
+            self.tail.restarted = False
+            self.after = (0, 0)   # a new replay rewrote the log with the same ids: Redis rejects the repeats
+        if not lines:
+            return 0
+        entries = self._prepare(lines)
+        for i in range(0, len(entries), self.batch):
+            self._send_with_retry(entries[i:i + self.batch])
+            self.after = parse_id(entries[min(i + self.batch, len(entries)) - 1][0])
+        last = lines[-1][1]
+        try:
+            self.after = max(self.after, parse_id(json.loads(last)["id"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+        self._save()
+        return len(lines)
+
+    def _send_with_retry(self, entries: list[tuple[str, bytes]]) -> None:
+        import redis
+
+        backoff = Backoff()
+        while True:
+            try:
+                self._send(entries)
+                return
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+                self._registered = False
+                self.stats["reconnects"] += 1
+                d = backoff.wait()
+                log.warning("redis unavailable (%s); retried after %.1f s", exc, d)
+            except redis.ResponseError as exc:
+                if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "READONLY" in str(exc):
+                    backoff.wait()
+                    continue
+                raise
+
+    def run(self, *, follow: bool = True, stop: Any = None) -> None:
+        """Publish until the end of the log (follow=False) or forever; `stop()` true ends a follow."""
+        import signal
+
+        stopping: list[int] = []
+        if stop is None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stopping.append(1))
+            stop = lambda: bool(stopping)  # noqa: E731
+        try:
+            while True:
+                if self.step():
+                    continue
+                if not follow or stop():
+                    return
+                time.sleep(POLL_INTERVAL)
+        finally:
+            self.tail.close()

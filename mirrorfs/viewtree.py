@@ -1,0 +1,332 @@
+"""The FUSE view's own tree: built once from `EngineView.snapshot()`, then changed ONLY by Mutations.
+
+Sans-I/O on purpose: the FUSE handlers apply a mutation here at the moment the poke helper's syscall
+for it lands (FINDINGS: the kernel raises inotify events only for requests it sends itself), so the tree
+the kernel sees and the tree we answer from never disagree. Keeping it separate from the engine's shadow
+tree also means the view lags the engine by exactly the poke queue, and never needs the engine's lock.
+
+Node ids: a disk with one file system is mounted at the root, and a node id is the guest's inode number
+(the root, guest inode 2, is FUSE's node 1 but reports st_ino 2). With several file systems each gets a
+directory (named as the engine names it: disk, pN, or the LV name) and node ids are `k << 32 | ino`
+(k = 1, 2, ... in name order), so ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from inference.events import Mutation, path_bytes
+
+ROOT_ID = 1
+GUEST_ROOT_INO = 2
+IFMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "chardev": stat.S_IFCHR,
+        "blockdev": stat.S_IFBLK, "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
+MAX_DEPTH = 4096
+
+
+@dataclass(slots=True)
+class VNode:
+    """One inode of the view. `names` are its (parent id, name) links; an unlinked node lives on while
+    the kernel still holds a reference to it (lookup count), so fstat of an open deleted file works."""
+
+    nid: int
+    fs: str
+    ino: int
+    type: str
+    mode: int                     # full st_mode
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    links: int = 1
+    rdev: int = 0
+    target: bytes | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    seq: int = 0                  # seq of the last mutation applied (0: as the snapshot had it)
+    mut_time: float = 0.0         # host time of that mutation
+    generation: int = 0
+    names: list[tuple[int, bytes]] = field(default_factory=list)
+    children: dict[bytes, int] | None = None
+
+    @property
+    def st_ino(self) -> int:
+        return GUEST_ROOT_INO if self.nid == ROOT_ID and self.fs else self.nid
+
+
+@dataclass(slots=True)
+class Applied:
+    """What a mutation changed, for cache invalidation by whoever did not go through the kernel."""
+
+    entries: list[tuple[int, bytes]] = field(default_factory=list)  # (parent id, name) changed
+    nodes: list[int] = field(default_factory=list)                  # attributes/content changed
+
+
+class ViewError(Exception):
+    """A mutation that does not fit the view (a missing parent, say): the view and the stream disagree."""
+
+
+class ViewTree:
+    def __init__(self, filesystems: list[str]) -> None:
+        self.filesystems = sorted(filesystems)
+        self.single = len(self.filesystems) == 1
+        self.nodes: dict[int, VNode] = {}
+        self.lookups: dict[int, int] = {}
+        self.fs_root: dict[str, int] = {}
+        self._generation = 0
+        if self.single:
+            self.fs_root[self.filesystems[0]] = ROOT_ID
+        else:
+            self.nodes[ROOT_ID] = VNode(ROOT_ID, "", 1, "dir", stat.S_IFDIR | 0o555, links=2 + len(self.filesystems),
+                                        children={})
+            for k, fs in enumerate(self.filesystems, start=1):
+                nid = self.nid(fs, GUEST_ROOT_INO, k)
+                self.fs_root[fs] = nid
+                self.nodes[ROOT_ID].children[dir_name(fs)] = nid
+
+    # -- ids and paths
+
+    def nid(self, fs: str, ino: int, k: int | None = None) -> int:
+        if self.single:
+            return ROOT_ID if ino == GUEST_ROOT_INO else ino
+        if k is None:
+            k = self.filesystems.index(fs) + 1
+        return (k << 32) | ino
+
+    def fs_prefix(self, fs: str) -> bytes:
+        """Where a file system's root is, relative to the mount point (b"" for a single-fs disk)."""
+        return b"" if self.single else dir_name(fs)
+
+    def resolve(self, fs: str, path: bytes) -> int | None:
+        nid = self.fs_root[fs]
+        for part in path.split(b"/")[:MAX_DEPTH]:
+            if not part:
+                continue
+            node = self.nodes.get(nid)
+            if node is None or node.children is None:
+                return None
+            nid = node.children.get(part)
+            if nid is None:
+                return None
+        return nid
+
+    def lookup(self, parent: int, name: bytes) -> VNode | None:
+        node = self.nodes.get(parent)
+        if node is None or node.children is None:
+            return None
+        nid = node.children.get(name)
+        return self.nodes.get(nid) if nid is not None else None
+
+    def _parent_of(self, fs: str, path: bytes) -> tuple[int, bytes]:
+        head, _, name = path.rstrip(b"/").rpartition(b"/")
+        parent = self.resolve(fs, head)
+        if parent is None or not name or self.nodes[parent].children is None:
+            raise ViewError(f"{fs}:{path!r}: parent directory not in the view")
+        return parent, name
+
+    # -- building
+
+    def load(self, fs: str, entries: Iterable) -> int:
+        """Take a snapshot (EngineView.snapshot: parents first); returns the number of names."""
+        count = 0
+        for e in entries:
+            if e.path == b"/":
+                nid = self.fs_root[fs]
+                self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
+                self.nodes[nid].children = {}
+                continue
+            parent, name = self._parent_of(fs, e.path)
+            nid = self.nid(fs, e.ino)
+            node = self.nodes.get(nid)
+            if node is None:
+                node = self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
+            self._link(parent, name, node)
+            count += 1
+        return count
+
+    def _node(self, fs: str, nid: int, ino: int, type_: str, mode: int, e) -> VNode:
+        self._generation += 1
+        node = VNode(nid, fs, ino, type_, mode, e.uid, e.gid, e.size, e.mtime_ns, e.ctime_ns, e.links, e.rdev,
+                     e.target, dict(e.xattrs or {}), generation=self._generation)
+        if type_ == "dir":
+            node.children = {}
+        return node
+
+    def _link(self, parent: int, name: bytes, node: VNode) -> None:
+        self.nodes[parent].children[name] = node.nid
+        node.names.append((parent, name))
+
+    def _unlink(self, parent: int, name: bytes) -> VNode | None:
+        nid = self.nodes[parent].children.pop(name, None)
+        node = self.nodes.get(nid) if nid is not None else None
+        if node is not None:
+            if (parent, name) in node.names:
+                node.names.remove((parent, name))
+            if not node.names:
+                node.links = 0
+                self._maybe_drop(node.nid)
+        return node
+
+    def _maybe_drop(self, nid: int) -> None:
+        node = self.nodes.get(nid)
+        if node is not None and not node.names and nid != ROOT_ID and nid not in self.fs_root.values() \
+                and not self.lookups.get(nid):
+            del self.nodes[nid]
+
+    # -- the kernel's references
+
+    def remember(self, nid: int) -> None:
+        self.lookups[nid] = self.lookups.get(nid, 0) + 1
+
+    def forget(self, nid: int, n: int) -> None:
+        left = self.lookups.get(nid, 0) - n
+        if left > 0:
+            self.lookups[nid] = left
+        else:
+            self.lookups.pop(nid, None)
+            self._maybe_drop(nid)
+
+    # -- mutations
+
+    def apply(self, m: Mutation) -> Applied:
+        """Apply one mutation; raises ViewError when it does not fit (the caller resyncs or logs)."""
+        out = Applied()
+        if m.kind == "error" or m.fs not in self.fs_root:
+            return out
+        path = path_bytes(m.path)
+        kind = m.kind
+        if kind in ("create", "mkdir", "symlink", "mknod"):
+            parent, name = self._parent_of(m.fs, path)
+            if name in self.nodes[parent].children:
+                self._unlink(parent, name)
+            nid = self.nid(m.fs, m.ino)
+            old = self.nodes.get(nid)
+            type_ = m.type if m.type in IFMT else {"mkdir": "dir", "symlink": "symlink"}.get(kind, "file")
+            self._generation += 1
+            node = VNode(nid, m.fs, m.ino, type_, IFMT.get(type_, stat.S_IFREG), generation=self._generation,
+                         links=1 if type_ != "dir" else 2)
+            if type_ == "dir":
+                node.children = {}
+                self.nodes[parent].links += 1
+            if old is not None:   # the guest reused an inode number the kernel still holds: a new generation
+                for p, n in list(old.names):
+                    self.nodes[p].children.pop(n, None)
+            self.nodes[nid] = node
+            self._link(parent, name, node)
+            self._take(node, m)
+            out.entries.append((parent, name))
+            out.nodes += [nid, parent]
+        elif kind == "link":
+            parent, name = self._parent_of(m.fs, path)
+            nid = self.nid(m.fs, m.ino)
+            node = self.nodes.get(nid)
+            if node is None and m.target is not None:
+                src = self.resolve(m.fs, path_bytes(m.target))
+                node = self.nodes.get(src) if src is not None else None
+            if node is None:
+                raise ViewError(f"{m.fs}:{m.path}: link to an inode not in the view")
+            if name in self.nodes[parent].children:
+                self._unlink(parent, name)
+            self._link(parent, name, node)
+            self._take(node, m)
+            out.entries.append((parent, name))
+            out.nodes += [node.nid, parent]
+        elif kind in ("delete", "rmdir"):
+            parent, name = self._parent_of(m.fs, path)
+            node = self.lookup(parent, name)
+            if node is None:
+                raise ViewError(f"{m.fs}:{m.path}: {kind} of a name not in the view")
+            if node.children:
+                raise ViewError(f"{m.fs}:{m.path}: rmdir of a directory that is not empty in the view")
+            self._unlink(parent, name)
+            if node.type == "dir":
+                self.nodes[parent].links = max(self.nodes[parent].links - 1, 2)
+            if node.names:
+                self._take(node, m)
+            out.entries.append((parent, name))
+            out.nodes += [node.nid, parent]
+        elif kind == "rename":
+            if m.old_path is None:
+                raise ViewError(f"{m.fs}:{m.path}: rename without old_path")
+            op, on = self._parent_of(m.fs, path_bytes(m.old_path))
+            np_, nn = self._parent_of(m.fs, path)
+            node = self.lookup(op, on)
+            if node is None:
+                raise ViewError(f"{m.fs}:{m.old_path}: rename of a name not in the view")
+            if np_ == node.nid or self._is_ancestor(node.nid, np_):
+                raise ViewError(f"{m.fs}:{m.path}: rename of a directory into itself")
+            if (op, on) == (np_, nn):
+                return out
+            replaced = self.lookup(np_, nn)
+            if replaced is not None:
+                if replaced.children:
+                    raise ViewError(f"{m.fs}:{m.path}: rename over a directory that is not empty in the view")
+                self._unlink(np_, nn)
+                out.nodes.append(replaced.nid)
+            self.nodes[op].children.pop(on, None)
+            node.names.remove((op, on))
+            self._link(np_, nn, node)
+            if node.type == "dir" and op != np_:
+                self.nodes[op].links = max(self.nodes[op].links - 1, 2)
+                self.nodes[np_].links += 1
+            self._take(node, m)
+            out.entries += [(op, on), (np_, nn)]
+            out.nodes += [node.nid, op, np_]
+        elif kind in ("modify", "truncate", "attrib", "xattr"):
+            nid = self.resolve(m.fs, path)
+            node = self.nodes.get(nid) if nid is not None else None
+            if node is None:
+                raise ViewError(f"{m.fs}:{m.path}: {kind} of a name not in the view")
+            self._take(node, m)
+            out.nodes.append(node.nid)
+        return out
+
+    def _is_ancestor(self, anc: int, nid: int) -> bool:
+        for _ in range(MAX_DEPTH):
+            node = self.nodes.get(nid)
+            if node is None or not node.names:
+                return False
+            nid = node.names[0][0]
+            if nid == anc:
+                return True
+        return False
+
+    def _take(self, node: VNode, m: Mutation) -> None:
+        """Attributes after the change, as the event carries them."""
+        if m.mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(m.mode)
+        for name in ("size", "uid", "gid", "mtime_ns", "ctime_ns", "rdev"):
+            value = getattr(m, name)
+            if value is not None:
+                setattr(node, name, value)
+        if m.links is not None:
+            node.links = m.links
+        if m.target is not None and m.kind == "symlink":
+            node.target = path_bytes(m.target)
+        if m.xattr:
+            for key, value in m.xattr.items():
+                if value is None:
+                    node.xattrs.pop(key, None)
+                else:
+                    node.xattrs[key] = bytes.fromhex(value)
+        node.seq, node.mut_time = m.seq, m.time
+
+    def set_attrs(self, nid: int, e) -> bool:
+        """Take attributes from the engine directly (a directory's mtime moves with its entries, and no event
+        says so); True if anything changed."""
+        node = self.nodes.get(nid)
+        if node is None:
+            return False
+        new = (e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.links)
+        if (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links) == new:
+            return False
+        node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links = new
+        return True
+
+
+def dir_name(fs: str) -> bytes:
+    """A file system's directory name: its engine name, made safe as one path component."""
+    name = fs.replace("/", "_").encode("utf-8", "surrogateescape")
+    return b"_" + name if name in (b"", b".", b"..") else name

@@ -1,0 +1,115 @@
+"""Partitioned disks: MBR (with swap and a logical partition), GPT and LVM2, written by real kernels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support import require_root, require_tools
+from tests.tapharness import Attach
+
+pytestmark = pytest.mark.integration
+
+
+def _events(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+
+
+def _guest_run(tmp_path: Path, image: str, workload: str) -> list[dict]:
+    from images.build import artifact
+    from images.guest import DONE, Guest
+
+    require_tools("qemu-system-x86_64")
+    base = tmp_path / "base.raw"
+    shutil.copyfile(artifact(image), base)
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(base, disk)
+    state = tmp_path / "state"
+    with Guest(disk, workload, tmp_path / "vm", paused=True) as guest:
+        with Attach(guest.qmp, state, "--cont", "--base", str(base)) as attach:
+            guest.wait_for(DONE + " rc=0", timeout=240)
+            guest.wait_for("reboot: Power down", timeout=30)
+            attach.detach()
+    return _events(state)
+
+
+MBR_WORKLOAD = r"""
+set -e
+mkdir -p /m1 /m2 /m5
+mount ${DISK}1 /m1; mount ${DISK}2 /m2; mount ${DISK}5 /m5
+echo one > /m1/one.txt
+mkdir /m2/two.d
+echo five > /m5/five.txt
+mv /m5/five.txt /m5/cinq.txt
+# the guest writes raw pages to its swap partition: not a file system, no events
+dd if=/dev/urandom of=${DISK}3 bs=4096 seek=16 count=32 conv=fsync 2>/dev/null
+sync
+umount /m1 /m2 /m5
+"""
+
+
+def test_mbr_two_ext4_a_logical_one_and_swap(tmp_path):
+    events = _guest_run(tmp_path, "mbr.img", MBR_WORKLOAD)
+    seen = {(e["fs"], e["kind"], e["path"]) for e in events if e["kind"] != "modify"}
+    assert seen == {("p1", "create", "/one.txt"), ("p2", "mkdir", "/two.d"), ("p5", "create", "/five.txt"),
+                    ("p5", "rename", "/cinq.txt")} or seen == {
+        ("p1", "create", "/one.txt"), ("p2", "mkdir", "/two.d"), ("p5", "create", "/cinq.txt")}, seen
+    assert not [e for e in events if e["fs"] not in ("p1", "p2", "p5")]
+    assert {e["fs"] for e in events if e["kind"] == "modify"} <= {"p1", "p5"}
+
+
+GPT_WORKLOAD = r"""
+set -e
+mkdir -p /g1 /g2
+mount ${DISK}1 /g1; mount ${DISK}2 /g2
+mkdir -p /g1/etc && echo 'root:x:0:0' > /g1/etc/passwd
+ln -s /etc/passwd /g2/link
+chmod 600 /g1/etc/passwd
+sync
+umount /g1 /g2
+"""
+
+
+def test_gpt_two_ext4(tmp_path):
+    events = _guest_run(tmp_path, "gpt.img", GPT_WORKLOAD)
+    seen = {(e["fs"], e["kind"], e["path"]) for e in events if e["kind"] not in ("modify", "attrib")}
+    assert seen == {("p1", "mkdir", "/etc"), ("p1", "create", "/etc/passwd"), ("p2", "symlink", "/link")}
+    link = next(e for e in events if e["kind"] == "symlink")
+    assert link["target"] == "/etc/passwd"
+    passwd = [e for e in events if e["path"] == "/etc/passwd"]
+    assert passwd[-1]["mode"] == 0o600 and passwd[-1]["size"] == len("root:x:0:0\n")
+
+
+def test_lvm2_linear_lvs(tmp_path):
+    """LV two (one linear segment) written by the host kernel through a loop window; LV one stays quiet."""
+    require_root()
+    require_tools("qemu-storage-daemon", "losetup")
+    from images.build import artifact
+    from images.hostwriter import HostWriter
+
+    image = artifact("lvm.img")
+    meta = json.loads((image.parent / "lvm.json").read_text())
+    base = tmp_path / "base.raw"
+    shutil.copyfile(image, base)
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(base, disk)
+    state = tmp_path / "state"
+    (disk_off, _, length), = meta["lvs"]["two"]["segments"]
+    with HostWriter(disk, tmp_path / "qsd") as hw:
+        hw.start()
+        with Attach(hw.qmp, state, "--device", hw.node, "--base", str(base)) as attach:
+            hw.mount(offset=disk_off, sizelimit=length)
+            proc = hw.run("mkdir lvdir && echo data > lvdir/file && ln lvdir/file hard && sync")
+            assert proc.returncode == 0, proc.stderr
+            hw.unmount()
+            attach.detach()
+    events = _events(state)
+    fs = {e["fs"] for e in events}
+    assert fs == {f"{meta['vg']}/two"}, fs
+    seen = {(e["kind"], e["path"]) for e in events if e["kind"] in ("mkdir", "create", "link")}
+    # file and its hard link reached the disk in one commit: either name may be the first
+    assert seen in ({("mkdir", "/lvdir"), ("create", "/lvdir/file"), ("link", "/hard")},
+                    {("mkdir", "/lvdir"), ("create", "/hard"), ("link", "/lvdir/file")})

@@ -1,0 +1,80 @@
+"""Helpers for the FUSE view tests: wait for a mount, run inotifywait, unmount whatever a test left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def mounted(mnt: Path) -> bool:
+    target = os.path.realpath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target and " - fuse.mirrorfs " in line for line in f)
+
+
+def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not mounted(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the serving process exited with {proc.returncode} before mounting {mnt}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{mnt} not mounted within {timeout} s")
+        time.sleep(0.05)
+
+
+def wait_unmounted(mnt: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while mounted(mnt):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{mnt} still mounted after {timeout} s")
+        time.sleep(0.05)
+
+
+def force_unmount(mnt: Path) -> None:
+    if mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+class Inotify:
+    """`inotifywait -m -r` on a tree; each printed line is kept with the host time it was read."""
+
+    FORMAT = "%e|%w%f|%c"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lines: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen(["inotifywait", "-m", "-r", "--format", self.FORMAT, str(root)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._ready = threading.Event()
+        threading.Thread(target=self._stderr, daemon=True).start()
+        threading.Thread(target=self._stdout, daemon=True).start()
+        if not self._ready.wait(60):
+            raise AssertionError("inotifywait did not set up its watches")
+
+    def _stderr(self) -> None:
+        self.errors = []
+        for line in self.proc.stderr:
+            self.errors.append(line)
+            if "Watches established" in line:
+                self._ready.set()
+
+    def _stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def events(self) -> list[tuple[float, str, str, str]]:
+        """(time, events, path relative to the root, cookie)."""
+        out = []
+        prefix = str(self.root).rstrip("/") + "/"
+        for t, line in list(self.lines):
+            ev, path, cookie = (line.split("|", 2) + ["", ""])[:3]
+            out.append((t, ev, path[len(prefix):] if path.startswith(prefix) else path, cookie))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
