@@ -126,6 +126,7 @@ class Engine:
             if vol is None:
                 continue
             handler.attach(volume_reader(vol, self.replica.read))
+            handler.vm = self.vm
             self.filesystems[name] = FsEntry(vol, handler)
 
     # -- records
