@@ -87,10 +87,11 @@ class HostWriter:
               self.workdir / "daemon1.log", "open its sockets")
         return self
 
-    def mount(self, fstype: str | None = None, *, offset: int = 0, sizelimit: int = 0) -> Path:
-        """Serve the NBD export as a FUSE file (daemon 2), attach a loop device, mount it at workdir/mnt.
+    def loop_device(self, *, offset: int = 0, sizelimit: int = 0, partscan: bool = False) -> str:
+        """Serve the NBD export as a FUSE file (daemon 2) and attach a loop device to it (unmount() detaches).
 
-        offset/sizelimit (bytes) put the loop device on one partition or one linear LV segment of the disk."""
+        offset/sizelimit (bytes) put the loop device on one partition or one linear LV segment of the disk;
+        partscan makes the kernel read its partition table (/dev/loopNpM), as a guest's kernel would."""
         if self._d1 is None:
             self.start()
         size = self.disk.stat().st_size
@@ -103,8 +104,13 @@ class HostWriter:
         _wait(lambda: _is_mountpoint(self.fuse_file) and self.fuse_file.stat().st_size == size, self._d2,
               self.workdir / "daemon2.log", "export the FUSE file")
         window = [*(["-o", str(offset)] if offset else []), *(["--sizelimit", str(sizelimit)] if sizelimit else [])]
-        self.loop = subprocess.run(["losetup", "-f", "--show", *window, str(self.fuse_file)], check=True,
-                                   capture_output=True, text=True).stdout.strip()
+        self.loop = subprocess.run(["losetup", "-f", "--show", *window, *(["-P"] if partscan else []),
+                                    str(self.fuse_file)], check=True, capture_output=True, text=True).stdout.strip()
+        return self.loop
+
+    def mount(self, fstype: str | None = None, *, offset: int = 0, sizelimit: int = 0) -> Path:
+        """loop_device(), then mount it at workdir/mnt."""
+        self.loop_device(offset=offset, sizelimit=sizelimit)
         self.mnt.mkdir(exist_ok=True)
         p = subprocess.run(["mount", *(["-t", fstype] if fstype else []), self.loop, str(self.mnt)],
                            capture_output=True, text=True)

@@ -24,6 +24,7 @@ from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 log = logging.getLogger("mirrorfs.engine")
 
 INDEX_FORMAT = 1
+RETRY_NS = 200_000_000  # how often writes to a not-yet-readable file system retry indexing it
 
 
 def volume_reader(vol: Volume, read_disk: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
@@ -88,6 +89,7 @@ class Engine:
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
         self.last_seq = self.last_time_ns = 0
+        self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
         self.errors: list[Mutation] = []
         self.waiting_for_copy = base is None  # sync full: the disk is complete at the first FLUSH (job ready)
         if index is not None:
@@ -107,17 +109,30 @@ class Engine:
                 log.info("file system %s left the disk layout", name)
                 del self.filesystems[name]
         for name, vol in current.items():
-            if name in self.filesystems:
+            if name in self.filesystems and self._same_fs(self.filesystems[name]):
                 continue
             try:
                 handler = ExtHandler(volume_reader(vol, self.replica.read), name=name, vm=self.vm)
                 handler.index(progress)
             except CorruptMetadata as exc:
+                # mkfs in progress (superblock before inode tables) or garbage: try again on its next writes
                 if not initial:
                     log.info("file system %s not readable yet: %s", name, exc)
+                self.unready[name] = self.last_time_ns
                 continue
+            self.unready.pop(name, None)
+            if name in self.filesystems:
+                log.info("file system %s was made anew (new UUID): indexed again", name)
             self.filesystems[name] = FsEntry(vol, handler)
         return events
+
+    def _same_fs(self, fs: FsEntry) -> bool:
+        """Still the file system we index (a mkfs over it makes a new UUID)?"""
+        try:
+            from inference.ext.reader import parse_superblock
+            return parse_superblock(fs.handler.read_home(1024, 1024)).uuid == fs.handler.geo.uuid
+        except CorruptMetadata:
+            return True  # a torn superblock write: keep the handler, its own checks report garbage
 
     def _adopt(self, loaded: dict) -> None:
         self.volumes.scan()
@@ -160,6 +175,8 @@ class Engine:
                 fs = self.filesystems.get(vol.name)
                 if fs is not None:
                     events += fs.handler.on_write(vol_off, piece, rec.seq, rec.time_ns)
+                elif vol.name in self.unready and rec.time_ns - self.unready[vol.name] >= RETRY_NS:
+                    rescan = True
             if rescan:
                 rescan = False
                 events += self._rescan()
@@ -175,7 +192,7 @@ class Engine:
     def finish(self) -> list[Mutation]:
         """End of a replay (or a detach): whatever is dirty or pending becomes events now."""
         events: list[Mutation] = []
-        if self.waiting_for_copy:
+        if self.waiting_for_copy or self.unready:
             self.waiting_for_copy = False
             self._rescan(initial=True)
         for fs in self.filesystems.values():

@@ -113,3 +113,42 @@ def test_lvm2_linear_lvs(tmp_path):
     # file and its hard link reached the disk in one commit: either name may be the first
     assert seen in ({("mkdir", "/lvdir"), ("create", "/lvdir/file"), ("link", "/hard")},
                     {("mkdir", "/lvdir"), ("create", "/hard"), ("link", "/lvdir/file")})
+
+
+def test_partition_table_and_file_system_made_while_running(tmp_path):
+    """A blank disk gets a GPT, an ext4 and files while mirrored: the engine finds the new file system."""
+    require_root()
+    require_tools("qemu-storage-daemon", "losetup", "sfdisk", "mkfs.ext4")
+    import subprocess
+
+    from images.hostwriter import HostWriter
+
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(64 << 20)
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(base, disk)
+    state = tmp_path / "state"
+    mnt = tmp_path / "p1"
+    mnt.mkdir()
+    with HostWriter(disk, tmp_path / "qsd") as hw:
+        hw.start()
+        with Attach(hw.qmp, state, "--device", hw.node, "--base", str(base)) as attach:
+            loop = hw.loop_device(partscan=True)
+            try:
+                subprocess.run(["sfdisk", "-q", loop], input="label: gpt\n,32M,L\n,,L\n", text=True, check=True)
+                subprocess.run(["partx", "-u", loop], check=False)
+                subprocess.run(["mkfs.ext4", "-q", "-L", "fresh", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                                f"{loop}p1"], check=True)
+                subprocess.run(["mount", f"{loop}p1", str(mnt)], check=True)
+                (mnt / "etc").mkdir()
+                (mnt / "etc" / "hostname").write_text("vm1\n")
+                subprocess.run(["sync"], check=True)
+            finally:
+                subprocess.run(["umount", str(mnt)], check=False)
+                hw.unmount()
+            attach.detach()
+    events = _events(state)
+    assert {(e["fs"], e["kind"], e["path"]) for e in events if e["kind"] in ("mkdir", "create")} == {
+        ("p1", "mkdir", "/etc"), ("p1", "create", "/etc/hostname")}, events
+    assert not [e for e in events if e["kind"] == "error"]
