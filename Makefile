@@ -10,7 +10,11 @@ export MIRRORFS_CACHE := $(abspath $(CACHE))
 
 APT_PACKAGES := python3 python3-venv python3-dev gcc qemu-system-x86 qemu-utils busybox-static fuse3 \
 	libfuse3-dev pkg-config e2fsprogs inotify-tools libnbd-bin fdisk gdisk lvm2 xz-utils cpio \
-	kmod util-linux sleuthkit redis-server
+	kmod util-linux sleuthkit redis-server clamav aide tripwire attr
+
+# Tripwire asks debconf questions on install (site/local keys, rebuilding config and policy): answer them "no"
+# first, so the install is non-interactive; the tests make their own keys with twadmin. Idempotent.
+TRIPWIRE_PRESEED := tripwire/use-sitekey tripwire/use-localkey tripwire/rebuild-config tripwire/rebuild-policy
 
 .PHONY: all setup apt venv images demo test bench lint clean
 
@@ -23,6 +27,7 @@ apt:
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
+	  for q in $(TRIPWIRE_PRESEED); do echo "tripwire $$q boolean false"; done | debconf-set-selections; \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi

@@ -153,8 +153,11 @@ class Reconciler:
         ok_removed = []
         for d, n, i in removed_for_pairing:
             st = new_state(i)
-            if i not in reborn and _live(st) and names_after[i] <= 0 and not expired(d):
-                retry.add(d)  # a live inode lost its only name: the rest of the rename has not arrived yet
+            # A live inode that lost its only name, or a file that lost a name while its link count did not
+            # drop: the first half of a rename whose other half has not reached the disk yet (ext2).
+            half = _live(st) and (names_after[i] <= 0 or (st.type != "dir" and names_after[i] < st.links))
+            if i not in reborn and half and not expired(d):
+                retry.add(d)
                 continue
             ok_removed.append((d, n, i))
         for d in retry:
@@ -222,8 +225,8 @@ class Reconciler:
                 last = node is None or len(node.names) <= 1 or op.ino in reborn
                 return force or not (node and node.type == "dir" and last and tree.children.get(op.ino))
             d, n = op.dst
-            if not force and not dir_exists(d):
-                return False
+            if not force and (not dir_exists(d) or (d in reborn and d not in created)):
+                return False  # (a reused directory number: its new entries wait for the new directory)
             old = tree.nodes.get(op.ino)
             if op.kind == "add" and op.ino in reborn and old is not None and old.names and not force:
                 return False  # the old file of this inode number must be gone first
@@ -239,6 +242,7 @@ class Reconciler:
 
         def run(op: _Op) -> None:
             done.add(op)
+            self._entries_touched(*(where[0] for where in (op.src, op.dst) if where))
             if op.kind == "unlink":
                 events.extend(self._unlink(op, change, ctx, reborn))
                 return
@@ -298,6 +302,11 @@ class Reconciler:
     def _named(self, ino: int, change: Change) -> None:
         node = self.tree.nodes[ino]
         node.name_ctime_ns = (change.inodes.get(ino) or node).ctime_ns
+
+    def _entries_touched(self, *dirs: int) -> None:
+        for d in dirs:
+            if (node := self.tree.nodes.get(d)) is not None:
+                node.entries_changed = True
 
     def _depth(self, op: _Op) -> int:
         where = op.dst or op.src
@@ -380,10 +389,13 @@ class Reconciler:
                 events.append(_event(ctx, "modify", path, node, ranges=ranges))
                 content = True
             # A directory's mtime moves with its entries, and those are events of their own (the entry and
-            # the directory's record may reach the disk at different points): only mode and owner changes
-            # of a directory are attrib events. A file's mtime change without a content change is one.
+            # the directory's record may reach the disk at different points): a directory's new mtime is an
+            # attrib event only when no entry of it changed since its last one (touch -d on a directory).
+            by_entries = node.entries_changed
+            if new.type == "dir" and old.mtime_ns != new.mtime_ns:
+                node.entries_changed = False
             if (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or (
-                    old.mtime_ns != new.mtime_ns and not content and new.type != "dir"):
+                    old.mtime_ns != new.mtime_ns and not content and not (new.type == "dir" and by_entries)):
                 events.append(_event(ctx, "attrib", path, node))
             if (old.xattrs or {}) != (new.xattrs or {}):
                 diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
@@ -401,7 +413,7 @@ def _update(node: Node, new: Node) -> None:
     if node is new:
         return
     for f in Node.__slots__:
-        if f not in ("names", "name_ctime_ns"):
+        if f not in ("names", "name_ctime_ns", "entries_changed"):
             setattr(node, f, getattr(new, f))
 
 

@@ -31,6 +31,7 @@ class Node:
     xattr_block: int = 0
     gen: int = 0            # changes when the inode number is reused for a new file
     name_ctime_ns: int = 0  # ctime when its names last changed: a later rename must move it
+    entries_changed: bool = False  # a directory whose entries changed since its mtime was last reported
     sig: int = 0            # the handler's checksum of what else it compares cheaply (e.g. the block-map root)
     names: list[tuple[int, bytes]] = field(default_factory=list)  # (parent ino, name)
 

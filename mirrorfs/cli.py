@@ -374,7 +374,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         from mirrorfs.mount import serve_log
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
-                      live=lambda follower, events: start_live(args, state.path, engine, follower, events))
+                      live=lambda follower, events: start_live(args, state.path, engine, follower, events),
+                      finished=lambda: bool(stop) or attach_finished(state))
         finally:
             engine.close()
         return

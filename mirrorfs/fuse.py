@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,6 +266,3 @@ def mount_options(fsname: str, allow_other: bool) -> set[str]:
         opts.add("allow_other")
     return opts
 
-
-def is_dir_mode(mode: int) -> bool:
-    return stat.S_ISDIR(mode)

@@ -12,6 +12,7 @@ Threads, and why:
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -116,8 +117,9 @@ class EngineLoop:
     """Follows the log in a worker thread; every mutation goes to `sinks` (event log, poke helper)."""
 
     def __init__(self, engine, follower, lock: threading.Lock, sinks: list[Callable[[list[Mutation]], None]],
-                 follow: bool) -> None:
+                 follow: bool, finished: Callable[[], bool] | None = None) -> None:
         self.engine, self.follower, self.lock, self.sinks, self.follow = engine, follower, lock, sinks, follow
+        self.finished = finished or (lambda: False)  # the attach has detached: drain, finish, unmount, exit
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="mirrorfs-engine", daemon=True)
@@ -138,6 +140,8 @@ class EngineLoop:
             while self.follow and not self.stop.is_set():
                 batch = self.follower.poll()
                 if not batch:
+                    if self.finished():
+                        break
                     with self.lock:
                         events = self.engine.tick(time.time_ns())
                     self._emit(events)
@@ -272,6 +276,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
             pyfuse3.terminate()
             nursery.cancel_scope.cancel()
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is each thread stuck?
     pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other))
     try:
         trio.run(main)
@@ -286,7 +291,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
 
 
 def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False,
-              live: Callable | None = None) -> None:
+              live: Callable | None = None, finished: Callable[[], bool] | None = None) -> None:
     """`replay [--follow] --mount` and `mount`: catch up with the log (events to DIR/events.jsonl), build the
     view, then serve it while (with follow) the engine keeps following the log."""
     from inference.eventlog import EventLog
@@ -295,7 +300,7 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
     lock = threading.Lock()
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         services = live(follower, events) if live is not None and follow else None  # issue 5's socket, metrics
-        loop = EngineLoop(engine, follower, lock, [events.append], follow=follow)
+        loop = EngineLoop(engine, follower, lock, [events.append], follow=follow, finished=finished)
         try:
             loop.catch_up()
             if not follow:

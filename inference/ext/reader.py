@@ -565,7 +565,11 @@ def read_dir(inode: Inode, geo: Geometry, read_block: ReadBlockFn, *, verify: bo
             raw = read_block(e.physical + i)
             if len(raw) != geo.block_size:
                 raise CorruptMetadata(f"directory block {e.physical + i} of inode {inode.ino}: short read")
-            if verify and geo.metadata_csum and _dir_tail_present(raw) and not dir_block_csum_ok(raw, inode, geo):
+            # An htree index block carries a dx_tail instead, and a dx_root made from a linear block may keep
+            # stale bytes that look like a dirent tail: only leaves are checked against the dirent tail.
+            if (verify and geo.metadata_csum and _dir_tail_present(raw)
+                    and dir_block_kind(raw, e.logical + i, inode, geo) == "leaf"
+                    and not dir_block_csum_ok(raw, inode, geo)):
                 raise CorruptMetadata(f"directory block {e.physical + i} of inode {inode.ino}: bad checksum")
             try:
                 out += parse_dir_block(raw, geo)

@@ -132,7 +132,8 @@ def recorded(name: str) -> Path:
                 desc = json.loads((work / "meta.json").read_text())
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        (state / "engine").mkdir(exist_ok=True)
+        for derived in ("replica.img", "replica.img.seq"):  # the replay needs only the log and the base
+            (state / derived).unlink(missing_ok=True)
         (tmp / "info.json").write_text(json.dumps({"recipe": RECIPE[name], "workload": desc, "script": script,
                                                    "workload_s": seconds, "build_s": time.monotonic() - t0},
                                                   indent=1))

@@ -1,6 +1,6 @@
 """Run the benchmarks and update the "Tap (issue 2)" and "Inference engine (issue 3)" sections of BENCHMARKS.md.
 
-    make bench                                   # everything (~15 min once inputs are cached), writes BENCHMARKS.md
+    make bench                                   # everything (~12 min once inputs are cached), writes BENCHMARKS.md
     .venv/bin/python -m tests.bench.run --only ingest [--only latency]
     .venv/bin/python -m tests.bench.run --quick  # smaller and one round, for development: prints only
 
@@ -8,6 +8,8 @@ Tap benchmarks: overhead (1: guest write overhead of the mirror), ingest (2: tap
 latency (3: guest write -> write-log record).
 Engine benchmarks: replay (1: replay throughput vs reading the log), index (2: pre-index speed vs fls -r),
 memory (3: RSS per tracked inode at 100k and 1M files), synclat (4: guest sync -> emitted event).
+Event-stream benchmark: stream (events/s event log -> publisher -> Redis -> collector, and bytes on the network
+per 1,000 mutations with and without host-side filtering).
 Their inputs (recorded logs, many-file images, the 1M-file index) are built once into .cache/bench/engine/
 (`python -m tests.bench.enginedata` builds them ahead). Speeds are ratios against a baseline measured in the
 same run, in interleaved rounds; tables give the median of the per-round values and their range (min-max).
@@ -31,9 +33,11 @@ from tests.support import CACHE, REPO
 
 TAP_NAMES = ("ingest", "overhead", "latency")
 ENGINE_NAMES = ("replay", "index", "memory", "synclat")
-NAMES = TAP_NAMES + ENGINE_NAMES
-GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES}}
-CHAPTER = {"tap": "## Tap (issue 2)", "engine": "## Inference engine (issue 3)"}
+STREAM_NAMES = ("stream",)
+NAMES = TAP_NAMES + ENGINE_NAMES + STREAM_NAMES
+GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES},
+         **{n: "stream" for n in STREAM_NAMES}}
+CHAPTER = {"tap": "## Tap (issue 2)", "engine": "## Inference engine (issue 3)", "stream": "## Event stream (issue 5)"}
 DOC = REPO / "BENCHMARKS.md"
 
 TITLES = {
@@ -44,6 +48,7 @@ TITLES = {
     "index": "2. Pre-index speed (100k-file image) and index load time",
     "memory": "3. Memory per tracked inode (100k and 1M files)",
     "synclat": "4. Latency from the guest's sync to the emitted event (TCG guest, live engine)",
+    "stream": "1. Events/s end to end and bytes on the network per 1,000 mutations (publisher → Redis → collector)",
 }
 
 METHODS = {
@@ -122,7 +127,26 @@ understated by the smallest console delay, a fraction of a ms). Latency = arriva
 line − (t1 + offset); negative means the event was emitted before the guest's sync returned. The event's own
 `time` field (host receive time of the record that completed the change) minus t1 is given for comparison:
 the rest is the engine's work and its polling.""",
+    "stream": """\
+A redis-server started on loopback for the run (`tests/redisfixture.py`, AOF turned off with CONFIG SET: Redis's
+disk is not what is measured), the real `mirrorfs publish` and `mirrorfs collect` processes. Events are synthetic
+but engine-shaped (`tests/bench/streambench.py`: every attribute field, ranges on modify, ~20 events per seq),
+drawn with a fixed seed from a mix modelled on a busy server: 48% log appends under /var/log, 24% create/delete
+under /tmp, 10% database files under /var/lib, 9% /home, 5% /var/cache, 3% /etc, 1% /usr/bin. End to end: the
+collector (`--json --count N`, output to a file) and the publisher start and wait 2 s; then the harness appends N
+events to `events.jsonl` with `EventLog` in batches of 1,000, as fast as it can; the time runs from the first
+append to the collector's exit after its N-th output line. Network: N events are written first; `mirrorfs publish
+--once` sends them, then `mirrorfs collect --idle-exit 1.5` with the filter reads the whole stream; bytes are the
+deltas of Redis's `INFO stats` `total_net_input_bytes` + `total_net_output_bytes` around each (both directions
+of each leg, RESP framing and the clients' polling included; the cost of the INFO calls themselves measured and
+subtracted), scaled to 1,000 mutations. The collector asks for the same filter in both rows; "publisher filters"
+adds the same `--path` options to `mirrorfs publish`, so only matching events cross to Redis and from it.""",
 }
+
+STREAM_CAVEATS = """\
+Caveats: same shared 2-core machine; publisher, collector, Redis and the appending harness compete for it.
+The byte reduction is a property of the mix and the filter (it follows the matching fraction); it is measured
+here, not assumed."""
 
 ENGINE_CAVEATS = """\
 Caveats: same 2-core machine as above, shared with other sessions' jobs; absolute numbers are noisy, ratios
@@ -180,6 +204,8 @@ def update_doc(sections: dict[str, str]) -> None:
             for n in NAMES)
     if any(GROUP[n] == "engine" for n in sections) and CHAPTER["engine"] not in text:
         text = text.rstrip("\n") + "\n\n" + CHAPTER["engine"] + "\n\n" + ENGINE_CAVEATS + "\n"
+    if any(GROUP[n] == "stream" for n in sections) and CHAPTER["stream"] not in text:
+        text = text.rstrip("\n") + "\n\n" + CHAPTER["stream"] + "\n\n" + STREAM_CAVEATS + "\n"
     for name, body in sections.items():
         tag = f"{GROUP[name]}:{name}"
         pat = re.compile(rf"<!-- BEGIN {tag} .*?<!-- END {tag} -->", re.S)
@@ -211,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.bench import enginebench as eb
     from tests.bench.guestbench import bench_latency, bench_overhead, latency_table, overhead_table
     from tests.bench.ingest import bench_ingest, ingest_table
+    from tests.bench.streambench import bench_stream, stream_table
     from tests.bench.synclat import bench_synclat, synclat_table
 
     total = Stopwatch()
@@ -232,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 res, table = eb.bench_index(args.quick), eb.index_table
             elif name == "memory":
                 res, table = eb.bench_memory(args.quick), eb.memory_table
+            elif name == "stream":
+                res, table = bench_stream(ws, args.quick), stream_table
             else:
                 res, table = bench_synclat(ws, pristine, args.quick), synclat_table
             results[name] = res
