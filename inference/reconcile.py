@@ -37,7 +37,7 @@ class Change:
     generations: dict[int, bool] = field(default_factory=dict)  # ino -> True if reallocated (a new file)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: each operation is its own (sets stay O(1))
 class _Op:
     kind: str          # rename, create, link, unlink
     ino: int
@@ -95,8 +95,8 @@ class Reconciler:
 
         # Names must agree with inodes (ext2 writes them back in any order): wait for the other half.
         names_after: dict[int, int] = defaultdict(int)
-        for ino, node in tree.nodes.items():
-            if ino in change.inodes or any(r[2] == ino for r in removed):
+        for ino in set(change.inodes) | {r[2] for r in removed}:
+            if (node := tree.nodes.get(ino)) is not None:
                 names_after[ino] = 0 if ino in reborn else len(node.names)
         for _, _, i in removed:
             if i not in reborn:
@@ -212,7 +212,7 @@ class Reconciler:
                   reborn: set[int]) -> list[Mutation]:
         tree = self.tree
         events: list[Mutation] = []
-        pending = list(ops)
+        pending = dict.fromkeys(ops)  # an ordered set
         victims = {op.src: op for op in ops if op.kind == "unlink"}
         done: set[_Op] = set()
 
@@ -252,8 +252,7 @@ class Reconciler:
                 victim = victims.get((d, n))
                 if victim is not None:
                     done.add(victim)
-                    if victim in pending:
-                        pending.remove(victim)
+                    pending.pop(victim, None)
                 self._drop_name(d, n, occupant, change)
             if op.kind == "rename":
                 old_path = tree.name_path(*op.src)
@@ -292,7 +291,7 @@ class Reconciler:
                     if op in done or op not in pending:
                         continue
                     if ready(op, force):
-                        pending.remove(op)
+                        del pending[op]
                         run(op)
                         progress = True
                         if force:
@@ -391,7 +390,7 @@ class Reconciler:
             # A directory's mtime moves with its entries, and those are events of their own (the entry and
             # the directory's record may reach the disk at different points): a directory's new mtime is an
             # attrib event only when no entry of it changed since its last one (touch -d on a directory).
-            by_entries = node.entries_changed
+            by_entries = node.entries_changed and new.mtime_ns == new.ctime_ns  # touch -d leaves ctime alone
             if new.type == "dir" and old.mtime_ns != new.mtime_ns:
                 node.entries_changed = False
             if (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or (

@@ -392,7 +392,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
             if not args.follow or stop or attach_finished(state):
                 break
             events.append(engine.tick(time.time_ns()))
-            time.sleep(0.05)
+            time.sleep(0.02)
         events.append(engine.finish())
         live.close()
         bar.close()
@@ -482,9 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="mirrorfs: %(message)s")
+    from inference.errors import CorruptMetadata
     from tap.attach import AttachError
     from tap.state import StateError
-    user_errors = (CLIError, AttachError, StateError, ValueError, OSError)
+    user_errors = (CLIError, AttachError, StateError, ValueError, OSError, CorruptMetadata)
     try:
         COMMANDS[args.command](args)
     except user_errors as exc:

@@ -86,9 +86,11 @@ def end_to_end(ws: Workspace, redis: RedisServer, client, n: int, tag: str) -> d
     state = _state_dir(ws.path / tag)
     evs = synthetic_events(n)
     out = ws.path / f"{tag}.out"
+    stream = f"mirrorfs:events:bench:{tag}"
+    client.sadd("mirrorfs:streams", stream)  # listed before the collector starts: no wait for its rediscovery
     with open(out, "wb") as f:
         coll = _cli("collect", "--redis", redis.url, "--json", "--count", str(n), stdout=f, stderr=subprocess.DEVNULL)
-        pub = _cli("publish", "--state", state, "--redis", redis.url, "--stream", f"mirrorfs:events:bench:{tag}",
+        pub = _cli("publish", "--state", state, "--redis", redis.url, "--stream", stream,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2.0)  # both processes up (imports, first discover) before the clock starts
         sw = Stopwatch()
