@@ -1,8 +1,9 @@
 """`make demo`: a bundled demo VM watched by mirrorfs, end to end, with real QEMU.
 
 Boots the test guest paused with a workload that appends a log line every second and creates, renames
-and deletes files for DEMO_SECONDS, then powers off; attaches mirrorfs (`--cont` resumes the guest once
-the mirror is ready, so nothing is missed); shows what mirrorfs sees as it arrives; then detaches, and
+and deletes files for DEMO_SECONDS, then powers off; attaches mirrorfs with the live engine and the
+read-only mount (`--cont` resumes the guest once the mirror is ready, so nothing is missed); shows the
+mutation events, `inotifywait -m -r` and `tail -F` on the mount as they happen; then detaches, and
 checks that the replica rebuilt from the write log equals the guest's final disk byte for byte.
 Ctrl-C ends early (detaching cleanly; the comparison is skipped since the guest was still writing).
 """
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,49 +44,71 @@ def say(msg: str) -> None:
     print(f"\033[1mdemo:\033[0m {msg}" if sys.stdout.isatty() else f"demo: {msg}", flush=True)
 
 
+def show(prefix: str, cmd: list[str]) -> subprocess.Popen:
+    """Run a watcher and print its lines with a prefix (a thread per watcher: they share the terminal)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            print(f"{prefix:<9}| {line.rstrip()}", flush=True)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m images.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=60, help="how long to watch (default 60; Ctrl-C ends earlier)")
+    ap.add_argument("--seconds", type=float, default=60, help="how long the guest works (default 60; Ctrl-C ends "
+                                                               "earlier)")
     ap.add_argument("--mode", choices=["exact", "async"], default="exact", help="mirror copy mode")
     ap.add_argument("--keep", action="store_true", help="keep the demo directory (disk, state dir) afterwards")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="demo-", dir=cache_dir()))
-    base, disk, state = work / "base.raw", work / "vm1.raw", work / "state"
+    base, disk, state, mnt = work / "base.raw", work / "vm1.raw", work / "state", work / "mnt"
+    mnt.mkdir()
     say(f"preparing the demo VM in {work}")
     shutil.copyfile(artifact("ext4.img"), base)
     shutil.copyfile(base, disk)
     mirrorfs = [sys.executable, "-m", "mirrorfs.cli"]
-    attach = follow = None
+    attach = None
+    watchers: list[subprocess.Popen] = []
     interrupted = False
     try:
         workload = WORKLOAD.replace("SECONDS", str(max(int(args.seconds), 1)))
         with Guest(disk, workload, work / "vm", paused=True) as guest:
-            say(f"guest QEMU pid {guest.pid} started paused; attaching mirrorfs ({args.mode} mode)")
+            say(f"guest QEMU pid {guest.pid} started paused; attaching mirrorfs ({args.mode} mode), "
+                f"live view on {mnt}")
             attach = subprocess.Popen([*mirrorfs, "attach", "--qmp", str(guest.qmp), "--state", str(state),
-                                       "--mode", args.mode, "--cont", "--base", str(base)],
+                                       "--mode", args.mode, "--cont", "--base", str(base), "--mount", str(mnt)],
                                       start_new_session=True)
-            deadline = time.monotonic() + 60
-            while not (state / "attach.json").exists() or '"ready": true' not in (state / "attach.json").read_text():
+            deadline = time.monotonic() + 120
+            while not (mnt / "lost+found").exists():  # ready, engine indexed, view mounted
                 if attach.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("demo: mirrorfs attach failed (see its message above)")
-                time.sleep(0.05)
-            guest.wait_for("MIRRORFS: init ready", timeout=60)
-            say(f"guest running; write records as mirrorfs logs them (for {args.seconds:.0f} s, Ctrl-C ends):")
-            print(f"{'seq':>10} {'host time':<15} {'kind':<6} {'disk offset':>14} {'length':>9}", flush=True)
-            follow = subprocess.Popen([*mirrorfs, "log", "--state", str(state), "--follow"], start_new_session=True)
+                time.sleep(0.1)
+            say(f"the guest works for {args.seconds:.0f} s; three host tools watch it (Ctrl-C ends):")
+            say("  events   = mirrorfs events --follow        (the mutation stream)")
+            say(f"  inotify  = inotifywait -m -r {mnt}   (an unmodified tool on the read-only mount)")
+            say(f"  tail     = tail -F {mnt}/var/log/demo.log")
+            watchers.append(show("events", [*mirrorfs, "events", "--state", str(state), "--follow"]))
+            watchers.append(show("inotify", ["inotifywait", "-m", "-r", "-q", "-e", "create,modify,close_write,delete,"
+                                             "moved_from,moved_to,attrib", str(mnt)]))
+            watchers.append(show("tail", ["tail", "-F", "--max-unchanged-stats=1", "-n", "+1",
+                                          str(mnt / "var/log/demo.log")]))
             try:
                 guest.wait_for("reboot: Power down", timeout=args.seconds * 3 + 120)
+                time.sleep(2)  # the last commit's events, then the view
             except KeyboardInterrupt:
                 interrupted = True
                 print()
             say("detaching (block-job-cancel; the guest stays on its own disk)")
+            for w in watchers:
+                w.terminate()
             attach.send_signal(signal.SIGINT)
-            attach.wait(120)
-            time.sleep(0.3)  # let the follower print the last records
-            follow.send_signal(signal.SIGINT)
-            follow.wait(10)
+            attach.wait(180)
             guest.stop()
         if interrupted:
             return 130
@@ -94,17 +118,20 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         records = subprocess.run([*mirrorfs, "log", "--state", str(state)], capture_output=True, text=True,
                                  check=True).stdout.count("\n")
+        events = (state / "events.jsonl").read_text().count("\n")
         same = subprocess.run(["cmp", "-s", str(replica), str(disk)]).returncode == 0
-        say(f"{records} write records; replica {'==' if same else '!='} guest disk (byte for byte)")
+        say(f"{records} write records, {events} mutation events; replica {'==' if same else '!='} guest disk "
+            "(byte for byte)")
         return 0 if same else 1
     except KeyboardInterrupt:
         interrupted = True
         return 130
     finally:
-        for proc in (follow, attach):
+        for proc in (*watchers, attach):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        subprocess.run([*mirrorfs, "umount", str(mnt)], capture_output=True)
         if args.keep:
             say(f"kept {work}")
         else:
