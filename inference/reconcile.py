@@ -95,7 +95,7 @@ class Reconciler:
 
         # Names must agree with inodes (ext2 writes them back in any order): wait for the other half.
         names_after: dict[int, int] = defaultdict(int)
-        for ino in set(change.inodes) | {r[2] for r in removed}:
+        for ino in set(change.inodes) | {r[2] for r in removed} | {a[2] for a in added}:
             if (node := tree.nodes.get(ino)) is not None:
                 names_after[ino] = 0 if ino in reborn else len(node.names)
         for _, _, i in removed:
@@ -368,6 +368,8 @@ class Reconciler:
             path = tree.path(ino) if node is not None else None
             if node is None or new is None or path is None:
                 continue  # not (yet) reachable from the root: its create will carry what it has
+            if ino in reborn and ino not in created:
+                continue  # a new file under an old number whose names have not reached the disk: not the old file
             if ino in created:
                 _update(node, new)
                 if new.type == "file" and new.size > 0:

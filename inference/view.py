@@ -7,10 +7,13 @@ only for file content, link targets, xattrs and file-system totals, by (file sys
 from __future__ import annotations
 
 import stat
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from inference.engine import Engine
+from inference.ext import layout as L
+from inference.ext import reader as R
 from inference.shadow import ROOT_INO, Node
 
 MAX_READ = 32 << 20
@@ -37,12 +40,27 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class StatFs:
+    """As ext4's statfs reports it: `blocks` less the metadata overhead, `blocks_avail` less the root-reserved
+    blocks and the kernel's own reserve (2% up to 4096 clusters, extent file systems only)."""
+
     block_size: int
     blocks: int
     blocks_free: int
     files: int
     files_free: int
     name_max: int = 255
+    blocks_avail: int | None = None  # None: same as blocks_free
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What /etc/fstab may name a file system by."""
+
+    name: str        # the engine's name: disk, pN, or the LV name
+    label: str       # file-system label (LABEL=)
+    uuid: str        # file-system UUID, lower-case dashed (UUID=)
+    partuuid: str    # GPT partition GUID, or MBR disk signature-NN (PARTUUID=)
+    partlabel: str   # GPT partition name (PARTLABEL=)
 
 
 class EngineView:
@@ -105,13 +123,72 @@ class EngineView:
                 out[a:b] = data[a - start:b - start]
         return bytes(out)
 
+    def resolve(self, fs: str, path: bytes) -> int | None:
+        """The inode at `path` now (no symlink followed), or None."""
+        tree = self._handler(fs).tree
+        ino = ROOT_INO
+        for part in path.split(b"/"):
+            if part:
+                found = tree.children.get(ino, {}).get(part)
+                if found is None:
+                    return None
+                ino = found
+        return ino
+
+    def identity(self, fs: str) -> Identity:
+        entry = self.engine.filesystems.get(fs)
+        if entry is None:
+            raise KeyError(f"no file system {fs!r}")
+        geo, vol = entry.handler.geo, entry.volume
+        fs_uuid = str(uuid.UUID(bytes=geo.uuid)) if any(geo.uuid) else ""
+        partuuid = vol.uuid.lower() if vol is not None else ""
+        if not partuuid and vol is not None and self.engine.volumes.table == "dos" and fs[1:].isdigit():
+            sig = int.from_bytes(self.engine.replica.read(440, 4), "little")  # MBR disk signature
+            partuuid = f"{sig:08x}-{int(fs[1:]):02x}" if sig else ""
+        return Identity(name=fs, label=geo.label, uuid=fs_uuid, partuuid=partuuid,
+                        partlabel=vol.label if vol is not None else "")
+
     def statfs(self, fs: str) -> StatFs:
+        """Totals as the guest kernel's statfs gives them: free counts summed over the group descriptors (what
+        ext4 counts at mount and keeps), the metadata overhead and reserves subtracted as ext4_statfs does."""
         h = self._handler(fs)
-        raw = h.read_view(1024, 1024)
-        free_blocks = int.from_bytes(raw[12:16], "little") | (int.from_bytes(raw[0x158:0x15C], "little") << 32
-                                                               if h.geo.is_64bit else 0)
-        return StatFs(block_size=h.geo.block_size, blocks=h.geo.blocks_count, blocks_free=free_blocks,
-                      files=h.geo.inodes_count, files_free=int.from_bytes(raw[16:20], "little"))
+        geo = h.geo
+        sb = L.superblock.parse(h.read_view(1024, 1024))
+        hi = geo.is_64bit
+        free_blocks = sb.s_free_blocks_count_lo | (sb.s_free_blocks_count_hi << 32 if hi else 0)
+        free_inodes = sb.s_free_inodes_count
+        try:
+            raw = b"".join(h.read_view(b * geo.block_size, geo.block_size) for b in R.gdt_blocks(geo))
+            descs = R.parse_group_descs(raw, geo)
+            free_blocks, free_inodes = sum(d.free_blocks for d in descs), sum(d.free_inodes for d in descs)
+        except Exception:  # noqa: BLE001 - a torn table mid-commit: the superblock's counts will do
+            pass
+        reserved = sb.s_r_blocks_count_lo | (sb.s_r_blocks_count_hi << 32 if hi else 0)
+        if geo.extents:  # ext4_calculate_resv_clusters
+            reserved += min(geo.blocks_count // 50, 4096)
+        overhead = sb.s_overhead_clusters or self._overhead(h)
+        return StatFs(block_size=geo.block_size, blocks=max(geo.blocks_count - overhead, 0), blocks_free=free_blocks,
+                      files=geo.inodes_count, files_free=free_inodes, blocks_avail=max(free_blocks - reserved, 0))
+
+    @staticmethod
+    def _overhead(h) -> int:
+        """ext4_calculate_overhead: superblock and GDT copies, bitmaps, inode tables and the internal journal."""
+        geo = h.geo
+        per_block = geo.block_size // geo.desc_size
+        gdt = -(-geo.groups // per_block)
+        itable = -(-geo.inodes_per_group * geo.inode_size // geo.block_size)
+        total = geo.first_data_block
+        for g in range(geo.groups):
+            has_super = R.group_has_super(g, geo)
+            base = int(has_super)
+            if not geo.meta_bg or g < geo.first_meta_bg * per_block:
+                base += (gdt + geo.reserved_gdt_blocks) if has_super else 0
+            elif g % per_block in (0, 1, per_block - 1):
+                base += 1
+            total += base + 2 + itable
+        if geo.has_journal and not geo.journal_dev and getattr(h, "journal", None) is not None:
+            total += h.journal.jsb.maxlen
+        return total
 
 
 def _entry(path: bytes, node: Node) -> Entry:

@@ -41,6 +41,9 @@ def _mount_args(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument(name, type=Path, metavar="MNT", help="mount point (an existing directory)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other host users into the view (guest file modes then decide what they read)")
+    p.add_argument("--assemble", action="store_true",
+                   help="several file systems: lay them out as the guest's /etc/fstab says (the file system "
+                        "holding it at the root) instead of one directory each")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +219,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         cmd += ["--metrics", args.metrics] if args.metrics else []
         if args.mount is not None:
             cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
+            cmd += ["--assemble"] if args.assemble else []
         engine.append(subprocess.Popen(cmd, start_new_session=True))
         print(f"mirrorfs: inference engine pid {engine[0].pid}: mutation events in {args.state}/events.jsonl",
               flush=True)
@@ -374,6 +378,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         from mirrorfs.mount import serve_log
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
+                      assemble=args.assemble,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
                       finished=lambda: bool(stop) or attach_finished(state))
         finally:

@@ -143,7 +143,8 @@ class ViewOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = sorted(node.children.items())  # a stable listing for this open, as getdents expects
+        # a stable listing for this open, as getdents expects; `.` and `..` first, as a local file system lists them
+        self._dirs[fh] = [(b".", inode), (b"..", self.tree.parent(inode)), *self.tree.listing(inode)]
         return fh
 
     async def readdir(self, fh, start_id, token):
@@ -155,7 +156,8 @@ class ViewOps(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, name, self.attrs(node), i + 1):
                 return
-            self.tree.remember(nid)  # readdirplus: the kernel now holds a reference
+            if i >= 2:  # readdirplus: the kernel now holds a reference (it takes none for `.` and `..`)
+                self.tree.remember(nid)
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)

@@ -26,8 +26,9 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from inference.events import Mutation
+from inference.events import Mutation, path_bytes
 from inference.view import EngineView
+from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker
 from mirrorfs.viewtree import Applied, ViewError, ViewTree
@@ -169,8 +170,47 @@ class EngineLoop:
 # -- serving
 
 
+FSTAB = b"/etc/fstab"
+MAX_FSTAB = 1 << 20
+
+
+def build_tree(view: EngineView, filesystems: list[str], assemble: bool) -> tuple[ViewTree, int, list[str]]:
+    """The view's tree (caller holds the engine lock): one file system at the root; several in a directory each
+    (label, else UUID, else engine name); with `assemble`, laid out as the /etc/fstab of the file system that
+    has one says. Returns the tree, the number of names loaded, and notes for the user."""
+    ids = {fs: view.identity(fs) for fs in filesystems}
+    notes: list[str] = []
+    if not assemble or len(filesystems) == 1:
+        tree = ViewTree(filesystems, names=dir_names(ids.values()))
+        return tree, sum(tree.load(fs, view.snapshot(fs)) for fs in tree.filesystems), notes
+    root = fstab_ino = None
+    for fs in filesystems:
+        ino = view.resolve(fs, FSTAB)
+        entry = view.stat(fs, ino) if ino is not None else None
+        if entry is not None and entry.type == "file":
+            if root is None:
+                root, fstab_ino = fs, ino
+            else:
+                notes.append(f"{fs} also has {FSTAB.decode()}; {root}'s is the one used")
+    if root is None:
+        raise MountError(f"--assemble: no file system on this disk has {FSTAB.decode()} "
+                         f"({', '.join(filesystems)}); mount without --assemble")
+    text = view.read(root, fstab_ino, 0, MAX_FSTAB).decode("utf-8", "replace")
+    order, skipped = plan(parse_fstab(text), ids.values(), root)
+    notes += [f"{FSTAB.decode()} of {root}: {n}" for n in skipped]
+    tree = ViewTree([root, *(fs for fs, _ in order)], root=root)
+    names = sum(tree.load(fs, view.snapshot(fs)) for fs in tree.filesystems)
+    for fs, point in order:
+        why = tree.mount(fs, point.encode("utf-8", "surrogateescape"))
+        notes.append(f"{fs} not mounted: {why}" if why else f"{fs} ({ids[fs].label or ids[fs].uuid}) on {point}")
+    left = [fs for fs in filesystems if tree.fs_prefix(fs) is None]
+    if left:
+        notes.append(f"not in the assembled view (not in {root}'s fstab): {', '.join(left)}")
+    return tree, names, notes
+
+
 def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, allow_other: bool = False,
-          fsname: str = "mirrorfs") -> None:
+          fsname: str = "mirrorfs", assemble: bool = False) -> None:
     """Build the view from the engine's tree now, mount it, serve until SIGINT/SIGTERM (or the engine ends
     after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations."""
     view = EngineView(engine)
@@ -181,9 +221,11 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
     if allow_other:
         print("mirrorfs: warning: allow_other: any host user may read the view as far as the GUEST's file modes "
               "and uids allow; guest modes are not host policy", file=sys.stderr)
-    tree = ViewTree(filesystems)
     with lock:
-        names = sum(tree.load(fs, view.snapshot(fs)) for fs in filesystems)
+        tree, names, notes = build_tree(view, filesystems, assemble)
+    for note in notes:
+        print(f"mirrorfs: {note}", file=sys.stderr)
+    shown = [fs for fs in tree.filesystems if tree.fs_prefix(fs) is not None]
 
     def read(fs: str, ino: int, off: int, size: int) -> bytes:
         with lock:
@@ -191,11 +233,13 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
 
     def statfs() -> pyfuse3.StatvfsData:
         with lock:
-            totals = [view.statfs(fs) for fs in filesystems]
+            totals = [view.statfs(fs) for fs in shown]
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = totals[0].block_size
         s.f_blocks = sum(t.blocks * t.block_size // s.f_bsize for t in totals)
-        s.f_bfree = s.f_bavail = sum(t.blocks_free * t.block_size // s.f_bsize for t in totals)
+        s.f_bfree = sum(t.blocks_free * t.block_size // s.f_bsize for t in totals)
+        s.f_bavail = sum((t.blocks_free if t.blocks_avail is None else t.blocks_avail) * t.block_size // s.f_bsize
+                         for t in totals)
         s.f_files = sum(t.files for t in totals)
         s.f_ffree = s.f_favail = sum(t.files_free for t in totals)
         s.f_namemax = totals[0].name_max
@@ -243,7 +287,11 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         for nid in changed:
             _quiet(pyfuse3.invalidate_inode, nid, True)
 
-    poker = Poker(mnt, stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs)
+    def hidden(m: Mutation) -> bool:
+        return tree.hidden(m.fs, path_bytes(m.path)) or (m.old_path is not None
+                                                          and tree.hidden(m.fs, path_bytes(m.old_path)))
+
+    poker = Poker(mnt, stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden)
     if loop is not None:
         loop.sinks.append(poker.submit)
 
@@ -260,8 +308,8 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
             poker.start()
             if loop is not None:
                 loop.thread.start()
-            print(f"mirrorfs: mounted {mnt} ({names} names in {', '.join(filesystems)}), pid {os.getpid()}",
-                  flush=True)
+            where = ", ".join(f"{fs} at /{tree.fs_prefix(fs).decode('utf-8', 'replace')}" for fs in shown)
+            print(f"mirrorfs: mounted {mnt} ({names} names; {where}), pid {os.getpid()}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async def on_signal() -> None:
                     async for _ in signals:
@@ -290,7 +338,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
           file=sys.stderr)
 
 
-def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False,
+def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False, assemble: bool = False,
               live: Callable | None = None, finished: Callable[[], bool] | None = None) -> None:
     """`replay [--follow] --mount` and `mount`: catch up with the log (events to DIR/events.jsonl), build the
     view, then serve it while (with follow) the engine keeps following the log."""
@@ -305,7 +353,7 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
             loop.catch_up()
             if not follow:
                 loop._emit(engine.finish())
-            serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other,
+            serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other, assemble=assemble,
                   fsname=f"mirrorfs:{engine.vm or state.path.name}")
         finally:
             if services is not None:

@@ -37,12 +37,14 @@ Invalidate = Callable[[Applied, "Mutation | None"], None]  # (what changed, the 
 
 
 class Poker:
-    def __init__(self, mountpoint: str | bytes, stage: Stage, prefix: Callable[[str], bytes],
+    def __init__(self, mountpoint: str | bytes, stage: Stage, prefix: Callable[[str], bytes | None],
                  apply_direct: Callable[[Mutation], Applied], invalidate: Invalidate,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None) -> None:
         self.mnt = os.fsencode(mountpoint)
         self.stage, self.prefix = stage, prefix
         self.apply_direct, self.invalidate, self.on_idle = apply_direct, invalidate, on_idle
+        self.hidden = hidden or (lambda m: False)  # not visible in the view (covered by a mount, not shown)
+        self.unseen = 0
         self.queue: deque[Mutation] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -111,6 +113,10 @@ class Poker:
         return nxt.fs == m.fs and nxt.path.startswith(m.path.rstrip("/") + "/")
 
     def poke(self, m: Mutation) -> None:
+        if self.hidden(m):  # no one can see it, so no event: a change under a directory something is mounted on
+            self.unseen += 1
+            self.invalidate(self.apply_direct(m), None)
+            return
         staged = Staged(m)
         self.stage.current = staged
         try:
@@ -136,7 +142,7 @@ class Poker:
     def _dir(self, fs: str, path: bytes) -> tuple[int, bytes]:
         """An O_PATH fd of `path`'s parent, walked with O_NOFOLLOW, and the last name."""
         head, _, name = path.rstrip(b"/").rpartition(b"/")
-        parts = [p for p in (self.prefix(fs) + b"/" + head).split(b"/") if p]
+        parts = [p for p in ((self.prefix(fs) or b"") + b"/" + head).split(b"/") if p]
         fd = os.open(self.mnt, os.O_PATH | os.O_DIRECTORY)
         try:
             for part in parts:

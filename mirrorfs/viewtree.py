@@ -5,10 +5,16 @@ for it lands (FINDINGS: the kernel raises inotify events only for requests it se
 the kernel sees and the tree we answer from never disagree. Keeping it separate from the engine's shadow
 tree also means the view lags the engine by exactly the poke queue, and never needs the engine's lock.
 
-Node ids: a disk with one file system is mounted at the root, and a node id is the guest's inode number
-(the root, guest inode 2, is FUSE's node 1 but reports st_ino 2). With several file systems each gets a
-directory (named as the engine names it: disk, pN, or the LV name) and node ids are `k << 32 | ino`
-(k = 1, 2, ... in name order), so ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
+Layouts:
+- one file system: it is the root of the view;
+- several: each gets a directory of the root, named by the caller (mount.fs_dir_names: label, UUID or pN);
+- assembled (`--assemble`): one file system (the one whose /etc/fstab says so) is the root and the others are
+  mounted on directories inside it with `mount(fs, path)`, as the guest mounts them: the directory below is
+  covered (its name leads to the mounted root; what is under it is hidden, as on a real mount).
+
+Node ids: the file system at the root has node id = guest inode number (its root, guest inode 2, is FUSE's
+node 1 but reports st_ino 2). Every other file system k (k = 1, 2, ... in name order) has `k << 32 | ino`, so
+ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
 """
 
 from __future__ import annotations
@@ -69,35 +75,106 @@ class ViewError(Exception):
 
 
 class ViewTree:
-    def __init__(self, filesystems: list[str]) -> None:
+    def __init__(self, filesystems: list[str], names: dict[str, bytes] | None = None,
+                 root: str | None = None) -> None:
+        """`root`: the file system at the root of the view (default: the only one, if there is one); the others
+        get a directory each (`names`, default their engine names), or, with a root, wait for `mount()`."""
         self.filesystems = sorted(filesystems)
-        self.single = len(self.filesystems) == 1
+        if root is None and len(self.filesystems) == 1:
+            root = self.filesystems[0]
+        self.root_fs = root
         self.nodes: dict[int, VNode] = {}
         self.lookups: dict[int, int] = {}
         self.fs_root: dict[str, int] = {}
+        self.prefixes: dict[str, bytes] = {}      # where each visible file system's root is, below the mount point
+        self.covered: dict[int, int] = {}         # a directory mounted over -> the root of what is mounted there
         self._generation = 0
-        if self.single:
-            self.fs_root[self.filesystems[0]] = ROOT_ID
+        others = [fs for fs in self.filesystems if fs != root]
+        self._k = {fs: k for k, fs in enumerate(others, start=1)}
+        for fs in others:
+            self.fs_root[fs] = self.nid(fs, GUEST_ROOT_INO)
+        if root is not None:
+            self.fs_root[root] = ROOT_ID
+            self.prefixes[root] = b""
         else:
-            self.nodes[ROOT_ID] = VNode(ROOT_ID, "", 1, "dir", stat.S_IFDIR | 0o555, links=2 + len(self.filesystems),
+            names = names or {fs: dir_name(fs) for fs in self.filesystems}
+            if len(set(names.values())) != len(names):
+                raise ValueError(f"directory names are not unique: {names}")
+            self.nodes[ROOT_ID] = VNode(ROOT_ID, "", 1, "dir", stat.S_IFDIR | 0o555, links=2 + len(others),
                                         children={})
-            for k, fs in enumerate(self.filesystems, start=1):
-                nid = self.nid(fs, GUEST_ROOT_INO, k)
-                self.fs_root[fs] = nid
-                self.nodes[ROOT_ID].children[dir_name(fs)] = nid
+            for fs in others:
+                self.nodes[ROOT_ID].children[names[fs]] = self.fs_root[fs]
+                self.prefixes[fs] = names[fs]
 
     # -- ids and paths
 
-    def nid(self, fs: str, ino: int, k: int | None = None) -> int:
-        if self.single:
+    def nid(self, fs: str, ino: int) -> int:
+        if fs == self.root_fs:
             return ROOT_ID if ino == GUEST_ROOT_INO else ino
-        if k is None:
-            k = self.filesystems.index(fs) + 1
-        return (k << 32) | ino
+        return (self._k[fs] << 32) | ino
 
-    def fs_prefix(self, fs: str) -> bytes:
-        """Where a file system's root is, relative to the mount point (b"" for a single-fs disk)."""
-        return b"" if self.single else dir_name(fs)
+    def fs_prefix(self, fs: str) -> bytes | None:
+        """Where a file system's root is, relative to the mount point (b"" at the root); None: not shown."""
+        return self.prefixes.get(fs)
+
+    def mount(self, fs: str, path: bytes) -> str | None:
+        """Lay `fs` (loaded) over the directory at `path` of the view as it is now; None, or why not."""
+        nid = ROOT_ID
+        for part in [p for p in path.split(b"/") if p][:MAX_DEPTH]:
+            node = self.lookup(nid, part)
+            if node is None or node.children is None:
+                return f"{path.decode('utf-8', 'replace')} is not a directory of the view"
+            nid = node.nid
+        if nid == ROOT_ID or fs not in self.fs_root or fs == self.root_fs:
+            return f"cannot mount {fs} on {path.decode('utf-8', 'replace')}"
+        while nid in self.covered:   # mounted twice on one place: the last mount is the one seen
+            nid = self.covered[nid]
+        self.covered[nid] = self.fs_root[fs]
+        self.prefixes[fs] = b"/".join(p for p in path.split(b"/") if p)
+        return None
+
+    def hidden(self, fs: str, path: bytes) -> bool:
+        """True if `fs`'s `path` cannot be seen in the view: the file system is not shown, or the path goes
+        through (or is) a directory something else is mounted on."""
+        if fs not in self.prefixes:
+            return True
+        if not self.covered:
+            return False
+        nid = self.fs_root[fs]
+        for part in path.split(b"/")[:MAX_DEPTH]:
+            if not part:
+                continue
+            node = self.nodes.get(nid)
+            if node is None or node.children is None:
+                return False
+            nid = node.children.get(part)
+            if nid is None:
+                return False
+            if nid in self.covered:
+                return True
+        return False
+
+    def visible(self, nid: int) -> int:
+        while nid in self.covered:
+            nid = self.covered[nid]
+        return nid
+
+    def parent(self, nid: int) -> int:
+        """The directory `..` leads to in the view."""
+        node = self.nodes.get(nid)
+        if node is None or nid == ROOT_ID:
+            return ROOT_ID
+        if node.names:
+            return self.visible(node.names[0][0])
+        below = next((d for d, top in self.covered.items() if top == nid), None)  # a mounted file system's root
+        return self.parent(below) if below is not None else ROOT_ID
+
+    def listing(self, nid: int) -> list[tuple[bytes, int]]:
+        """A directory's entries as the view shows them (mount points lead to what is mounted), sorted."""
+        node = self.nodes.get(nid)
+        if node is None or node.children is None:
+            return []
+        return sorted((name, self.visible(child)) for name, child in node.children.items())
 
     def resolve(self, fs: str, path: bytes) -> int | None:
         nid = self.fs_root[fs]
@@ -113,10 +190,16 @@ class ViewTree:
         return nid
 
     def lookup(self, parent: int, name: bytes) -> VNode | None:
+        """A name as the view shows it (through mount points)."""
         node = self.nodes.get(parent)
         if node is None or node.children is None:
             return None
         nid = node.children.get(name)
+        return self.nodes.get(self.visible(nid)) if nid is not None else None
+
+    def _child(self, parent: int, name: bytes) -> VNode | None:
+        """A name in its own file system (mount points not crossed): what mutations change."""
+        nid = self.nodes[parent].children.get(name)
         return self.nodes.get(nid) if nid is not None else None
 
     def _parent_of(self, fs: str, path: bytes) -> tuple[int, bytes]:
@@ -235,7 +318,7 @@ class ViewTree:
             out.nodes += [node.nid, parent]
         elif kind in ("delete", "rmdir"):
             parent, name = self._parent_of(m.fs, path)
-            node = self.lookup(parent, name)
+            node = self._child(parent, name)
             if node is None:
                 raise ViewError(f"{m.fs}:{m.path}: {kind} of a name not in the view")
             if node.children:
@@ -252,14 +335,14 @@ class ViewTree:
                 raise ViewError(f"{m.fs}:{m.path}: rename without old_path")
             op, on = self._parent_of(m.fs, path_bytes(m.old_path))
             np_, nn = self._parent_of(m.fs, path)
-            node = self.lookup(op, on)
+            node = self._child(op, on)
             if node is None:
                 raise ViewError(f"{m.fs}:{m.old_path}: rename of a name not in the view")
             if np_ == node.nid or self._is_ancestor(node.nid, np_):
                 raise ViewError(f"{m.fs}:{m.path}: rename of a directory into itself")
             if (op, on) == (np_, nn):
                 return out
-            replaced = self.lookup(np_, nn)
+            replaced = self._child(np_, nn)
             if replaced is not None:
                 if replaced.children:
                     raise ViewError(f"{m.fs}:{m.path}: rename over a directory that is not empty in the view")

@@ -10,6 +10,8 @@ Engine benchmarks: replay (1: replay throughput vs reading the log), index (2: p
 memory (3: RSS per tracked inode at 100k and 1M files), synclat (4: guest sync -> emitted event).
 Event-stream benchmark: stream (events/s event log -> publisher -> Redis -> collector, and bytes on the network
 per 1,000 mutations with and without host-side filtering).
+Mount benchmarks: views (sequential read and `find -ls` on the mirrorfs mount, a loop mount and guestmount --ro of
+one 100k-file image), inotify (guest mutation -> inotify event on the live mount).
 Their inputs (recorded logs, many-file images, the 1M-file index) are built once into .cache/bench/engine/
 (`python -m tests.bench.enginedata` builds them ahead). Speeds are ratios against a baseline measured in the
 same run, in interleaved rounds; tables give the median of the per-round values and their range (min-max).
@@ -34,10 +36,12 @@ from tests.support import CACHE, REPO
 TAP_NAMES = ("ingest", "overhead", "latency")
 ENGINE_NAMES = ("replay", "index", "memory", "synclat")
 STREAM_NAMES = ("stream",)
-NAMES = TAP_NAMES + ENGINE_NAMES + STREAM_NAMES
+MOUNT_NAMES = ("views", "inotify")
+NAMES = TAP_NAMES + ENGINE_NAMES + STREAM_NAMES + MOUNT_NAMES
 GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES},
-         **{n: "stream" for n in STREAM_NAMES}}
-CHAPTER = {"tap": "## Tap (issue 2)", "engine": "## Inference engine (issue 3)", "stream": "## Event stream (issue 5)"}
+         **{n: "stream" for n in STREAM_NAMES}, **{n: "mount" for n in MOUNT_NAMES}}
+CHAPTER = {"tap": "## Tap (issue 2)", "engine": "## Inference engine (issue 3)", "stream": "## Event stream (issue 5)",
+           "mount": "## Mount (issue 4)"}
 DOC = REPO / "BENCHMARKS.md"
 
 TITLES = {
@@ -49,6 +53,8 @@ TITLES = {
     "memory": "3. Memory per tracked inode (100k and 1M files)",
     "synclat": "4. Latency from the guest's sync to the emitted event (TCG guest, live engine)",
     "stream": "1. Events/s end to end and bytes on the network per 1,000 mutations (publisher → Redis → collector)",
+    "views": "1. Sequential read and `find -ls`: mirrorfs mount vs loop mount vs guestmount --ro (100k-file image)",
+    "inotify": "2. Delay from a guest mutation to its inotify event on the live mount (TCG guest)",
 }
 
 METHODS = {
@@ -127,6 +133,27 @@ understated by the smallest console delay, a fraction of a ms). Latency = arriva
 line − (t1 + offset); negative means the event was emitted before the guest's sync returned. The event's own
 `time` field (host receive time of the record that completed the change) minus t1 is given for comparison:
 the rest is the engine's work and its polling.""",
+    "views": """\
+One image, three read-only views, all mounted for the whole run: `mirrorfs mount --state DIR --base IMAGE MNT`
+(a state dir with an empty write log, so the view is the base image; content read from the engine's replica
+through the extent maps, pyfuse3, 1 s attribute/entry timeouts), `mount -o ro,loop`, and `guestmount --ro -a IMAGE
+-m /dev/sda` (libguestfs 1.48, `LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg`). The image is
+the 100k-file image of engine benchmark 2 (`tests/bench/enginedata.py`) copied once, with a 256 MiB random file
+`/big` added by `debugfs -w` (`tests/bench/mountbench.py`, cached in `.cache/bench/mount/`). Before measuring:
+`sha256sum` of `/big` on each view (must agree; also warms the host page cache for the image) and one unmeasured
+`find -ls` each. Each round, view by view: read `/big` sequentially in 1 MiB `read`s after
+`posix_fadvise(DONTNEED)` on it (the view's own cached pages dropped; the image's bytes stay in the host page
+cache), then `find MNT -ls` (output counted, must agree). Mount time: from starting the command to the view being
+served (mirrorfs: its "mounted" line, which includes indexing the image; guestmount: booting its appliance).""",
+    "inotify": """\
+A TCG guest on a fresh 1 GiB ext4 image (as in tap benchmark 1) under `mirrorfs attach --cont --base PRISTINE
+--mount MNT` (exact mode) runs N times: `echo i > w/fi; sync; echo more >> w/fi; sync; mv w/fi w/gi; sync`.
+`inotifywait -m -r` on MNT (`tests/mountharness.py`) stamps every line as it reads it. Each mutation of
+`events.jsonl` is matched, in order, to its first expected kernel event (as `tests/integration/test_mount.py`:
+CREATE for a create, MODIFY for a modify, MOVED_FROM for a rename); delay = that line's stamp − the mutation's
+`time` (host time at which the tap received the record that completed the change). So it covers the engine
+(log polling, journal parsing), the poke helper's syscall and inotifywait, not the guest's own flush delay
+(engine benchmark 4 measures guest sync → event).""",
     "stream": """\
 A redis-server started on loopback for the run (`tests/redisfixture.py`, AOF turned off with CONFIG SET: Redis's
 disk is not what is measured), the real `mirrorfs publish` and `mirrorfs collect` processes. Events are synthetic
@@ -142,6 +169,10 @@ of each leg, RESP framing and the clients' polling included; the cost of the INF
 subtracted), scaled to 1,000 mutations. The collector asks for the same filter in both rows; "publisher filters"
 adds the same `--path` options to `mirrorfs publish`, so only matching events cross to Redis and from it.""",
 }
+
+MOUNT_CAVEATS = """\
+Caveats: same shared 2-core machine; guestmount runs its appliance under TCG (no KVM here, FINDINGS), which is
+most of its cost. Compare the ratios, measured within one round."""
 
 STREAM_CAVEATS = """\
 Caveats: same shared 2-core machine; publisher, collector, Redis and the appending harness compete for it.
@@ -206,6 +237,8 @@ def update_doc(sections: dict[str, str]) -> None:
         text = text.rstrip("\n") + "\n\n" + CHAPTER["engine"] + "\n\n" + ENGINE_CAVEATS + "\n"
     if any(GROUP[n] == "stream" for n in sections) and CHAPTER["stream"] not in text:
         text = text.rstrip("\n") + "\n\n" + CHAPTER["stream"] + "\n\n" + STREAM_CAVEATS + "\n"
+    if any(GROUP[n] == "mount" for n in sections) and CHAPTER["mount"] not in text:
+        text = text.rstrip("\n") + "\n\n" + CHAPTER["mount"] + "\n\n" + MOUNT_CAVEATS + "\n"
     for name, body in sections.items():
         tag = f"{GROUP[name]}:{name}"
         pat = re.compile(rf"<!-- BEGIN {tag} .*?<!-- END {tag} -->", re.S)
@@ -235,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{cmd}: {', '.join(names)}{' (quick)' if args.quick else ''}; {host}")
 
     from tests.bench import enginebench as eb
+    from tests.bench import mountbench as mb
     from tests.bench.guestbench import bench_latency, bench_overhead, latency_table, overhead_table
     from tests.bench.ingest import bench_ingest, ingest_table
     from tests.bench.streambench import bench_stream, stream_table
@@ -244,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     sections: dict[str, str] = {}
     with Workspace() as ws:
-        pristine = make_disk(ws) if {"overhead", "latency", "synclat"} & set(names) else None
+        pristine = make_disk(ws) if {"overhead", "latency", "synclat", "inotify"} & set(names) else None
         for name in names:
             sw = Stopwatch()
             if name == "ingest":
@@ -261,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 res, table = eb.bench_memory(args.quick), eb.memory_table
             elif name == "stream":
                 res, table = bench_stream(ws, args.quick), stream_table
+            elif name == "views":
+                res, table = mb.bench_views(ws, args.quick), mb.views_table
+            elif name == "inotify":
+                res, table = mb.bench_inotify(ws, pristine, args.quick), mb.inotify_table
             else:
                 res, table = bench_synclat(ws, pristine, args.quick), synclat_table
             results[name] = res

@@ -83,6 +83,16 @@ def test_view_equals_a_loop_mount_of_the_same_image(view, tmp_path):
                                capture_output=True, text=True, check=True).stdout for r in (mnt, loop)]
         assert sums[0] == sums[1]
         assert os.stat(mnt).st_ino == os.stat(loop).st_ino == 2
+        # statfs as the kernel's ext4 reports it (overhead and reserved blocks subtracted)
+        fields = ("f_bsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_namemax")
+        assert [getattr(os.statvfs(mnt), f) for f in fields] == [getattr(os.statvfs(loop), f) for f in fields]
+        # directory listings with `.` and `..`, and their inode numbers, as a local file system gives them
+        for sub in (".", "etc"):
+            if (loop / sub).is_dir():
+                ls = [subprocess.run(["ls", "-ai1", "-U", sub], cwd=r, capture_output=True, text=True,
+                                     check=True).stdout.split("\n") for r in (mnt, loop)]
+                assert sorted(ls[0]) == sorted(ls[1])
+                assert {x.split()[1] for x in ls[0] if x} >= {".", ".."}
     finally:
         subprocess.run(["umount", str(loop)], check=True)
     readme = mnt / "README"

@@ -40,13 +40,53 @@ def test_load_single_fs_at_root_with_guest_inode_numbers():
 
 
 def test_several_file_systems_get_a_directory_each():
-    t = ViewTree(["p2", "p1"])
+    t = ViewTree(["p2", "p1"], names={"p1": b"boot", "p2": b"p2"})
     t.load("p1", [entry(b"/", 2, "dir"), entry(b"/a", 12)])
     t.load("p2", [entry(b"/", 2, "dir"), entry(b"/a", 12)])
-    assert sorted(t.nodes[ROOT_ID].children) == [b"p1", b"p2"]
+    assert sorted(t.nodes[ROOT_ID].children) == [b"boot", b"p2"]
     a1, a2 = t.resolve("p1", b"/a"), t.resolve("p2", b"/a")
     assert a1 != a2 and a1 & 0xFFFFFFFF == a2 & 0xFFFFFFFF == 12
-    assert t.fs_prefix("p2") == b"p2"
+    assert t.fs_prefix("p2") == b"p2" and t.fs_prefix("p1") == b"boot"
+    assert [n for n, _ in t.listing(ROOT_ID)] == [b"boot", b"p2"] and t.parent(t.fs_root["p1"]) == ROOT_ID
+
+
+def assembled() -> ViewTree:
+    """p1 at the root (its /etc/fstab mounts p2 on /data and p5 on /data/srv); p1's own /data has a file."""
+    t = ViewTree(["p1", "p2", "p5"], root="p1")
+    t.load("p1", [entry(b"/", 2, "dir"), entry(b"/data", 12, "dir"), entry(b"/etc", 13, "dir"),
+                  entry(b"/data/under", 14)])
+    t.load("p2", [entry(b"/", 2, "dir"), entry(b"/srv", 12, "dir"), entry(b"/f2", 13)])
+    t.load("p5", [entry(b"/", 2, "dir"), entry(b"/f5", 12)])
+    assert t.mount("p2", b"/data") is None
+    assert t.mount("p5", b"/data/srv") is None
+    return t
+
+
+def test_assembled_mounts_cover_directories():
+    t = assembled()
+    data = t.lookup(ROOT_ID, b"data")
+    assert data.nid == t.fs_root["p2"] and data.fs == "p2"
+    assert [n for n, _ in t.listing(data.nid)] == [b"f2", b"srv"]
+    srv = t.lookup(data.nid, b"srv")
+    assert srv.fs == "p5" and t.lookup(srv.nid, b"f5").ino == 12
+    assert t.parent(srv.nid) == data.nid and t.parent(data.nid) == ROOT_ID
+    assert t.nodes[ROOT_ID].st_ino == 2 and t.resolve("p1", b"/etc") == 13  # the root fs keeps guest numbers
+    assert (t.fs_prefix("p1"), t.fs_prefix("p2"), t.fs_prefix("p5")) == (b"", b"data", b"data/srv")
+    # what lies under a mount point is not visible, and changes there raise no event
+    assert t.hidden("p1", b"/data/under") and t.hidden("p1", b"/data") and not t.hidden("p1", b"/etc/x")
+    assert t.hidden("p2", b"/srv/x") and not t.hidden("p2", b"/f2") and not t.hidden("p5", b"/f5")
+    t.apply(Mutation(seq=1, time=1.0, kind="create", path="/data/new", fs="p1", ino=20, type="file"))
+    assert t.resolve("p1", b"/data/new") == 20 and t.lookup(data.nid, b"new") is None
+    t.apply(Mutation(seq=2, time=1.0, kind="create", path="/g2", fs="p2", ino=30, type="file"))
+    assert t.lookup(data.nid, b"g2").ino == 30
+    assert t.mount("p2", b"/etc/passwd") is not None and t.mount("p2", b"/nowhere") is not None
+
+
+def test_file_systems_outside_the_layout_are_hidden():
+    t = ViewTree(["p1", "p3"], root="p1")
+    t.load("p1", [entry(b"/", 2, "dir")])
+    t.load("p3", [entry(b"/", 2, "dir")])
+    assert t.fs_prefix("p3") is None and t.hidden("p3", b"/x") and t.listing(ROOT_ID) == []
 
 
 def test_create_mkdir_symlink_take_the_event_attributes():
