@@ -43,6 +43,7 @@ class Stats:
     unowned_blocks: int = 0
     metadata_blocks: int = 0
     errors: int = 0
+    skipped_data: int = 0      # data writes outside the scope, not attributed
 
 
 @dataclass
@@ -58,7 +59,16 @@ class _Dirty:
 
 
 class ExtHandler:
-    """The shadow tree of one ext file system, kept current from its block writes."""
+    """The shadow tree of one ext file system, kept current from its block writes.
+
+    `scope` (an inode predicate, None: everything) narrows data attribution: data writes to a file outside it
+    give no modify ranges. Metadata is always processed, so creates, deletes, renames (into the scope too) and
+    attribute changes stay exact. The predicate is judged on the names the tree holds when the write arrives and
+    cached per inode until names change; the same scope over the same log gives the same events.
+    """
+
+    scope: Callable[[int], bool] | None = None   # class defaults: also for handlers unpickled from older indexes
+    _scope_cache: dict[int, bool] | None = None
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -89,11 +99,27 @@ class ExtHandler:
         """For the index file: everything but the function that reads the disk (see attach)."""
         state = self.__dict__.copy()
         state["_read_home"] = None
+        state.pop("scope", None)      # a live setting, not part of the index
+        state.pop("_scope_cache", None)
         return state
 
     def attach(self, read: ReadFn) -> None:
         """Point a loaded (unpickled) handler at the disk it describes."""
         self._read_home = read
+
+    def set_scope(self, scope: Callable[[int], bool] | None) -> None:
+        self.scope, self._scope_cache = scope, None
+
+    def in_scope(self, ino: int) -> bool:
+        """Is the inode's data attributed? (cached; the cache is dropped when names change)"""
+        if self.scope is None:
+            return True
+        if self._scope_cache is None:
+            self._scope_cache = {}
+        hit = self._scope_cache.get(ino)
+        if hit is None:
+            hit = self._scope_cache[ino] = bool(self.scope(ino))
+        return hit
 
     # -- reading through the metadata view
 
@@ -185,21 +211,13 @@ class ExtHandler:
         except Exception:  # noqa: BLE001 - only a progress estimate
             return 0
 
-    def _load(self, ino: int, inode: R.Inode | None = None) -> Node | None:
-        """A full Node for a live inode (mapping, xattrs, link target), registered in the block maps."""
-        geo, rb = self.geo, self.reader.read_block
-        inode = inode or self.reader.inode(ino)
+    def _load(self, ino: int) -> Node | None:
+        """A full Node for a live inode at index time, registered in the block maps."""
+        inode = self.reader.inode(ino)
         if inode.links == 0 or inode.mode == 0:
             return None
-        extents, meta = R.file_map(inode, geo, rb)
-        node = Node(ino=ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=inode.size,
-                    mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns, links=inode.links, rdev=inode.rdev,
-                    extents=tuple((e.logical, e.physical, e.length, e.uninit) for e in extents),
-                    meta_blocks=tuple(meta), xattr_block=inode.file_acl, gen=inode.generation, sig=_sig(inode))
-        xattrs = R.inode_xattrs(inode, geo, rb)
-        node.xattrs = {k: bytes(v) for k, v in xattrs.items()} or None
-        if inode.type == "symlink":
-            node.target = R.symlink_target(inode, geo, rb)
+        node = self._load_detached(inode)
+        node.name_ctime_ns = inode.ctime_ns
         self._own(node)
         return node
 
@@ -310,6 +328,9 @@ class ExtHandler:
             if node.type == "dir":
                 dirty.dirs.add(ino)
                 continue
+            if self.scope is not None and not self.in_scope(ino):
+                self.stats.skipped_data += 1
+                continue
             lo = max(offset, phys * bs) - phys * bs + logical * bs
             hi = min(offset + length, (phys + n) * bs) - phys * bs + logical * bs
             self.pending_data.setdefault(ino, []).append((lo, hi))
@@ -378,6 +399,8 @@ class ExtHandler:
         before = {ino: self.tree.nodes.get(ino) for ino in change.inodes}
         broken_dirs = self.retry_dirs
         events, self.retry_dirs = self.reconciler.apply(change, ctx)
+        if self._scope_cache and (change.dirs or any(node is None for node in change.inodes.values())):
+            self._scope_cache = None      # names may have changed: judge the scope again
         self.retry_dirs |= {d for d in broken_dirs if -d in self.broken}
         for ino, node in change.inodes.items():
             # An inode that left the tree, or was freed: its blocks leave the maps at once (they are reused quickly).
@@ -480,7 +503,7 @@ class ExtHandler:
         if node.type == "dir" and (old is None or reborn or old.extents != node.extents or old.size != node.size):
             dirty.dirs.add(ino)
         self._own(node, old)
-        if old is not None and not reborn and node.type == "file":
+        if old is not None and not reborn and node.type == "file" and self.in_scope(ino):
             bs = self.geo.block_size
             for lo, hi in _new_blocks(old.extents, node.extents):
                 change.data.setdefault(ino, []).append((lo * bs, hi * bs))
@@ -488,7 +511,7 @@ class ExtHandler:
             self.pending_data.setdefault(ino, []).extend(change.data.pop(ino))
 
     def _load_detached(self, inode: R.Inode) -> Node:
-        """Like _load, without touching the block maps (the caller reconciles ownership)."""
+        """An inode's Node (mapping, xattrs, link target), without touching the block maps."""
         geo, rb = self.geo, self.reader.read_block
         extents, meta = R.file_map(inode, geo, rb)
         node = Node(ino=inode.ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=inode.size,
