@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.errors import CorruptMetadata
-from inference.events import Mutation
+from inference.events import Mutation, fs_path
 from inference.ext.handler import ExtHandler
 from inference.volume import Volume, VolumeMap
 from tap.replica import BlockReplica
@@ -65,6 +65,24 @@ def changed_span(old: bytes, new: bytes | None, length: int) -> tuple[int, int] 
     return lo, hi
 
 
+def path_scope(handler: ExtHandler, prefixes: tuple[str, ...]) -> Callable[[int], bool]:
+    """Inode predicate for ExtHandler.scope: any of the inode's names is at or below one of the prefixes. An inode
+    with no reachable name yet (new, or half-linked) counts as inside: narrowing only where it is known to be safe."""
+    tree = handler.tree
+    dirs = tuple(p.rstrip("/") + "/" for p in prefixes)
+
+    def inside(ino: int) -> bool:
+        node = tree.nodes.get(ino)
+        if node is None or not node.names:
+            return True
+        for parent, name in node.names:
+            path = tree.name_path(parent, name)
+            if path is None or (text := fs_path(path)) in prefixes or text.startswith(dirs):
+                return True
+        return False
+    return inside
+
+
 @dataclass
 class FsEntry:
     volume: Volume
@@ -91,6 +109,7 @@ class Engine:
         self.last_seq = self.last_time_ns = 0
         self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
         self.errors: list[Mutation] = []
+        self.scope: tuple[str, ...] | None = None  # path prefixes whose data is attributed (None: all); set_scope
         self.waiting_for_copy = base is None  # sync full: the disk is complete at the first FLUSH (job ready)
         if index is not None:
             self._adopt(loaded)
@@ -124,6 +143,7 @@ class Engine:
             if name in self.filesystems:
                 log.info("file system %s was made anew (new UUID): indexed again", name)
             self.filesystems[name] = FsEntry(vol, handler)
+            self._scope_handler(handler)
         return events
 
     def _same_fs(self, fs: FsEntry) -> bool:
@@ -143,6 +163,24 @@ class Engine:
             handler.attach(volume_reader(vol, self.replica.read))
             handler.vm = self.vm
             self.filesystems[name] = FsEntry(vol, handler)
+            self._scope_handler(handler)
+
+    # -- scope (issue 5: layered filtering at the engine)
+
+    def set_scope(self, prefixes: tuple[str, ...] | None) -> None:
+        """Attribute file data only at or below these path prefixes (None: everywhere). Metadata stays exact."""
+        prefixes = tuple(sorted(set(prefixes))) if prefixes is not None else None
+        if prefixes is not None and any(p in ("", "/") for p in prefixes):
+            prefixes = None
+        if prefixes == self.scope:
+            return
+        self.scope = prefixes
+        log.info("engine scope: %s", "everything" if prefixes is None else ", ".join(prefixes))
+        for fs in self.filesystems.values():
+            self._scope_handler(fs.handler)
+
+    def _scope_handler(self, handler: ExtHandler) -> None:
+        handler.set_scope(None if self.scope is None else path_scope(handler, self.scope))
 
     # -- records
 

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the engine serves Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _mount_args(p, "--mount")
 
+    _scope_args(p)
     p = sub.add_parser("log", help="list the write log's records",
                        description="List the records of a state directory's write log: seq, host receive "
                                    "time, kind, offset and length.")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(then drain, finish, exit)")
     p.add_argument("--metrics", metavar="ADDR",
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
+    _scope_args(p)
     _mount_args(p, "--mount")
 
     p = sub.add_parser(
@@ -191,6 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scope_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scope", action="append", default=[], metavar="GLOB",
+                   help="attribute file data (modify events) only where GLOB can match, e.g. '/etc/**' "
+                        "(repeatable); creates, deletes, renames and attribute changes stay exact everywhere")
+    g.add_argument("--scope-from-subscribers", action="store_true",
+                   help="with --follow: while every subscriber of the event socket has a path filter, attribute "
+                        "file data only where they can match (opt-in: a publisher or `events --follow` reading "
+                        "events.jsonl may want more)")
+
+
+def scope_prefixes(globs: Sequence[str]) -> tuple[str, ...] | None:
+    """--scope GLOB... as the path prefixes the engine keeps data attribution under (None: everywhere)."""
+    if not globs:
+        return None
+    from mirrorfs.filters import Filter, FilterError
+    try:
+        return Filter.make(paths=globs).prefixes()
+    except FilterError as exc:
+        raise CLIError(f"--scope: {exc}") from None
+
+
 def cmd_attach(args: argparse.Namespace) -> None:
     import subprocess
 
@@ -217,6 +241,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
         cmd += ["--index", str(args.index)] if args.index else ["--base", str(args.base)] if args.base else []
         cmd += ["--metrics", args.metrics] if args.metrics else []
+        cmd += [a for g in args.scope for a in ("--scope", g)]
+        cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
         if args.mount is not None:
             cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
             cmd += ["--assemble"] if args.assemble else []
@@ -371,6 +397,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     progress = Progress("index", unit=" inodes")
     engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
     progress.close()
+    engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
     (workdir / "source.json").write_text(json.dumps({"base": str(Path(args.base).resolve()) if args.base else None,
                                                      "index": str(Path(args.index).resolve()) if args.index
                                                      else None}))
@@ -388,7 +415,10 @@ def cmd_replay(args: argparse.Namespace) -> None:
     bar = Progress("replay", unit=" rec")
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
+        from_subscribers = args.follow and getattr(args, "scope_from_subscribers", False)
         while True:
+            if from_subscribers:
+                engine.set_scope(live.scope)   # layered filtering at the engine: what subscribers can match
             batch = follower.poll()
             if batch:
                 events.append(engine.process(batch))

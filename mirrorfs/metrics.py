@@ -109,6 +109,12 @@ class EngineMetrics:
             f"mirrorfs_journal_transactions_total {sum(s.transactions for s in stats)}",
             "# HELP mirrorfs_journal_gaps_total Journal gaps reconciled from home locations.",
             "# TYPE mirrorfs_journal_gaps_total counter", f"mirrorfs_journal_gaps_total {sum(s.gaps for s in stats)}",
+            "# HELP mirrorfs_engine_scope_prefixes Path prefixes the engine attributes file data under (0: all).",
+            "# TYPE mirrorfs_engine_scope_prefixes gauge",
+            f"mirrorfs_engine_scope_prefixes {len(getattr(eng, 'scope', None) or ())}",
+            "# HELP mirrorfs_engine_skipped_data_total Data writes outside the engine's scope, not attributed.",
+            "# TYPE mirrorfs_engine_skipped_data_total counter",
+            f"mirrorfs_engine_skipped_data_total {sum(s.skipped_data for s in stats)}",
         ]
         if self.subscribers is not None:
             subs = self.subscribers()

@@ -213,7 +213,9 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_guest_and_host_kernel_publish_to_one_collector(tmp_path):
     """A TCG guest and the host kernel (qemu-storage-daemon) each run the workload behind `attach --base` and a
     `mirrorfs publish`; one `mirrorfs collect` sees both streams complete (every event of each events.jsonl
-    that passes its filter) and in per-VM seq order, each event once."""
+    that passes its filter) and in per-VM seq order, each event once. Mid-run, once the collector has output
+    events and while the guest still writes, redis-server (AOF) and the guest's publisher are SIGKILLed and
+    restarted: after recovery nothing is lost and nothing is duplicated."""
     require_root()
     require_tools("qemu-system-x86_64", "qemu-storage-daemon", "redis-server", "losetup", "mount")
     from images.guest import DONE, Guest
@@ -223,11 +225,37 @@ def test_guest_and_host_kernel_publish_to_one_collector(tmp_path):
     g_base, g_disk = _copies(tmp_path, "guest")
     h_base, h_disk = _copies(tmp_path, "host")
     states = {"guestvm": tmp_path / "guestvm", "hostvm": tmp_path / "hostvm"}
-    with RedisServer(tmp_path / "redis") as redis:
+    # appendfsync always: what Redis acknowledged survives its SIGKILL (everysec may lose the last second, a
+    # Redis durability setting that no client can make up for)
+    with RedisServer(tmp_path / "redis", appendfsync="always") as redis:
         out = open(tmp_path / "collected.jsonl", "wb")
         coll = _popen("collect", "--redis", redis.url, "--json", "--path", "/etc/**", "--path", "/work/**",
                       out=out)
         pubs: list[subprocess.Popen] = []
+        crash: dict = {}
+
+        def collected() -> list[dict]:
+            return [json.loads(x) for x in (tmp_path / "collected.jsonl").read_text().splitlines() if x]
+
+        def crash_mid_run(guest) -> None:
+            """Once events flow to the collector, while the guest still writes: SIGKILL redis-server and the
+            guest's publisher, restart both (same port, same AOF)."""
+            try:
+                _wait(lambda: collected() or crash.get("stop"), "the first collected events", 180, 0.2)
+                if crash.get("stop"):
+                    return
+                crash["collected_before"] = len(collected())
+                crash["guest_done_before"] = DONE in guest.console()
+                redis.kill()
+                os.kill(pubs[0].pid, signal.SIGKILL)
+                pubs[0].wait(10)
+                time.sleep(1.0)              # both down while the writers go on
+                redis.start()
+                pubs[0] = _popen("publish", "--state", states["guestvm"], "--redis", redis.url)
+                crash["done"] = True
+            except BaseException as exc:  # reported by the main thread
+                crash["error"] = exc
+
         try:
             with Guest(g_disk, ETC_WORKLOAD, tmp_path / "vm", paused=True) as guest, \
                     HostWriter(h_disk, tmp_path / "qsd") as hw:
@@ -236,19 +264,22 @@ def test_guest_and_host_kernel_publish_to_one_collector(tmp_path):
                 with g_attach, h_attach:
                     for st in states.values():
                         pubs.append(_popen("publish", "--state", st, "--redis", redis.url))
+                    crasher = threading.Thread(target=crash_mid_run, args=(guest,), daemon=True)
+                    crasher.start()
                     hw.mount()                       # the host workload runs while the guest runs its own
                     proc = hw.run(ETC_WORKLOAD, timeout=240)
                     assert proc.returncode == 0, proc.stdout + proc.stderr
                     hw.unmount()
                     guest.wait_for(DONE + " rc=0", timeout=240)
                     guest.wait_for("reboot: Power down", timeout=30)
+                    crash["stop"] = True
+                    crasher.join(30)
                     h_attach.detach()
                     g_attach.detach()
+            assert "error" not in crash, crash
+            assert crash.get("done"), f"the mid-run crash did not happen: {crash}"
             want = {vm: [e["id"] for e in _events(st) if collect_filter.matches(e)] for vm, st in states.items()}
             total = sum(map(len, want.values()))
-
-            def collected() -> list[dict]:
-                return [json.loads(x) for x in (tmp_path / "collected.jsonl").read_text().splitlines() if x]
 
             _wait(lambda: len(collected()) >= total, f"{total} collected events", 90, 0.5)
             time.sleep(1.5)  # anything more (a duplicate) would show now
@@ -257,6 +288,8 @@ def test_guest_and_host_kernel_publish_to_one_collector(tmp_path):
                 _stop(p)
             out.close()
     got = collected()
+    print(f"mid-run crash after {crash['collected_before']} of {len(got)} collected events "
+          f"(guest workload done before it: {crash['guest_done_before']})")
     for vm in states:
         evs = [e for e in got if e["vm"] == vm]
         ids = [e["id"] for e in evs]
