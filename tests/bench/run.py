@@ -141,10 +141,12 @@ through the extent maps, pyfuse3, 1 s attribute/entry timeouts), `mount -o ro,lo
 the 100k-file image of engine benchmark 2 (`tests/bench/enginedata.py`) copied once, with a 256 MiB random file
 `/big` added by `debugfs -w` (`tests/bench/mountbench.py`, cached in `.cache/bench/mount/`). Before measuring:
 `sha256sum` of `/big` on each view (must agree; also warms the host page cache for the image) and one unmeasured
-`find -ls` each. Each round, view by view: read `/big` sequentially in 1 MiB `read`s after
-`posix_fadvise(DONTNEED)` on it (the view's own cached pages dropped; the image's bytes stay in the host page
-cache), then `find MNT -ls` (output counted, must agree). Mount time: from starting the command to the view being
-served (mirrorfs: its "mounted" line, which includes indexing the image; guestmount: booting its appliance).""",
+`find -ls` on the mirrorfs and loop views. Each round, view by view: read `/big` sequentially in 1 MiB `read`s
+after `posix_fadvise(DONTNEED)` on it (the view's own cached pages dropped; the image's bytes stay in the host page
+cache), then `find MNT -ls` (output counted, must agree). guestmount's `find -ls` takes minutes here, so it runs
+once, in the first round, without a warm-up (its ratio is from that round only). Mount time: from starting the
+command to the view being served (mirrorfs: its "mounted" line, which includes indexing the image; guestmount:
+booting its appliance).""",
     "inotify": """\
 A TCG guest on a fresh 1 GiB ext4 image (as in tap benchmark 1) under `mirrorfs attach --cont --base PRISTINE
 --mount MNT` (exact mode) runs N times: `echo i > w/fi; sync; echo more >> w/fi; sync; mv w/fi w/gi; sync`.
