@@ -128,7 +128,8 @@ def test_aide_and_tripwire_on_the_view_match_the_final_disk(tmp_path):
     assert _stable(view_aide[1]) == _stable(loop_aide[1])
     assert "/work/gone" in view_aide[1] and "/work/new" in view_aide[1]
     assert view_tw[0] == loop_tw[0] != 0, view_tw[1]
-    assert _stable(view_tw[1]) == _stable(loop_tw[1])
+    # same lines; Tripwire lists objects in readdir order, which the view cannot know from the guest's blocks
+    assert sorted(_stable(view_tw[1])) == sorted(_stable(loop_tw[1]))
 
 
 BURST = r"""
