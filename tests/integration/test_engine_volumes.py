@@ -8,32 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_engine_guest import _events, run_live
 from tests.support import require_root, require_tools
 from tests.tapharness import Attach
 
 pytestmark = pytest.mark.integration
 
 
-def _events(state: Path) -> list[dict]:
-    return [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
-
-
 def _guest_run(tmp_path: Path, image: str, workload: str) -> list[dict]:
-    from images.build import artifact
-    from images.guest import DONE, Guest
-
-    require_tools("qemu-system-x86_64")
-    base = tmp_path / "base.raw"
-    shutil.copyfile(artifact(image), base)
-    disk = tmp_path / "disk.raw"
-    shutil.copyfile(base, disk)
-    state = tmp_path / "state"
-    with Guest(disk, workload, tmp_path / "vm", paused=True) as guest:
-        with Attach(guest.qmp, state, "--cont", "--base", str(base)) as attach:
-            guest.wait_for(DONE + " rc=0", timeout=240)
-            guest.wait_for("reboot: Power down", timeout=30)
-            attach.detach()
-    return _events(state)
+    return run_live(tmp_path, image, workload)[2]
 
 
 MBR_WORKLOAD = r"""
