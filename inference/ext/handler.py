@@ -375,8 +375,10 @@ class ExtHandler:
             reload |= self._changed_inodes(b, change, errors)
         for ino in sorted(reload):
             self._reload(ino, change, dirty, errors)
-        freed_dirs = {ino for ino, node in change.inodes.items() if node is None and ino in self.tree.children}
-        todo = dirty.dirs | self.retry_dirs | freed_dirs  # a freed directory is empty, whatever its old blocks say
+        # A freed directory, or one whose number now holds something else, is empty, whatever its old blocks say.
+        freed_dirs = {ino for ino, node in change.inodes.items() if ino in self.tree.children
+                      and (node is None or node.type != "dir" or change.generations.get(ino))}
+        todo = dirty.dirs | self.retry_dirs | freed_dirs
         attempted: set[int] = set()
         for _ in range(MAX_DIR_ROUNDS):  # a new directory found below brings its own entries to read
             for d in sorted(todo):

@@ -545,9 +545,6 @@ sync
 """
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (inference/, not the stream): a directory removed and its inode "
-                   "reused by a new symlink in the same jbd2 transaction comes out as `delete` of the directory with "
-                   "the symlink's attributes, and the delete of the file that was in it is missing")
 def test_inode_reused_within_one_transaction(tmp_path):
     """Found by the /etc/** acceptance test: rm d/f; rmdir d; ln -s ... in one transaction."""
     require_tools("qemu-system-x86_64")
