@@ -382,8 +382,8 @@ class ExtHandler:
         attempted: set[int] = set()
         for _ in range(MAX_DIR_ROUNDS):  # a new directory found below brings its own entries to read
             for d in sorted(todo):
-                self._read_dir_into(d, change, dirty, errors)
-            attempted |= todo
+                if self._read_dir_into(d, change, dirty, errors):
+                    attempted.add(d)  # (an inode not known yet may become known below: then it is read)
             # Inodes whose names change but whose records this point did not re-read (ext2 writes them back
             # in any order): read them now, so a reused inode number shows its new generation.
             for d in todo:
@@ -394,7 +394,7 @@ class ExtHandler:
                         i for n, i in old.items() if entries.get(n) != i}:
                     if ino not in change.inodes and self._differs(ino):
                         self._reload(ino, change, dirty, errors)
-            todo = dirty.dirs - attempted
+            todo = (dirty.dirs | {d for d in todo if d in change.inodes}) - attempted
             if not todo:
                 break
         change.data, self.pending_data = self.pending_data, {}
@@ -448,12 +448,13 @@ class ExtHandler:
                 out.add(ino)
         return out
 
-    def _read_dir_into(self, d: int, change: Change, dirty: _Dirty, errors: list[str]) -> None:
+    def _read_dir_into(self, d: int, change: Change, dirty: _Dirty, errors: list[str]) -> bool:
+        """Read a directory's entries into the change; False if its inode is not known (yet) at this point."""
         node = change.inodes.get(d, self.tree.nodes.get(d))
         if node is None or node.type != "dir":
             if d in self.tree.children:
                 change.dirs[d] = {}
-            return
+            return node is not None or d in self.tree.children
         try:
             change.dirs[d] = self._entries(d)
             self.broken.pop(-d, None)
@@ -462,6 +463,7 @@ class ExtHandler:
                 errors.append(f"directory inode {d}: {exc}")
             else:
                 self.retry_dirs.add(d)
+        return True
 
     def _still_broken(self, key: int, dirty: _Dirty) -> bool:
         """Unreadable metadata may be half-written (ext2 writes an inode before its blocks): look again at the
