@@ -26,6 +26,7 @@ from tests.fidelity.workload import (
     to_shell,
     workloads,
 )
+from tests.support import require
 
 
 def sha(data: bytes) -> str:
@@ -183,8 +184,7 @@ def test_rules_catch_missing_reordered_and_invented_events() -> None:
 def busybox_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PATH with only busybox applets: the guest's userland, without booting it."""
     busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("busybox not installed")
+    require(busybox is not None, "busybox not installed (busybox-static)")
     out = tmp_path_factory.mktemp("bb")
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
     for a in applets:
