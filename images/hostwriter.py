@@ -72,7 +72,11 @@ class HostWriter:
                                     start_new_session=True)
 
     def start(self) -> HostWriter:
-        """Start daemon 1: file + raw node `disk0`, NBD export on a unix socket, QMP on workdir/qmp.sock."""
+        """Start daemon 1: file + raw node `disk0`, NBD export on a unix socket, QMP on workdir/qmp.sock.
+
+        Idempotent (the context manager starts it too): a second daemon would be left running."""
+        if self._d1 is not None and self._d1.poll() is None:
+            return self
         for sock in (self.qmp, self.export_sock):
             sock.unlink(missing_ok=True)
         self._d1 = self._spawn(
