@@ -20,7 +20,7 @@ ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from inference.events import Mutation, path_bytes
@@ -138,21 +138,7 @@ class ViewTree:
         through (or is) a directory something else is mounted on."""
         if fs not in self.prefixes:
             return True
-        if not self.covered:
-            return False
-        nid = self.fs_root[fs]
-        for part in path.split(b"/")[:MAX_DEPTH]:
-            if not part:
-                continue
-            node = self.nodes.get(nid)
-            if node is None or node.children is None:
-                return False
-            nid = node.children.get(part)
-            if nid is None:
-                return False
-            if nid in self.covered:
-                return True
-        return False
+        return bool(self.covered) and any(nid in self.covered for nid in self._walk(fs, path) if nid is not None)
 
     def visible(self, nid: int) -> int:
         while nid in self.covered:
@@ -176,15 +162,21 @@ class ViewTree:
             return []
         return sorted((name, self.visible(child)) for name, child in node.children.items())
 
-    def resolve(self, fs: str, path: bytes) -> int | None:
-        nid = self.fs_root[fs]
+    def _walk(self, fs: str, path: bytes) -> Iterator[int | None]:
+        """The node ids along `fs`'s `path`, one per component; None (and the end) where the path breaks."""
+        nid: int | None = self.fs_root[fs]
         for part in path.split(b"/")[:MAX_DEPTH]:
             if not part:
                 continue
             node = self.nodes.get(nid)
-            if node is None or node.children is None:
-                return None
-            nid = node.children.get(part)
+            nid = node.children.get(part) if node is not None and node.children is not None else None
+            yield nid
+            if nid is None:
+                return
+
+    def resolve(self, fs: str, path: bytes) -> int | None:
+        nid: int | None = self.fs_root[fs]
+        for nid in self._walk(fs, path):
             if nid is None:
                 return None
         return nid
