@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_SECONDS ?= 60
 export MIRRORFS_CACHE := $(abspath $(CACHE))
 
-APT_PACKAGES := python3 python3-venv python3-dev gcc qemu-system-x86 qemu-utils busybox-static fuse3 \
+APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev qemu-system-x86 qemu-utils busybox-static fuse3 \
 	libfuse3-dev pkg-config e2fsprogs inotify-tools libnbd-bin fdisk gdisk lvm2 xz-utils cpio \
 	kmod util-linux sleuthkit redis-server clamav aide tripwire attr
 

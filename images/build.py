@@ -1,7 +1,8 @@
 """Build the test images from recipes into an ignored cache (nothing binary is committed).
 
 Targets: the TCG guest kernel (Debian's, unpacked, never installed), a busybox initramfs whose /init runs a
-workload script, ext2/3/4 images populated with a generated tree, and MBR/GPT partitioned disks.
+workload script (and has dmlinear, our tiny device-mapper tool), ext2/3/4 images populated with a generated tree,
+MBR/GPT partitioned disks and an LVM2 disk.
 Every step is idempotent and atomic: it builds under a temporary name and renames, so an interrupted build
 never leaves a half artifact behind.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -32,6 +34,7 @@ MiB = 1 << 20
 MODULES = ("virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk "
            "crc16 mbcache jbd2 crc32c_generic ext4").split()
 OPTIONAL_MODULES = ("dm-mod", "dm-linear")
+DMLINEAR_SRC = REPO / "images" / "dmlinear.c"
 
 FS_IMAGES = {  # name -> mke2fs arguments; 64 MiB is a "small" fs whose default would be 1 KiB blocks
     "ext2.img": ["-t", "ext2", "-b", "4096"],
@@ -211,8 +214,32 @@ def _module_bytes(f: Path) -> bytes:
     return data
 
 
+def initramfs_file() -> str:
+    """The initramfs file name carries a digest of its recipe (this module and dmlinear.c).
+
+    Artifacts are cached by file existence; a new name makes a changed recipe build a new initramfs beside the
+    old one, which guests already booting (other test processes) keep using.
+    """
+    digest = hashlib.sha256()
+    for src in (Path(__file__), DMLINEAR_SRC):
+        digest.update(src.read_bytes())
+    return f"initramfs-{digest.hexdigest()[:12]}.gz"
+
+
+def compile_dmlinear(out: Path) -> None:
+    """Static: the initramfs has busybox but no libc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError("gcc not found (apt packages gcc libc6-dev): needed to build /bin/dmlinear")
+    try:
+        run(gcc, "-O2", "-static", "-s", "-Wall", "-o", out, DMLINEAR_SRC)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot build /bin/dmlinear for the initramfs (static glibc and <linux/dm-ioctl.h> "
+                           f"come with libc6-dev): {e}") from e
+
+
 def build_initramfs() -> Path:
-    out = cache_dir() / "initramfs.gz"
+    out = artifact_path("initramfs.gz")
     if out.exists():
         return out
     root = kernel_root()
@@ -230,6 +257,7 @@ def build_initramfs() -> Path:
                   "lib/modules"):
             (staging / d).mkdir(parents=True)
         shutil.copy2(busybox, staging / "bin/busybox")
+        compile_dmlinear(staging / "bin/dmlinear")
         for applet in run(busybox, "--list-full").split():
             link = staging / applet
             if not link.exists():
@@ -481,6 +509,11 @@ TARGETS = {
 TARGETS["all"] = [a for t in ("kernel", "initramfs", "fsimages", "parts", "lvm") for a in TARGETS[t]]
 
 
+def artifact_path(name: str) -> Path:
+    """Where artifact `name` lives (built or not): its name in the cache, the initramfs's with a recipe digest."""
+    return cache_dir() / (initramfs_file() if name == "initramfs.gz" else name)
+
+
 def artifact(name: str) -> Path:
     """Path of a built artifact ("vmlinux", "initramfs.gz", "ext4.img", "mbr.img", ...); builds it if missing.
 
@@ -488,7 +521,7 @@ def artifact(name: str) -> Path:
     """
     if name not in BUILDERS:
         raise KeyError(f"unknown artifact {name!r}; known: {', '.join(BUILDERS)}")
-    path = cache_dir() / name
+    path = artifact_path(name)
     if path.exists():
         return path
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -501,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m images.build",
         description="Build mirrorfs test artifacts into $MIRRORFS_CACHE/images (default .cache/images). "
-                    "Already built artifacts are skipped; delete one to rebuild it.",
+                    "Already built artifacts are skipped; delete one to rebuild it (the initramfs file is named by "
+                    "a digest of its recipe, so a changed recipe builds a new one).",
         epilog="targets: kernel = vmlinux (Debian linux-image, unpacked, never installed); "
-               "initramfs = busybox + virtio/ext4 modules + /init that runs a workload disk; "
+               "initramfs = busybox + dmlinear + virtio/ext4/dm modules + /init that runs a workload disk; "
                "fsimages = ext2/ext3/ext4/ext4-1k images (64 MiB) of a generated tree; "
                "parts = mbr.img and gpt.img partitioned disks; lvm = lvm.img (LVM2 PV, two ext4 LVs, "
                "needs root); all = everything.")
@@ -511,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for target in args.targets:
         for name in TARGETS[target]:
-            path = cache_dir() / name
+            path = artifact_path(name)
             if path.exists():
-                log(f"{name}: up to date ({path.stat().st_size / MiB:.1f} MiB)")
+                log(f"{path.name}: up to date ({path.stat().st_size / MiB:.1f} MiB)")
             else:
                 artifact(name)
     return 0

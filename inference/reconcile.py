@@ -17,6 +17,7 @@ from inference.events import Mutation, fs_path
 from inference.shadow import ROOT_INO, Node, ShadowTree
 
 CREATE_KIND = {"file": "create", "dir": "mkdir", "symlink": "symlink"}
+MAX_DROPPED = 1 << 16  # deleted inodes remembered (see Reconciler.dropped); the oldest go first
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Change:
     dirs: dict[int, dict[bytes, int]] = field(default_factory=dict)  # full new entries of re-read directories
     data: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # byte ranges written per inode
     generations: dict[int, bool] = field(default_factory=dict)  # ino -> True if reallocated (a new file)
+    parents: dict[int, int] = field(default_factory=dict)  # re-read directory -> its '..'
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: each operation is its own (sets stay O(1))
@@ -75,9 +77,17 @@ class Reconciler:
         self.tree = tree
         self.waiting: dict[int, float] = {}  # dir ino -> time its change began to wait
         self.deadline_passed = False  # set at the end of a replay: nothing more will come
+        # Names of a deleted file that its directory still lists, while its inode number already holds a new
+        # file (ext2 wrote the inode first): (dir, name) -> (ino, since when).
+        self.stale: dict[tuple[int, bytes], tuple[int, float]] = {}
+        # Inodes that left the tree, with the (generation, ctime) they had: a name that points at one whose
+        # record is still that is a new file whose record has not come yet, not the old file (oldest first).
+        self.dropped: dict[int, tuple[int, int, float]] = {}
+        self.reread: set[int] = set()  # inodes whose record was re-read since the last settled point
 
-    def apply(self, change: Change, ctx: Context) -> tuple[list[Mutation], set[int]]:
-        """Events for `change`, and the directories to re-read at the next consistency point."""
+    def apply(self, change: Change, ctx: Context, settled: bool = False) -> tuple[list[Mutation], set[int]]:
+        """Events for `change`, and the directories to re-read at the next consistency point. `settled`: the
+        file system has been quiet for a while (a writeback burst is over)."""
         tree = self.tree
         events: list[Mutation] = []
         retry: set[int] = set()
@@ -85,13 +95,47 @@ class Reconciler:
         def new_state(ino: int) -> Node | None:
             return change.inodes[ino] if ino in change.inodes else tree.nodes.get(ino)
 
+        def past(since: float) -> bool:
+            return self.deadline_passed or ctx.time - since > self.MAX_WAIT
+
+        def expired(d: int) -> bool:
+            return past(self.waiting.get(d, ctx.time))
+
+        while self.dropped and (past(next(iter(self.dropped.values()))[2]) or len(self.dropped) > MAX_DROPPED):
+            del self.dropped[next(iter(self.dropped))]
+        for key, (_, since) in list(self.stale.items()):
+            if past(since):
+                del self.stale[key]  # its directory was not readable since: the listing counts again
+        dirs = {d: self._unstale(d, entries, settled, retry) for d, entries in change.dirs.items()}
         reborn = {ino for ino, flag in change.generations.items() if flag and ino in tree.nodes}
+        for d, parent in change.parents.items():
+            # A directory whose '..' is not its parent in the tree was moved, or its number now holds a new
+            # directory, and the entries or the inode that tell which have not come yet: its entries wait.
+            node = tree.nodes.get(d)
+            if d != ROOT_INO and node is not None and node.names and node.names[0][0] != parent \
+                    and d not in reborn and not expired(d):
+                dirs[d] = dict(tree.children.get(d, {}))
+                retry.add(d)
         removed: list[tuple[int, bytes, int]] = []
         added: list[tuple[int, bytes, int]] = []
-        for d, entries in change.dirs.items():
+        for d, entries in dirs.items():
             old = tree.children.get(d, {})
             removed += [(d, n, i) for n, i in old.items() if entries.get(n) != i]
             added += [(d, n, i) for n, i in entries.items() if old.get(n) != i]
+        # A new generation proves the old file deleted, whatever its directories still list. A name still
+        # listed is stale (its directory block comes later) or the new file's (rm a; touch a: the block may
+        # never change): it waits until the writeback burst is over (`settled`), then counts as the new file's.
+        for ino in reborn:
+            for d, n in tree.nodes[ino].names:
+                if d in dirs and dirs[d].get(n) != ino:
+                    continue  # already a removal
+                removed.append((d, n, ino))
+                if settled:
+                    added.append((d, n, ino))
+                else:
+                    self.stale[(d, n)] = (ino, ctx.time)
+                    dirs.get(d, {}).pop(n, None)
+                    retry.add(d)
 
         # Names must agree with inodes (ext2 writes them back in any order): wait for the other half.
         names_after: dict[int, int] = defaultdict(int)
@@ -101,18 +145,15 @@ class Reconciler:
         for _, _, i in removed:
             if i not in reborn:
                 names_after[i] -= 1
-        def expired(d: int) -> bool:
-            return self.deadline_passed or ctx.time - self.waiting.get(d, ctx.time) > self.MAX_WAIT
-
         ok_added = []
         removed_inos = {i for _, _, i in removed}
-        live_added = [(d, n, i) for d, n, i in added if _live(new_state(i))]
+        live_added = [(d, n, i) for d, n, i in added if _live(new_state(i)) and not self._gone(i, new_state(i))]
         for d, n, i in added:
             if (d, n, i) not in live_added and not expired(d):
                 retry.add(d)  # the entry came home before its inode: wait (past the deadline: stale, ignore)
         # An entry counts only where its directory is reachable from the root, now or through entries of
         # this same point (a new tree arrives top-down); the rest waits for its parent's entry.
-        reachable = {d for d, _, _ in live_added if d == ROOT_INO or tree.path(d) is not None}
+        reachable = {d for d, _, _ in live_added if d == ROOT_INO or (tree.path(d) is not None and d not in reborn)}
         grew = True
         while grew:
             grew = False
@@ -160,6 +201,12 @@ class Reconciler:
                 retry.add(d)
                 continue
             ok_removed.append((d, n, i))
+        # A name that now points at another inode while the old one's removal waits: the new name waits too
+        # (else the old file would leave without its delete).
+        waiting_out = {(d, n) for d, n, _ in set(removed) - set(ok_removed)}
+        for d, n, i in [a for a in ok_added if a[:2] in waiting_out and not expired(a[0])]:
+            ok_added.remove((d, n, i))
+            retry.add(d)
         for d in retry:
             self.waiting.setdefault(d, ctx.time)
         for d in change.dirs:
@@ -168,13 +215,15 @@ class Reconciler:
 
         ops = self._pair(ok_removed, ok_added, reborn)
         created: set[int] = set()
-        events += self._schedule(ops, change, ctx, created, reborn)
+        # Inodes with names still waiting: their record is ahead of their names in the tree.
+        behind = {i for _, _, i in (set(added) - set(ok_added)) | (set(removed) - set(ok_removed))}
+        events += self._schedule(ops, change, ctx, created, reborn, behind)
 
         # Settle: whatever the order, the tree now holds the directories as re-read, except for the
         # names that wait for their other half.
         deferred_add = set(added) - set(ok_added)
         deferred_rem = set(removed) - set(ok_removed)
-        for d, entries in change.dirs.items():
+        for d, entries in dirs.items():
             target = {n: i for n, i in entries.items() if (d, n, i) not in deferred_add}
             for dd, n, i in deferred_rem:
                 if dd == d:
@@ -182,7 +231,42 @@ class Reconciler:
             self._settle_dir(d, target)
 
         events += self._attributes(change, ctx, created, reborn)
+        # A record re-read while its names agreed with it: at the end of the burst its ctime becomes the one
+        # a later rename must move (see `unsure`); inside the burst it may still be ahead of its names.
+        self.reread.update(i for i, node in change.inodes.items() if node is not None)
+        if settled:
+            for i in self.reread - behind:
+                if (node := tree.nodes.get(i)) is not None:
+                    node.name_ctime_ns = node.ctime_ns
+            self.reread.clear()
         return events, retry
+
+    def _unstale(self, d: int, entries: dict[bytes, int], settled: bool, retry: set[int]) -> dict[bytes, int]:
+        """A directory's entries without the stale names it still lists; a stale name is forgotten once the
+        listing no longer has it, or once writeback has settled (then the listing is the new file's)."""
+        if not self.stale:
+            return entries
+        entries = dict(entries)
+        for (sd, n), (ino, _) in list(self.stale.items()):
+            if sd != d:
+                continue
+            if entries.get(n) != ino or settled:
+                del self.stale[(sd, n)]
+            else:
+                del entries[n]
+                retry.add(d)
+        return entries
+
+    def _gone(self, ino: int, node: Node) -> bool:
+        """Is this record the one of a file that already left the tree (its new record is still to come)?"""
+        was = self.dropped.get(ino)
+        return was is not None and ino not in self.tree.nodes and (node.gen, node.ctime_ns) == was[:2]
+
+    def _drop(self, ino: int, now: float) -> None:
+        node = self.tree.drop_node(ino)
+        if node is not None:
+            self.dropped.pop(ino, None)
+            self.dropped[ino] = (node.gen, node.ctime_ns, now)
 
     # -- pairing and ordering
 
@@ -209,7 +293,7 @@ class Reconciler:
         return ops
 
     def _schedule(self, ops: list[_Op], change: Change, ctx: Context, created: set[int],
-                  reborn: set[int]) -> list[Mutation]:
+                  reborn: set[int], behind: set[int]) -> list[Mutation]:
         tree = self.tree
         events: list[Mutation] = []
         pending = dict.fromkeys(ops)  # an ordered set
@@ -253,12 +337,12 @@ class Reconciler:
                 if victim is not None:
                     done.add(victim)
                     pending.pop(victim, None)
-                self._drop_name(d, n, occupant, change)
+                self._drop_name(d, n, occupant, ctx.time)
             if op.kind == "rename":
                 old_path = tree.name_path(*op.src)
                 tree.remove_name(*op.src)
                 tree.add_name(d, n, op.ino)
-                self._named(op.ino, change)
+                self._named(op.ino, change, behind)
                 events.append(_event(ctx, "rename", tree.name_path(d, n), self._node(op.ino, change),
                                      old_path=fs_path(old_path or b"?")))
                 return
@@ -272,13 +356,13 @@ class Reconciler:
                 tree.add_node(new)
                 created.add(op.ino)
                 tree.add_name(d, n, op.ino)
-                self._named(op.ino, change)
+                self._named(op.ino, change, behind)
                 kind = CREATE_KIND.get(new.type, "mknod")
                 events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change)))
                 return
             first = tree.path(op.ino)
             tree.add_name(d, n, op.ino)
-            self._named(op.ino, change)
+            self._named(op.ino, change, behind)
             events.append(_event(ctx, "link", tree.name_path(d, n), self._node(op.ino, change),
                                  target=fs_path(first or b"?")))
 
@@ -298,9 +382,11 @@ class Reconciler:
                             break
         return events
 
-    def _named(self, ino: int, change: Change) -> None:
-        node = self.tree.nodes[ino]
-        node.name_ctime_ns = (change.inodes.get(ino) or node).ctime_ns
+    def _named(self, ino: int, change: Change, behind: set[int]) -> None:
+        """Its names now match its record (unless some still wait: then the record stays ahead of them)."""
+        if ino not in behind:
+            node = self.tree.nodes[ino]
+            node.name_ctime_ns = (change.inodes.get(ino) or node).ctime_ns
 
     def _entries_touched(self, *dirs: int) -> None:
         for d in dirs:
@@ -334,17 +420,17 @@ class Reconciler:
         events.append(ev)
         if gone:
             ev.links = 0
-            tree.drop_node(op.ino)
+            self._drop(op.ino, ctx.time)
         else:
             new = change.inodes.get(op.ino)
             ev.links = new.links if new is not None else len(old.names)
         return events
 
-    def _drop_name(self, d: int, n: bytes, ino: int, change: Change) -> None:
+    def _drop_name(self, d: int, n: bytes, ino: int, now: float) -> None:
         self.tree.remove_name(d, n)
         node = self.tree.nodes.get(ino)
         if node is not None and not node.names:
-            self.tree.drop_node(ino)
+            self._drop(ino, now)
 
     def _settle_dir(self, d: int, entries: dict[bytes, int]) -> None:
         tree = self.tree

@@ -714,7 +714,10 @@ def symlink_target(inode: Inode, geo: Geometry, read_block: ReadBlockFn) -> byte
     first = next((e for e in extents if e.logical == 0), None)
     if first is None:
         raise CorruptMetadata(f"symlink inode {inode.ino}: no first data block")
-    return bytes(inode.size) if first.uninit else read_block(first.physical)[: inode.size]
+    target = bytes(inode.size) if first.uninit else read_block(first.physical)[: inode.size]
+    if b"\0" in target:  # never in a real target: its block is not written yet (ext2 writes it after the inode)
+        raise CorruptMetadata(f"symlink inode {inode.ino}: NUL byte in its target")
+    return target
 
 
 def read_data(inode: Inode, geo: Geometry, read_block: ReadBlockFn, *, max_size: int = 64 << 20) -> bytes:

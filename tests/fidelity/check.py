@@ -8,9 +8,11 @@ event, and the intervals in order (interval k's events before interval k+1's). A
 A rename across a directory renamed in the same interval may be named by old or new path, so removals accept both.
 
 The rule for false positives: every event must match an op of a compatible kind on a path the affected inode had
-between that op and the next sync (the engine reports state at commit time, not at the syscall). One addition:
-`attrib` on a directory whose entries changed in that window: its mtime really changed, so it is allowed, not
-required.
+in that op's sync interval (the engine sees states at consistency points, not syscalls: a file written and renamed
+between two syncs may be reported as modified under its old name, then renamed). Also allowed, not
+required: `attrib` on a directory whose entries changed in that window (its mtime really changed); `rename` for a
+link whose old name is removed before the next sync (the two states are the same); `link` for a rename of a file
+with several names (which of its names moved is not on the disk).
 
 Directory mtimes: an event is about the inode whose attributes changed, and an entry change in a directory is
 reported as the entry's event, not as an extra attrib of the directory. So a directory whose mtime was last set by
@@ -33,7 +35,7 @@ OP_KINDS = {  # op -> the event kinds it may cause on the inode it touches
     # a write may leave the bytes as they were (same byte over same byte) and still set mtime: attrib
     "create": {"create"}, "write": {"create", "modify", "truncate", "attrib"}, "append": {"modify", "attrib"},
     "overwrite": {"modify", "attrib"}, "truncate": {"truncate", "modify", "attrib"}, "rename": {"rename"},
-    "link": {"link"}, "symlink": {"symlink"}, "mknod": {"mknod"}, "chmod": {"attrib"}, "chown": {"attrib"},
+    "link": {"link", "rename"}, "symlink": {"symlink"}, "mknod": {"mknod"}, "chmod": {"attrib"}, "chown": {"attrib"},
     "utime": {"attrib"}, "setxattr": {"xattr"}, "rmxattr": {"xattr"}, "mkdir": {"mkdir"}, "rmdir": {"rmdir"},
     "unlink": {"delete"}, "bulk": {"mkdir", "create"},
 }
@@ -150,12 +152,17 @@ def check_false_negatives(ops: list[Op], events: list[Mutation], with_base: bool
 def allowed_events(ops: list[Op], with_base: bool = True) -> set[tuple[str, str]]:
     """(kind, path) pairs that some op explains; see the module doc."""
     views = _views(ops, with_base)
-    next_sync = len(ops)
+    next_sync, last_sync = len(ops), 0
     windows: list[int] = [0] * len(ops)
+    starts: list[int] = [0] * len(ops)
     for i in range(len(ops) - 1, -1, -1):
         if ops[i].kind == "sync":
             next_sync = i
         windows[i] = next_sync
+    for i, op in enumerate(ops):
+        starts[i] = last_sync
+        if op.kind == "sync":
+            last_sync = i + 1
     ok: set[tuple[str, str]] = set()
     for i, op in enumerate(ops):
         if op.kind == "sync":
@@ -169,9 +176,11 @@ def allowed_events(ops: list[Op], with_base: bool = True) -> set[tuple[str, str]
         if op.kind == "bulk":
             dirs |= {after[op.path].id}
         kinds = OP_KINDS[op.kind] | ({"delete", "rmdir"} if op.kind == "rename" else set())
+        if op.kind == "rename" and op.path in before and len(_paths_of(before).get(before[op.path].id, ())) > 1:
+            kinds |= {"link"}  # which of a multi-link file's names moved is not on the disk: a link and a delete
         changes_entries = op.kind in ("create", "rename", "link", "symlink", "mknod", "mkdir", "rmdir", "unlink",
                                       "bulk") or (op.kind == "write" and op.path not in before)
-        for v in views[i:windows[i] + 1]:
+        for v in views[starts[i]:windows[i] + 1]:
             for p, s in v.items():
                 if s.id in touched:
                     ok |= {(kind, p) for kind in kinds}

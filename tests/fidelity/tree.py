@@ -138,16 +138,19 @@ FIELDS = ("type", "size", "mode", "uid", "gid", "mtime_ns", "target", "xattrs", 
 
 
 def diff_trees(a: Tree, b: Tree, *, ino: bool = False, names: tuple[str, str] = ("replayed", "snapshot"),
-               fields: tuple[str, ...] = FIELDS, skip_mtime: set[str] | frozenset[str] = frozenset()) -> list[str]:
+               fields: tuple[str, ...] = FIELDS, skip_mtime: set[str] | frozenset[str] = frozenset(),
+               dir_size: bool = True) -> list[str]:
     """Readable differences. Inode numbers count as link groups only, unless `ino` (events carry the guest's).
-    `skip_mtime`: paths whose mtime no event can carry (directories changed only by their entries)."""
+    `skip_mtime`: paths whose mtime no event can carry (directories changed only by their entries). `dir_size`
+    False: a directory's size is the room its entries take; it grows with them, and no event carries it."""
     out = _only(names[0], a, a.keys() - b.keys()) + _only(names[1], b, b.keys() - a.keys())
     ga, gb = link_groups(a), link_groups(b)
     for p in sorted(a.keys() & b.keys()):
         ea, eb = a[p], b[p]
         for f in (*fields, *(("ino",) if ino else ())):
             va, vb = getattr(ea, f), getattr(eb, f)
-            if va != vb and not (f == "mtime_ns" and p in skip_mtime):
+            if va != vb and not (f == "mtime_ns" and p in skip_mtime) and not (
+                    f == "size" and ea.type == "dir" and not dir_size):
                 if f == "mode":
                     va, vb = oct(va), oct(vb)
                 out.append(f"{p!r}: {f} {names[0]}={va!r} {names[1]}={vb!r}")

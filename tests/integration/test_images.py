@@ -38,7 +38,7 @@ def copy_image(name: str, dest: Path) -> Path:
 
 
 def test_guest_runs_workload(tmp_path: Path) -> None:
-    require_tools("qemu-system-x86_64", "debugfs", "apt-get", "busybox")
+    require_tools("qemu-system-x86_64", "debugfs", "apt-get", "busybox", "gcc")
     disk = copy_image("ext4.img", tmp_path)
     console = run_workload(disk, WORKLOAD, tmp_path / "guest", timeout=180)
     assert "MIRRORFS-MARK wrote" in console
@@ -120,3 +120,19 @@ def test_guest_mounts_partition(tmp_path: Path) -> None:
     console = run_workload(disk, 'cat "$MNT/PARTITION"; echo "$DISK"', tmp_path / "guest", timeout=180,
                            mount_part="5")
     assert "mbr-p5" in console and "rc=0" in console, console
+
+
+def test_initramfs_dmlinear_checks_its_arguments(tmp_path: Path) -> None:
+    """The guest's device-mapper tool is in the initramfs and refuses bad input before touching any device."""
+    require_tools("cpio", "gcc")
+    import gzip
+
+    cpio = gzip.decompress(artifact("initramfs.gz").read_bytes())
+    tool = tmp_path / "dmlinear"
+    tool.write_bytes(subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", "bin/dmlinear"], input=cpio,
+                                    capture_output=True, check=True).stdout)
+    tool.chmod(0o755)
+    for args, why in (([], "usage: dmlinear NAME"), (["a/b", "0 8 linear /dev/vda 0"], "bad device name"),
+                      (["x", "0 8 linear"], "bad table line"), (["x", "0 0 linear /dev/vda 0"], "LEN is 0")):
+        proc = subprocess.run([str(tool), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and why in proc.stderr, (args, proc.stderr)
