@@ -191,22 +191,27 @@ class Reconciler:
             removed_for_pairing = [r for r in removed if r not in hold]
         else:
             removed_for_pairing = removed
-        ok_removed = []
-        for d, n, i in removed_for_pairing:
-            st = new_state(i)
-            # A live inode that lost its only name, or a file that lost a name while its link count did not
-            # drop: the first half of a rename whose other half has not reached the disk yet (ext2).
-            half = _live(st) and (names_after[i] <= 0 or (st.type != "dir" and names_after[i] < st.links))
-            if i not in reborn and half and not expired(d):
+        while True:
+            ok_removed = []
+            for d, n, i in removed_for_pairing:
+                st = new_state(i)
+                # A live inode that lost its only name, or a file that lost a name while its link count did not
+                # drop: the first half of a rename whose other half has not reached the disk yet (ext2).
+                half = _live(st) and (names_after[i] <= 0 or (st.type != "dir" and names_after[i] < st.links))
+                if i not in reborn and half and not expired(d):
+                    retry.add(d)
+                    continue
+                ok_removed.append((d, n, i))
+            # A name that now points at another inode while the old one's removal waits: the new name waits too
+            # (else the old file would leave without its delete), and so may the removals its inode counted on.
+            waiting_out = {(d, n) for d, n, _ in set(removed) - set(ok_removed)}
+            late = [a for a in ok_added if a[:2] in waiting_out and not expired(a[0])]
+            if not late:
+                break
+            for d, n, i in late:
+                ok_added.remove((d, n, i))
+                names_after[i] -= 1
                 retry.add(d)
-                continue
-            ok_removed.append((d, n, i))
-        # A name that now points at another inode while the old one's removal waits: the new name waits too
-        # (else the old file would leave without its delete).
-        waiting_out = {(d, n) for d, n, _ in set(removed) - set(ok_removed)}
-        for d, n, i in [a for a in ok_added if a[:2] in waiting_out and not expired(a[0])]:
-            ok_added.remove((d, n, i))
-            retry.add(d)
         for d in retry:
             self.waiting.setdefault(d, ctx.time)
         for d in change.dirs:
