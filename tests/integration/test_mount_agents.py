@@ -177,7 +177,7 @@ def test_burst_of_10000_mutations_loses_no_event_and_ls_stays_responsive(tmp_pat
         attach.detach()
     events = ino.events()
     assert not [e for e in events if "Q_OVERFLOW" in e[1]]
-    # 100 directories of 100 files each (the engine does not yet follow one htree directory of 10,000)
+    # 100 directories of 100 files each
     created = {p for _, ev, p, _ in events if ev == "CREATE" and p.startswith("burst/")}
     assert created == {f"burst/d{d}/f{i}" for d in range(100) for i in range(1, 101)}
     closes = sum(1 for _, ev, p, _ in events if ev.startswith("CLOSE_WRITE") and p.startswith("burst/"))
