@@ -32,8 +32,9 @@ log = logging.getLogger("mirrorfs.ext")
 ReadFn = Callable[[int, int], bytes]
 QUIET_NS = 0  # per record: ext2 names wait for their inodes in Reconciler, half-written blocks in broken
 # A writeback burst is over once the file system has been quiet this long (record time): what only the end of a
-# burst can tell (a reused inode number whose old name is still listed) is decided then. Gaps inside one burst
-# measured here are mostly under 2 ms, between two syncs of a busy guest 20 ms and more.
+# burst can tell is decided then (a reused inode number whose old name is still listed, a data block that came
+# without its inode's record, which ctime a later rename must move). Gaps inside one burst measured here are
+# mostly under 2 ms, between two syncs of a busy guest 20 ms and more.
 SETTLE_NS = 10_000_000
 MAX_ERRORS_PER_POINT = 20
 MAX_DIR_ROUNDS = 64  # bound on directory levels discovered at one consistency point (the rest waits)
