@@ -63,14 +63,15 @@ class EngineMetrics:
 
     def render(self) -> str:
         eng = self.engine
+        eng_seq, eng_time_ns = eng.last_seq, eng.last_time_ns  # once: the engine thread moves on while we render
         attach = read_json(self.state_dir / "attach.json") or {}
-        log_seq = max(int(attach.get("last_seq") or 0), eng.last_seq)
-        lag_records = max(log_seq - eng.last_seq, 0)
+        log_seq = max(int(attach.get("last_seq") or 0), eng_seq)
+        lag_records = max(log_seq - eng_seq, 0)
         total, sizes = log_bytes(self.state_dir / "log")
         seg, off = self.follower.position
         done = sum(size for first, size in sizes.items() if first < seg) + off
         lag_bytes = max(total - done, 0)
-        lag_seconds = max(time.time() - eng.last_time_ns / 1e9, 0.0) if lag_records and eng.last_time_ns else 0.0
+        lag_seconds = max(time.time() - eng_time_ns / 1e9, 0.0) if lag_records and eng_time_ns else 0.0
         stats = [fs.handler.stats for fs in eng.filesystems.values()]
         now = time.monotonic()
         with self._lock:
@@ -81,7 +82,7 @@ class EngineMetrics:
             "# HELP mirrorfs_log_last_seq Seq of the newest record in the write log (attach.json, or the engine's).",
             "# TYPE mirrorfs_log_last_seq gauge", f"mirrorfs_log_last_seq {log_seq}",
             "# HELP mirrorfs_engine_last_seq Seq of the last record the inference engine processed.",
-            "# TYPE mirrorfs_engine_last_seq gauge", f"mirrorfs_engine_last_seq {eng.last_seq}",
+            "# TYPE mirrorfs_engine_last_seq gauge", f"mirrorfs_engine_last_seq {eng_seq}",
             "# HELP mirrorfs_lag_records Write-log records not yet processed by the engine.",
             "# TYPE mirrorfs_lag_records gauge", f"mirrorfs_lag_records {lag_records}",
             "# HELP mirrorfs_lag_bytes Write-log bytes not yet processed by the engine.",
