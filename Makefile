@@ -4,7 +4,7 @@
 VENV     ?= .venv
 CACHE    ?= .cache
 PY       := $(VENV)/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 DEMO_SECONDS ?= 60
 export MIRRORFS_CACHE := $(abspath $(CACHE))
 

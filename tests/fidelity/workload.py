@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -269,9 +270,12 @@ def _rename_dests(m: Model, src: str) -> list[str]:
     """Existing names `src` may replace: a non-directory over another inode's non-directory, a directory over an
     empty directory that is neither its ancestor nor inside it."""
     s = m.lookup(src)
+    # busybox mv follows a symlink source when it checks "are the same file": not over what the link points to
+    relative = s.type == "symlink" and s.target and not s.target.startswith("/")
+    points_to = posixpath.normpath(join(parent(src), s.target)) if relative else None
     out = []
     for p, n in m.walk():
-        if p == "/" or n.id == s.id or n.opaque:
+        if p == "/" or n.id == s.id or n.opaque or p == points_to:
             continue
         if s.type != "dir" and n.type not in ("dir",) and p != src:
             out.append(p)
