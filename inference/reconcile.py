@@ -180,9 +180,9 @@ class Reconciler:
                 retry.add(d)
         # A name that moved to an inode whose own record was not re-read is ambiguous: a rename (which
         # also rewrites the inode's ctime) or a delete and a create reusing the number (a new generation).
-        # ext2 writes the inode back later: wait for it.
+        # ext2 writes the inode back later: wait for it. A record re-read in this burst already tells.
         moved = {i for _, _, i in removed} & {i for _, _, i in ok_added}
-        unsure = {i for i in moved if i not in reborn and i in tree.nodes
+        unsure = {i for i in moved if i not in reborn and i in tree.nodes and i not in self.reread
                   and (new_state(i) or tree.nodes[i]).ctime_ns == tree.nodes[i].name_ctime_ns}
         if unsure:
             hold = {(d, n, i) for d, n, i in removed + ok_added if i in unsure and not expired(d)}

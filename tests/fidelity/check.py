@@ -112,8 +112,10 @@ def required(v0: View, v1: View, between: list[View] | None = None) -> list[Requ
             continue
         if s1.type == "file" and (s0.digest, s0.size) != (s1.digest, s1.size):
             on(ps, CONTENT, f"{name!r} content changes")
-        if (s0.mode, s0.uid, s0.gid) != (s1.mode, s1.uid, s1.gid) and s1.mode is not None:
-            on(ps, frozenset({"attrib"}), f"{name!r} mode/owner {oct(s1.mode)} {s1.uid}:{s1.gid}")
+        # (a base file's mode is unknown to the model: a chmod of it may set the mode it already had)
+        if (s0.uid, s0.gid) != (s1.uid, s1.gid) or None not in (s0.mode, s1.mode) and s0.mode != s1.mode:
+            mode = oct(s1.mode) if s1.mode is not None else "?"
+            on(ps, frozenset({"attrib"}), f"{name!r} mode/owner {mode} {s1.uid}:{s1.gid}")
         if s0.stamp != s1.stamp and not s1.entry_mtime:
             on(ps, frozenset({"attrib"}) | CONTENT, f"{name!r} mtime set")
         if s0.xattrs != s1.xattrs:
