@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def events_of(state: Path) -> list[dict]:
 
 
 @contextmanager
-def live_view(tmp_path: Path, workload: str, image: str = "ext4.img"):
-    """A paused TCG guest, `attach --cont --base --mount`; yields (guest, attach, mnt, state, disk)."""
+def live_view(tmp_path: Path, workload: str, image: str = "ext4.img", *extra: str,
+              prepare: Callable[[Path], None] | None = None):
+    """A paused TCG guest, `attach --cont --base --mount [EXTRA]`; yields (guest, attach, mnt, state, disk).
+    `prepare(base)` may change the base image before the guest's disk is copied from it."""
     from images.build import artifact
     from images.guest import Guest
 
@@ -69,13 +72,15 @@ def live_view(tmp_path: Path, workload: str, image: str = "ext4.img"):
     require_tools("qemu-system-x86_64", "fusermount3", "inotifywait")
     base = tmp_path / "base.raw"
     shutil.copyfile(artifact(image), base)
+    if prepare is not None:
+        prepare(base)
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
     state, mnt = tmp_path / "state", tmp_path / "mnt"
     mnt.mkdir()
     try:
         with Guest(disk, workload, tmp_path / "vm", paused=True) as guest:
-            with Attach(guest.qmp, state, "--cont", "--base", str(base), "--mount", str(mnt)) as attach:
+            with Attach(guest.qmp, state, "--cont", "--base", str(base), "--mount", str(mnt), *extra) as attach:
                 wait_mounted(mnt, timeout=120)
                 yield guest, attach, mnt, state, disk
     finally:

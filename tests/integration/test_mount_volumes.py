@@ -4,17 +4,15 @@ mounts the partitions itself: one directory per file system, named by label, and
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mount import primary, wait_quiet
-from tests.mountharness import Inotify, force_unmount, wait_mounted, wait_unmounted
-from tests.support import require_root, require_tools
-from tests.tapharness import Attach
+from tests.integration.test_mount import live_view, primary, wait_quiet
+from tests.mountharness import Inotify, wait_unmounted
+from tests.support import require_tools
 
 pytestmark = pytest.mark.integration
 
@@ -88,41 +86,31 @@ def _with_fstab(image: Path, work: Path) -> None:
 
 @contextmanager
 def live_mbr(tmp_path: Path, workload: str, *extra: str, fstab: bool = False):
-    from images.build import artifact
-    from images.guest import Guest
+    """`live_view` on mbr.img (p1 given an fstab first, if asked); yields (guest, attach, mnt, state)."""
+    require_tools("sfdisk")
+    prepare = (lambda base: _with_fstab(base, tmp_path)) if fstab else None
+    with live_view(tmp_path, workload, "mbr.img", *extra, prepare=prepare) as (guest, attach, mnt, state, _):
+        yield guest, attach, mnt, state
 
-    require_root()
-    require_tools("qemu-system-x86_64", "fusermount3", "inotifywait", "sfdisk")
-    base = tmp_path / "base.raw"
-    shutil.copyfile(artifact("mbr.img"), base)
-    if fstab:
-        _with_fstab(base, tmp_path)
-    disk = tmp_path / "disk.raw"
-    shutil.copyfile(base, disk)
-    state, mnt = tmp_path / "state", tmp_path / "mnt"
-    mnt.mkdir()
+
+def watch_until_done(guest, mnt: Path, state: Path, marker: str) -> list[tuple[str, str]]:
+    """The view's inotify events (kind, path) from now until the workload is done and `marker` has appeared."""
+    from images.guest import DONE
+
+    ino = Inotify(mnt)
     try:
-        with Guest(disk, workload, tmp_path / "vm", paused=True) as guest:
-            with Attach(guest.qmp, state, "--cont", "--base", str(base), "--mount", str(mnt), *extra) as attach:
-                wait_mounted(mnt, timeout=120)
-                yield guest, attach, mnt, state
+        guest.wait_for(DONE + " rc=0", timeout=300)
+        wait_quiet(mnt, state, marker)
     finally:
-        force_unmount(mnt)
+        ino.stop()
+    return [(k, p) for _, k, p, _ in primary(ino.events())]
 
 
 def test_one_directory_per_file_system_named_by_label(tmp_path):
     with live_mbr(tmp_path, PER_FS) as (guest, attach, mnt, state):
         assert sorted(p.name for p in mnt.iterdir()) == ["mbr-p1", "mbr-p2", "mbr-p5"]  # no swap
         assert (mnt / "mbr-p2" / "PARTITION").read_text() == "mbr-p2\n"
-        from images.guest import DONE
-
-        ino = Inotify(mnt)
-        try:
-            guest.wait_for(DONE + " rc=0", timeout=300)
-            wait_quiet(mnt, state, "mbr-p1/END")
-        finally:
-            ino.stop()
-        got = [(k, p) for _, k, p, _ in primary(ino.events())]
+        got = watch_until_done(guest, mnt, state, "mbr-p1/END")
         assert (mnt / "mbr-p5" / "cinq.txt").read_text() == "five\n"
         assert (mnt / "mbr-p1" / "one.txt").read_text() == "one\n"
         assert (mnt / "mbr-p2" / "two.d").is_dir()
@@ -143,15 +131,7 @@ def test_assemble_lays_out_the_guest_fstab(tmp_path):
         assert not (mnt / "data" / "hidden-under-mount").exists()          # covered, as on a real mount
         assert {"data", "srv", "etc"} <= {p.name for p in mnt.iterdir()}
         assert len({(mnt / d).stat().st_ino for d in ("data", "srv", ".")}) == 3
-        from images.guest import DONE
-
-        ino = Inotify(mnt)
-        try:
-            guest.wait_for(DONE + " rc=0", timeout=300)
-            wait_quiet(mnt, state, "END")
-        finally:
-            ino.stop()
-        got = [(k, p) for _, k, p, _ in primary(ino.events())]
+        got = watch_until_done(guest, mnt, state, "END")
         assert (mnt / "data" / "in-data.txt").read_text() == "data\n"
         assert (mnt / "srv" / "in-srv.txt").read_text() == "srv\n"
         assert (mnt / "in-root.txt").read_text() == "root\n"
