@@ -47,6 +47,27 @@ class _Op:
     dst: tuple[int, bytes] | None = None
 
 
+@dataclass
+class _Point:
+    """One apply's name changes while they are decided: the candidates, the ones admitted, the counts."""
+
+    change: Change
+    now: float
+    settled: bool
+    dirs: dict[int, dict[bytes, int]] = field(default_factory=dict)  # re-read listings, as they will count
+    reborn: set[int] = field(default_factory=set)  # tree inodes whose number now holds a new file
+    removed: list[tuple[int, bytes, int]] = field(default_factory=list)  # (dir, name, ino) candidates
+    added: list[tuple[int, bytes, int]] = field(default_factory=list)
+    ok_removed: list[tuple[int, bytes, int]] = field(default_factory=list)  # admitted at this point
+    ok_added: list[tuple[int, bytes, int]] = field(default_factory=list)
+    names_after: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # names each inode keeps
+    retry: set[int] = field(default_factory=set)  # directories whose names wait: re-read them later
+
+    def state(self, tree: ShadowTree, ino: int) -> Node | None:
+        """The inode as it is now: its re-read record (None: freed), else the tree's."""
+        return self.change.inodes[ino] if ino in self.change.inodes else tree.nodes.get(ino)
+
+
 def _live(node: Node | None) -> bool:
     return node is not None and node.links > 0
 
@@ -87,164 +108,187 @@ class Reconciler:
 
     def apply(self, change: Change, ctx: Context, settled: bool = False) -> tuple[list[Mutation], set[int]]:
         """Events for `change`, and the directories to re-read at the next consistency point. `settled`: the
-        file system has been quiet for a while (a writeback burst is over)."""
-        tree = self.tree
-        events: list[Mutation] = []
-        retry: set[int] = set()
+        file system has been quiet for a while (a writeback burst is over).
 
-        def new_state(ino: int) -> Node | None:
-            return change.inodes[ino] if ino in change.inodes else tree.nodes.get(ino)
-
-        def past(since: float) -> bool:
-            return self.deadline_passed or ctx.time - since > self.MAX_WAIT
-
-        def expired(d: int) -> bool:
-            return past(self.waiting.get(d, ctx.time))
-
-        while self.dropped and (past(next(iter(self.dropped.values()))[2]) or len(self.dropped) > MAX_DROPPED):
-            del self.dropped[next(iter(self.dropped))]
-        for key, (_, since) in list(self.stale.items()):
-            if past(since):
-                del self.stale[key]  # its directory was not readable since: the listing counts again
-        dirs = {d: self._unstale(d, entries, settled, retry) for d, entries in change.dirs.items()}
-        reborn = {ino for ino, flag in change.generations.items() if flag and ino in tree.nodes}
-        for d, parent in change.parents.items():
-            # A directory whose '..' is not its parent in the tree was moved, or its number now holds a new
-            # directory, and the entries or the inode that tell which have not come yet: its entries wait.
-            node = tree.nodes.get(d)
-            if d != ROOT_INO and node is not None and node.names and node.names[0][0] != parent \
-                    and d not in reborn and not expired(d):
-                dirs[d] = dict(tree.children.get(d, {}))
-                retry.add(d)
-        removed: list[tuple[int, bytes, int]] = []
-        added: list[tuple[int, bytes, int]] = []
-        for d, entries in dirs.items():
-            old = tree.children.get(d, {})
-            removed += [(d, n, i) for n, i in old.items() if entries.get(n) != i]
-            added += [(d, n, i) for n, i in entries.items() if old.get(n) != i]
-        # A new generation proves the old file deleted, whatever its directories still list. A name still
-        # listed is stale (its directory block comes later) or the new file's (rm a; touch a: the block may
-        # never change): it waits until the writeback burst is over (`settled`), then counts as the new file's.
-        for ino in reborn:
-            for d, n in tree.nodes[ino].names:
-                if d in dirs and dirs[d].get(n) != ino:
-                    continue  # already a removal
-                removed.append((d, n, ino))
-                if settled:
-                    added.append((d, n, ino))
-                else:
-                    self.stale[(d, n)] = (ino, ctx.time)
-                    dirs.get(d, {}).pop(n, None)
-                    retry.add(d)
-
-        # Names must agree with inodes (ext2 writes them back in any order): wait for the other half.
-        names_after: dict[int, int] = defaultdict(int)
-        for ino in set(change.inodes) | {r[2] for r in removed} | {a[2] for a in added}:
-            if (node := tree.nodes.get(ino)) is not None:
-                names_after[ino] = 0 if ino in reborn else len(node.names)
-        for _, _, i in removed:
-            if i not in reborn:
-                names_after[i] -= 1
-        ok_added = []
-        removed_inos = {i for _, _, i in removed}
-        live_added = [(d, n, i) for d, n, i in added if _live(new_state(i)) and not self._gone(i, new_state(i))]
-        for d, n, i in added:
-            if (d, n, i) not in live_added and not expired(d):
-                retry.add(d)  # the entry came home before its inode: wait (past the deadline: stale, ignore)
-        # An entry counts only where its directory is reachable from the root, now or through entries of
-        # this same point (a new tree arrives top-down); the rest waits for its parent's entry.
-        reachable = {d for d, _, _ in live_added if d == ROOT_INO or (tree.path(d) is not None and d not in reborn)}
-        grew = True
-        while grew:
-            grew = False
-            for d, _n, i in live_added:
-                if d in reachable and i not in reachable and (new_state(i) or tree.nodes[i]).type == "dir":
-                    reachable.add(i)
-                    grew = True
-        for d, n, i in live_added:
-            if d not in reachable:
-                if not expired(d):
-                    retry.add(d)
-                continue
-            ok_added.append((d, n, i))
-            names_after[i] += 1
-        # A second name for an inode that keeps its old one is a hard link only if the link count says so;
-        # otherwise (and always for a directory) it is the first half of a rename whose other half is late.
-        for d, n, i in list(ok_added):
-            node, st = tree.nodes.get(i), new_state(i)
-            if node is None or not node.names or i in reborn or i in removed_inos:
-                continue
-            if (node.type == "dir" or st.links < names_after[i]) and not expired(d):
-                ok_added.remove((d, n, i))
-                names_after[i] -= 1
-                retry.add(d)
-        # A name that moved to an inode whose own record was not re-read is ambiguous: a rename (which
-        # also rewrites the inode's ctime) or a delete and a create reusing the number (a new generation).
-        # ext2 writes the inode back later: wait for it. A record re-read in this burst already tells.
-        moved = {i for _, _, i in removed} & {i for _, _, i in ok_added}
-        unsure = {i for i in moved if i not in reborn and i in tree.nodes and i not in self.reread
-                  and (new_state(i) or tree.nodes[i]).ctime_ns == tree.nodes[i].name_ctime_ns}
-        if unsure:
-            hold = {(d, n, i) for d, n, i in removed + ok_added if i in unsure and not expired(d)}
-            ok_added = [a for a in ok_added if a not in hold]
-            retry.update(d for d, _, _ in hold)
-            removed_for_pairing = [r for r in removed if r not in hold]
-        else:
-            removed_for_pairing = removed
-        while True:
-            ok_removed = []
-            for d, n, i in removed_for_pairing:
-                st = new_state(i)
-                # A live inode that lost its only name, or a file that lost a name while its link count did not
-                # drop: the first half of a rename whose other half has not reached the disk yet (ext2).
-                half = _live(st) and (names_after[i] <= 0 or (st.type != "dir" and names_after[i] < st.links))
-                if i not in reborn and half and not expired(d):
-                    retry.add(d)
-                    continue
-                ok_removed.append((d, n, i))
-            # A name that now points at another inode while the old one's removal waits: the new name waits too
-            # (else the old file would leave without its delete), and so may the removals its inode counted on.
-            waiting_out = {(d, n) for d, n, _ in set(removed) - set(ok_removed)}
-            late = [a for a in ok_added if a[:2] in waiting_out and not expired(a[0])]
-            if not late:
-                break
-            for d, n, i in late:
-                ok_added.remove((d, n, i))
-                names_after[i] -= 1
-                retry.add(d)
-        for d in retry:
+        Names are decided in passes; each may hold some back (their directories are re-read later): names of
+        reused numbers, entries ahead of their inodes or parents, second names, ambiguous moves, half renames.
+        """
+        self._forget_old(ctx.time)
+        p = _Point(change, ctx.time, settled)
+        p.dirs = {d: self._unstale(d, entries, settled, p.retry) for d, entries in change.dirs.items()}
+        p.reborn = {ino for ino, flag in change.generations.items() if flag and ino in self.tree.nodes}
+        self._hold_moved_dirs(p)
+        for d, entries in p.dirs.items():
+            old = self.tree.children.get(d, {})
+            p.removed += [(d, n, i) for n, i in old.items() if entries.get(n) != i]
+            p.added += [(d, n, i) for n, i in entries.items() if old.get(n) != i]
+        self._reborn_names(p)
+        self._count_names(p)
+        self._admit_added(p)
+        self._hold_second_names(p)
+        self._admit_removed(p, self._hold_unsure(p))
+        for d in p.retry:
             self.waiting.setdefault(d, ctx.time)
         for d in change.dirs:
-            if d not in retry:
+            if d not in p.retry:
                 self.waiting.pop(d, None)
 
-        ops = self._pair(ok_removed, ok_added, reborn)
         created: set[int] = set()
+        deferred_add = set(p.added) - set(p.ok_added)
+        deferred_rem = set(p.removed) - set(p.ok_removed)
         # Inodes with names still waiting: their record is ahead of their names in the tree.
-        behind = {i for _, _, i in (set(added) - set(ok_added)) | (set(removed) - set(ok_removed))}
-        events += self._schedule(ops, change, ctx, created, reborn, behind)
-
+        behind = {i for _, _, i in deferred_add | deferred_rem}
+        ops = self._pair(p.ok_removed, p.ok_added, p.reborn)
+        events = self._schedule(ops, change, ctx, created, p.reborn, behind)
         # Settle: whatever the order, the tree now holds the directories as re-read, except for the
         # names that wait for their other half.
-        deferred_add = set(added) - set(ok_added)
-        deferred_rem = set(removed) - set(ok_removed)
-        for d, entries in dirs.items():
+        for d, entries in p.dirs.items():
             target = {n: i for n, i in entries.items() if (d, n, i) not in deferred_add}
             for dd, n, i in deferred_rem:
                 if dd == d:
                     target.setdefault(n, i)
             self._settle_dir(d, target)
-
-        events += self._attributes(change, ctx, created, reborn)
+        events += self._attributes(change, ctx, created, p.reborn)
         # A record re-read while its names agreed with it: at the end of the burst its ctime becomes the one
-        # a later rename must move (see `unsure`); inside the burst it may still be ahead of its names.
+        # a later rename must move (see `_hold_unsure`); inside the burst it may still be ahead of its names.
         self.reread.update(i for i, node in change.inodes.items() if node is not None)
         if settled:
             for i in self.reread - behind:
-                if (node := tree.nodes.get(i)) is not None:
+                if (node := self.tree.nodes.get(i)) is not None:
                     node.name_ctime_ns = node.ctime_ns
             self.reread.clear()
-        return events, retry
+        return events, p.retry
+
+    # -- the passes of apply, in order
+
+    def _past(self, since: float, now: float) -> bool:
+        return self.deadline_passed or now - since > self.MAX_WAIT
+
+    def _expired(self, d: int, now: float) -> bool:
+        """Has this directory's change waited long enough to be taken as it is?"""
+        return self._past(self.waiting.get(d, now), now)
+
+    def _forget_old(self, now: float) -> None:
+        while self.dropped and (self._past(next(iter(self.dropped.values()))[2], now)
+                                or len(self.dropped) > MAX_DROPPED):
+            del self.dropped[next(iter(self.dropped))]
+        for key, (_, since) in list(self.stale.items()):
+            if self._past(since, now):
+                del self.stale[key]  # its directory was not readable since: the listing counts again
+
+    def _hold_moved_dirs(self, p: _Point) -> None:
+        """A directory whose '..' is not its parent in the tree was moved, or its number now holds a new
+        directory, and the entries or the inode that tell which have not come yet: its entries wait."""
+        for d, parent in p.change.parents.items():
+            node = self.tree.nodes.get(d)
+            if d != ROOT_INO and node is not None and node.names and node.names[0][0] != parent \
+                    and d not in p.reborn and not self._expired(d, p.now):
+                p.dirs[d] = dict(self.tree.children.get(d, {}))
+                p.retry.add(d)
+
+    def _reborn_names(self, p: _Point) -> None:
+        """A new generation proves the old file deleted, whatever its directories still list. A name still
+        listed is stale (its directory block comes later) or the new file's (rm a; touch a: the block may
+        never change): it waits until the writeback burst is over (`settled`), then counts as the new file's."""
+        for ino in p.reborn:
+            for d, n in self.tree.nodes[ino].names:
+                if d in p.dirs and p.dirs[d].get(n) != ino:
+                    continue  # already a removal
+                p.removed.append((d, n, ino))
+                if p.settled:
+                    p.added.append((d, n, ino))
+                else:
+                    self.stale[(d, n)] = (ino, p.now)
+                    p.dirs.get(d, {}).pop(n, None)
+                    p.retry.add(d)
+
+    def _count_names(self, p: _Point) -> None:
+        """How many names each touched inode keeps after the removals (added ones count as they are admitted)."""
+        for ino in set(p.change.inodes) | {r[2] for r in p.removed} | {a[2] for a in p.added}:
+            if (node := self.tree.nodes.get(ino)) is not None:
+                p.names_after[ino] = 0 if ino in p.reborn else len(node.names)
+        for _, _, i in p.removed:
+            if i not in p.reborn:
+                p.names_after[i] -= 1
+
+    def _admit_added(self, p: _Point) -> None:
+        """Names must agree with inodes (ext2 writes them back in any order): an entry whose inode is not live
+        yet waits. An entry counts only where its directory is reachable from the root, now or through entries
+        of this same point (a new tree arrives top-down); the rest waits for its parent's entry."""
+        live = [(d, n, i) for d, n, i in p.added if _live(p.state(self.tree, i)) and
+                not self._gone(i, p.state(self.tree, i))]
+        for d, n, i in p.added:
+            if (d, n, i) not in live and not self._expired(d, p.now):
+                p.retry.add(d)  # past the deadline: stale, ignore
+        reachable = {d for d, _, _ in live if d == ROOT_INO or (self.tree.path(d) is not None and d not in p.reborn)}
+        grew = True
+        while grew:
+            grew = False
+            for d, _n, i in live:
+                if d in reachable and i not in reachable and \
+                        (p.state(self.tree, i) or self.tree.nodes[i]).type == "dir":
+                    reachable.add(i)
+                    grew = True
+        for d, n, i in live:
+            if d not in reachable:
+                if not self._expired(d, p.now):
+                    p.retry.add(d)
+                continue
+            p.ok_added.append((d, n, i))
+            p.names_after[i] += 1
+
+    def _hold_second_names(self, p: _Point) -> None:
+        """A second name for an inode that keeps its old one is a hard link only if the link count says so;
+        otherwise (and always for a directory) it is the first half of a rename whose other half is late."""
+        removed_inos = {i for _, _, i in p.removed}
+        for d, n, i in list(p.ok_added):
+            node, st = self.tree.nodes.get(i), p.state(self.tree, i)
+            if node is None or not node.names or i in p.reborn or i in removed_inos:
+                continue
+            if (node.type == "dir" or st.links < p.names_after[i]) and not self._expired(d, p.now):
+                self._hold_added(p, d, n, i)
+
+    def _hold_unsure(self, p: _Point) -> list[tuple[int, bytes, int]]:
+        """A name that moved to an inode whose own record was not re-read is ambiguous: a rename (which also
+        rewrites the inode's ctime) or a delete and a create reusing the number (a new generation). ext2 writes
+        the inode back later: both halves wait for it. A record re-read in this burst already tells.
+        Returns the removals left to decide."""
+        moved = {i for _, _, i in p.removed} & {i for _, _, i in p.ok_added}
+        unsure = {i for i in moved if i not in p.reborn and i in self.tree.nodes and i not in self.reread
+                  and (p.state(self.tree, i) or self.tree.nodes[i]).ctime_ns == self.tree.nodes[i].name_ctime_ns}
+        if not unsure:
+            return p.removed
+        hold = {(d, n, i) for d, n, i in p.removed + p.ok_added if i in unsure and not self._expired(d, p.now)}
+        p.ok_added = [a for a in p.ok_added if a not in hold]
+        p.retry.update(d for d, _, _ in hold)
+        return [r for r in p.removed if r not in hold]
+
+    def _admit_removed(self, p: _Point, removed: list[tuple[int, bytes, int]]) -> None:
+        """A live inode that lost its only name, or a file that lost a name while its link count did not drop:
+        the first half of a rename whose other half has not reached the disk yet (ext2). A name that now points
+        at another inode while the old one's removal waits waits too (else the old file would leave without its
+        delete), and so may the removals its inode counted on: repeat until nothing more waits."""
+        while True:
+            p.ok_removed = []
+            for d, n, i in removed:
+                st = p.state(self.tree, i)
+                half = _live(st) and (p.names_after[i] <= 0 or (st.type != "dir" and p.names_after[i] < st.links))
+                if i not in p.reborn and half and not self._expired(d, p.now):
+                    p.retry.add(d)
+                    continue
+                p.ok_removed.append((d, n, i))
+            waiting_out = {(d, n) for d, n, _ in set(p.removed) - set(p.ok_removed)}
+            late = [a for a in p.ok_added if a[:2] in waiting_out and not self._expired(a[0], p.now)]
+            if not late:
+                return
+            for a in late:
+                self._hold_added(p, *a)
+
+    @staticmethod
+    def _hold_added(p: _Point, d: int, n: bytes, i: int) -> None:
+        p.ok_added.remove((d, n, i))
+        p.names_after[i] -= 1
+        p.retry.add(d)
 
     def _unstale(self, d: int, entries: dict[bytes, int], settled: bool, retry: set[int]) -> dict[bytes, int]:
         """A directory's entries without the stale names it still lists; a stale name is forgotten once the
