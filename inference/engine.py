@@ -23,7 +23,7 @@ from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 
 log = logging.getLogger("mirrorfs.engine")
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: shadow-tree nodes as tuples
 RETRY_NS = 200_000_000  # how often writes to a not-yet-readable file system retry indexing it
 
 

@@ -262,6 +262,10 @@ def cmd_attach(args: argparse.Namespace) -> None:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    print(f"mirrorfs: the inference engine (pid {proc.pid}) was still draining the write log "
+                          f"150 s after the detach and was killed, so {args.state}/events.jsonl stops short of "
+                          f"the log's end; `mirrorfs replay --state {args.state} --base IMAGE` makes every event "
+                          "from the log", file=sys.stderr, flush=True)
     print("mirrorfs: detached", flush=True)
 
 
