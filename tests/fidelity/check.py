@@ -9,7 +9,9 @@ A rename across a directory renamed in the same interval may be named by old or 
 
 The rule for false positives: every event must match an op of a compatible kind on a path the affected inode had
 in that op's sync interval (the engine sees states at consistency points, not syscalls: a file written and renamed
-between two syncs may be reported as modified under its old name, then renamed). Also allowed, not
+between two syncs may be reported as modified under its old name, then renamed), or under any path its directory
+had in that interval (a file deleted before its ancestor is renamed may be reported deleted under the new path,
+after the rename). Also allowed, not
 required: `attrib` on a directory whose entries changed in that window (its mtime really changed); `rename` for a
 link whose old name is removed before the next sync (the two states are the same); `link` for a rename of a file
 with several names (which of its names moved is not on the disk).
@@ -166,6 +168,7 @@ def allowed_events(ops: list[Op], with_base: bool = True) -> set[tuple[str, str]
         if op.kind == "sync":
             last_sync = i + 1
     ok: set[tuple[str, str]] = set()
+    dir_paths: dict[tuple[int, int], dict[int, set[str]]] = {}  # per window: inode id -> its paths in it
     for i, op in enumerate(ops):
         if op.kind == "sync":
             continue
@@ -182,10 +185,19 @@ def allowed_events(ops: list[Op], with_base: bool = True) -> set[tuple[str, str]
             kinds |= {"link"}  # which of a multi-link file's names moved is not on the disk: a link and a delete
         changes_entries = op.kind in ("create", "rename", "link", "symlink", "mknod", "mkdir", "rmdir", "unlink",
                                       "bulk") or (op.kind == "write" and op.path not in before)
-        for v in views[starts[i]:windows[i] + 1]:
+        window = (starts[i], windows[i])
+        if window not in dir_paths:  # every path each inode had in the window
+            dir_paths[window] = {}
+            for v in views[window[0]:window[1] + 1]:
+                for p, s in v.items():
+                    dir_paths[window].setdefault(s.id, set()).add(p)
+        for v in views[window[0]:window[1] + 1]:
             for p, s in v.items():
                 if s.id in touched:
-                    ok |= {(kind, p) for kind in kinds}
+                    # under any path its directory had in the window: an ancestor renamed in the same interval
+                    # may be renamed before or after this op, the disk cannot tell
+                    dirs_at = dir_paths[window].get(v[parent(p)].id, ()) if p != "/" else ()
+                    ok |= {(kind, q) for kind in kinds for q in {p, *(join(d, basename(p)) for d in dirs_at)}}
                 if changes_entries and s.id in dirs:
                     ok.add(("attrib", p))
     return ok
