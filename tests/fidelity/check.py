@@ -11,10 +11,9 @@ The rule for false positives: every event must match an op of a compatible kind 
 in that op's sync interval (the engine sees states at consistency points, not syscalls: a file written and renamed
 between two syncs may be reported as modified under its old name, then renamed), or under any path its directory
 had in that interval (a file deleted before its ancestor is renamed may be reported deleted under the new path,
-after the rename). Also allowed, not
-required: `attrib` on a directory whose entries changed in that window (its mtime really changed); `rename` for a
-link whose old name is removed before the next sync (the two states are the same); `link` for a rename of a file
-with several names (which of its names moved is not on the disk).
+after the rename). Also allowed, not required: `attrib` on a directory whose entries changed in that window (its
+mtime really changed); `rename` for a link whose old name is removed before the next sync (the two states are the
+same); `link` for a rename of a file with several names (which of its names moved is not on the disk).
 
 Directory mtimes: an event is about the inode whose attributes changed, and an entry change in a directory is
 reported as the entry's event, not as an extra attrib of the directory. So a directory whose mtime was last set by
