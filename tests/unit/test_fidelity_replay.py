@@ -180,8 +180,9 @@ def test_rules_catch_missing_reordered_and_invented_events() -> None:
 
 def test_a_delete_may_be_named_under_its_directory_renamed_in_the_same_interval() -> None:
     """rm d/s/f; mv d e between two syncs: the disk cannot tell that from mv d e; rm e/s/f."""
-    ops = [Op("mkdir", "/fid"), Op("mkdir", "/fid/d"), Op("mkdir", "/fid/d/s"), Op("write", "/fid/d/s/f", size=3, token="t1"),
-           Op("sync"), Op("unlink", "/fid/d/s/f"), Op("rename", "/fid/d", dest="/fid/e"), Op("sync")]
+    ops = [Op("mkdir", "/fid"), Op("mkdir", "/fid/d"), Op("mkdir", "/fid/d/s"),
+           Op("write", "/fid/d/s/f", size=3, token="t1"), Op("sync"),
+           Op("unlink", "/fid/d/s/f"), Op("rename", "/fid/d", dest="/fid/e"), Op("sync")]
     head = [ev(1, "mkdir", "/fid"), ev(1, "mkdir", "/fid/d"), ev(1, "mkdir", "/fid/d/s"),
             ev(1, "create", "/fid/d/s/f"), ev(1, "modify", "/fid/d/s/f")]
     later = [ev(2, "rename", "/fid/e", old_path="/fid/d"), ev(2, "delete", "/fid/e/s/f")]
