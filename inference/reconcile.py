@@ -51,6 +51,7 @@ class _Op:
 class _Point:
     """One apply's name changes while they are decided: the candidates, the ones admitted, the counts."""
 
+    tree: ShadowTree
     change: Change
     now: float
     settled: bool
@@ -63,9 +64,15 @@ class _Point:
     names_after: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # names each inode keeps
     retry: set[int] = field(default_factory=set)  # directories whose names wait: re-read them later
 
-    def state(self, tree: ShadowTree, ino: int) -> Node | None:
+    def state(self, ino: int) -> Node | None:
         """The inode as it is now: its re-read record (None: freed), else the tree's."""
-        return self.change.inodes[ino] if ino in self.change.inodes else tree.nodes.get(ino)
+        return self.change.inodes[ino] if ino in self.change.inodes else self.tree.nodes.get(ino)
+
+    def hold_added(self, d: int, n: bytes, i: int) -> None:
+        """An admitted name waits after all: its directory is re-read later."""
+        self.ok_added.remove((d, n, i))
+        self.names_after[i] -= 1
+        self.retry.add(d)
 
 
 def _live(node: Node | None) -> bool:
@@ -114,7 +121,7 @@ class Reconciler:
         reused numbers, entries ahead of their inodes or parents, second names, ambiguous moves, half renames.
         """
         self._forget_old(ctx.time)
-        p = _Point(change, ctx.time, settled)
+        p = _Point(self.tree, change, ctx.time, settled)
         p.dirs = {d: self._unstale(d, entries, settled, p.retry) for d, entries in change.dirs.items()}
         p.reborn = {ino for ino, flag in change.generations.items() if flag and ino in self.tree.nodes}
         self._hold_moved_dirs(p)
@@ -215,8 +222,8 @@ class Reconciler:
         """Names must agree with inodes (ext2 writes them back in any order): an entry whose inode is not live
         yet waits. An entry counts only where its directory is reachable from the root, now or through entries
         of this same point (a new tree arrives top-down); the rest waits for its parent's entry."""
-        live = [(d, n, i) for d, n, i in p.added if _live(p.state(self.tree, i)) and
-                not self._gone(i, p.state(self.tree, i))]
+        live = [(d, n, i) for d, n, i in p.added if _live(p.state(i)) and
+                not self._gone(i, p.state(i))]
         for d, n, i in p.added:
             if (d, n, i) not in live and not self._expired(d, p.now):
                 p.retry.add(d)  # past the deadline: stale, ignore
@@ -226,7 +233,7 @@ class Reconciler:
             grew = False
             for d, _n, i in live:
                 if d in reachable and i not in reachable and \
-                        (p.state(self.tree, i) or self.tree.nodes[i]).type == "dir":
+                        (p.state(i) or self.tree.nodes[i]).type == "dir":
                     reachable.add(i)
                     grew = True
         for d, n, i in live:
@@ -242,11 +249,11 @@ class Reconciler:
         otherwise (and always for a directory) it is the first half of a rename whose other half is late."""
         removed_inos = {i for _, _, i in p.removed}
         for d, n, i in list(p.ok_added):
-            node, st = self.tree.nodes.get(i), p.state(self.tree, i)
+            node, st = self.tree.nodes.get(i), p.state(i)
             if node is None or not node.names or i in p.reborn or i in removed_inos:
                 continue
             if (node.type == "dir" or st.links < p.names_after[i]) and not self._expired(d, p.now):
-                self._hold_added(p, d, n, i)
+                p.hold_added(d, n, i)
 
     def _hold_unsure(self, p: _Point) -> list[tuple[int, bytes, int]]:
         """A name that moved to an inode whose own record was not re-read is ambiguous: a rename (which also
@@ -255,7 +262,7 @@ class Reconciler:
         Returns the removals left to decide."""
         moved = {i for _, _, i in p.removed} & {i for _, _, i in p.ok_added}
         unsure = {i for i in moved if i not in p.reborn and i in self.tree.nodes and i not in self.reread
-                  and (p.state(self.tree, i) or self.tree.nodes[i]).ctime_ns == self.tree.nodes[i].name_ctime_ns}
+                  and (p.state(i) or self.tree.nodes[i]).ctime_ns == self.tree.nodes[i].name_ctime_ns}
         if not unsure:
             return p.removed
         hold = {(d, n, i) for d, n, i in p.removed + p.ok_added if i in unsure and not self._expired(d, p.now)}
@@ -271,7 +278,7 @@ class Reconciler:
         while True:
             p.ok_removed = []
             for d, n, i in removed:
-                st = p.state(self.tree, i)
+                st = p.state(i)
                 half = _live(st) and (p.names_after[i] <= 0 or (st.type != "dir" and p.names_after[i] < st.links))
                 if i not in p.reborn and half and not self._expired(d, p.now):
                     p.retry.add(d)
@@ -282,13 +289,7 @@ class Reconciler:
             if not late:
                 return
             for a in late:
-                self._hold_added(p, *a)
-
-    @staticmethod
-    def _hold_added(p: _Point, d: int, n: bytes, i: int) -> None:
-        p.ok_added.remove((d, n, i))
-        p.names_after[i] -= 1
-        p.retry.add(d)
+                p.hold_added(*a)
 
     def _unstale(self, d: int, entries: dict[bytes, int], settled: bool, retry: set[int]) -> dict[bytes, int]:
         """A directory's entries without the stale names it still lists; a stale name is forgotten once the

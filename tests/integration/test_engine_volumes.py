@@ -188,10 +188,14 @@ def test_lvm2_two_segment_lv_written_by_guest_kernel(tmp_path):
     big = [e for e in events if e["fs"] == f"{vg}/one" and e["path"] == "/big" and e["kind"] == "modify"]
     # the first sync interval: the whole file, in as many commits as writeback took
     written: list[tuple[int, int]] = []
-    n = next((i for i, e in enumerate(big) if (written := _merge(written + e["ranges"])) == [(0, 21 * MiB)]), None)
-    assert n is not None and big[n]["size"] == 21 * MiB, big
+    whole = None  # index of the event that completes the file
+    for i, e in enumerate(big):
+        written = _merge(written + e["ranges"])
+        if whole is None and written == [(0, 21 * MiB)]:
+            whole = i
+    assert whole is not None and big[whole]["size"] == 21 * MiB, big
     # the second: after the whole file, a small modify covering the overwritten bytes
-    later = [e for e in big[n + 1:] if sum(b - a for a, b in e["ranges"]) < MiB]
+    later = [e for e in big[whole + 1:] if sum(b - a for a, b in e["ranges"]) < MiB]
     assert any(any(a <= patch_off and patch_off + patch_len <= b for a, b in e["ranges"]) for e in later), big
 
 
