@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from inference.events import Mutation, format_id, parse_id
+from tap.writelog import Gap
 
 
 def last_position(path: Path) -> tuple[int, int]:
@@ -47,7 +48,7 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._last = (0, 0) if truncate else last_position(self.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-        self._fd = os.open(self.path, flags, 0o644)
+        self._fd = os.open(self.path, flags, 0o640)
         self.count = 0
         self.listeners: list[Callable[[list[Mutation]], None]] = []  # told of each appended batch (metrics)
 
@@ -154,3 +155,10 @@ def read_events(path: Path, since: int = 0, *, follow: bool = False, interval: f
             time.sleep(interval)
     finally:
         tail.close()
+
+
+def gap_event(gap: Gap, *, vm: str = "", time_ns: int = 0) -> Mutation:
+    """The `error` event for seqs the write log lost (damaged or missing on disk): the stream says what it
+    cannot show, in seq order (it carries the last lost seq), instead of skipping it in silence."""
+    return Mutation(seq=gap.last_seq, time=(time_ns or time.time_ns()) / 1e9, kind="error", path="/", vm=vm,
+                    message=f"{gap}; the writes they held are missing from the engine's disk and events")

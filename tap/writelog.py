@@ -20,9 +20,18 @@ Record (40-byte header + payload, little-endian, struct "<4sIQQQIB3x"):
 
 Crash safety: one writer (flock on the directory) appends with one writev per record. Opening the log scans
 the last segment and truncates a torn or corrupt tail (SIGKILL mid-append, or power loss after an unflushed
-append), so seq continues from the last good record with no gap and no garbage. Readers in other processes
-never return a torn record: they stop at the first incomplete or bad record of the last segment and retry
-there on the next poll. Open the WriteLog (its recovery) before starting readers after a power loss.
+append), so seq continues from the last good record with no gap and no garbage; it logs the segment, byte
+and seqs it dropped. Readers in other processes never return a torn record: in the segment a live writer
+appends to (it holds an OFD lock on its byte 0) they wait at an incomplete record and retry on the next poll.
+Open the WriteLog (its recovery) before starting readers after a power loss.
+
+Damage: a record that is bad anywhere else (a bit flip, a zeroed or torn region, a garbage length, a bad
+segment header, a missing segment, seqs that do not follow) costs exactly the seqs it held. Readers resync
+(at the next good record whose CRC matches and whose seq can follow, or at the next segment) and report a
+`Gap` naming those seqs in their place, never a silent skip or a stop. The writer, finding such damage in
+the middle of the last segment on start, starts a new segment so the damaged one is complete for readers.
+CRC32 is no MAC: guest data inside a damaged record could pass for records; that yields at worst writes
+the guest could have made anyway, so readers never look inside a record a writer may still be writing.
 
 Idempotence: after a reconnect QEMU re-sends the writes that were in flight. They are logged again as new
 records (the log records what arrived, not what is new); replaying them is idempotent, since a re-sent write
@@ -40,7 +49,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
 
@@ -74,6 +83,139 @@ class CorruptLog(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs first_seq..last_seq are lost: damaged or missing on disk. Readers give one in their place and go on
+    with the next good record, so whoever consumes the log can say exactly what it missed."""
+
+    first_seq: int
+    last_seq: int
+    segment: str  # file name of the segment where the loss was found
+    offset: int   # byte in it where the damage starts
+    why: str
+
+    @property
+    def seq(self) -> int:
+        """Where the gap sits in seq order (its last lost seq)."""
+        return self.last_seq
+
+    def __str__(self) -> str:
+        n = self.last_seq - self.first_seq + 1
+        seqs = f"seq {self.first_seq}" if n == 1 else f"seqs {self.first_seq}-{self.last_seq} ({n} records)"
+        return f"write log records lost: {seqs}, segment {self.segment} byte {self.offset}: {self.why}"
+
+
+MAX_PAYLOAD = 64 << 20  # a longer WRITE is refused by append(): on disk, such a length field is damage
+_SCAN_BUDGET = 1 << 30  # bytes of candidate records CRC-checked by one resync (bounds forged-magic floods)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit)
+_SHORT, _INCOMPLETE, _BADCRC, _BAD, _VALID = range(5)  # _probe's verdicts
+_DAMAGE = {_SHORT: "a torn record (less than a header)", _INCOMPLETE: "a record running past the end of the data",
+           _BADCRC: "a record failing its CRC", _BAD: "bytes that are not a record (magic, kind or length)"}
+
+
+def _lock_segment(fd: int) -> None:
+    """The writer marks the segment it appends to (an OFD lock on byte 0, gone when it closes or dies)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+    except OSError as exc:
+        log.debug("write log: no OFD lock on the segment (%s)", exc)
+
+
+def _writer_holds(fd: int) -> bool:
+    """Whether a live WriteLog appends to this segment; without one, the segment is complete."""
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0))
+    except OSError:
+        return True  # cannot tell: wait, as for a live writer
+    return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+
+def _probe(fd: int, off: int, size: int) -> tuple[int, int, int]:
+    """What is at `off`: (verdict, seq, total bytes the header claims); seq and total are 0 for _SHORT/_BAD."""
+    hdr = os.pread(fd, HEADER.size, off)
+    if len(hdr) < HEADER.size:
+        return _SHORT, 0, 0
+    magic, crc, seq, _t, _o, length, kind = HEADER.unpack(hdr)
+    if magic != MAGIC or kind not in _KINDS or (kind == KIND_WRITE and length > MAX_PAYLOAD):
+        return _BAD, 0, 0
+    total = HEADER.size + (length if kind == KIND_WRITE else 0)
+    data = hdr if total == HEADER.size else os.pread(fd, total, off) if off + total <= size else b""
+    if len(data) < total:
+        return _INCOMPLETE, seq, total
+    return (_VALID if zlib.crc32(memoryview(data)[8:]) == crc else _BADCRC), seq, total
+
+
+def _candidate(fd: int, p: int, size: int, expect: int, base: int, hi: int | None,
+               hdr: bytes | None = None) -> tuple[int, int, int]:
+    """Is a good record that can follow a damaged region [base, p) at `p`? (1 yes, 0 no, -1 not yet: the
+    data is not all there), its seq, and the bytes checked. Its seq must exceed `expect`, stay at or below
+    `hi` (the next segment's start - 1) and below expect + (p - base) / 40: no more records than fit were lost."""
+    if p + HEADER.size > size:
+        return -1, 0, 0
+    if hdr is None:
+        hdr = os.pread(fd, HEADER.size, p)
+    magic, crc, seq, _t, _o, length, kind = HEADER.unpack(hdr)
+    top = expect + (p - base) // HEADER.size
+    if hi is not None:
+        top = min(top, hi)
+    if magic != MAGIC or kind not in _KINDS or not expect < seq <= top or (kind == KIND_WRITE
+                                                                           and length > MAX_PAYLOAD):
+        return 0, 0, 0
+    total = HEADER.size + (length if kind == KIND_WRITE else 0)
+    if p + total > size:
+        return -1, 0, 0
+    data = hdr if total == HEADER.size else os.pread(fd, total, p)
+    if len(data) < total:
+        return -1, 0, 0
+    return (1 if zlib.crc32(memoryview(data)[8:]) == crc else 0), seq, total
+
+
+def _find_record(fd: int, start: int, size: int, expect: int, base: int,
+                 hi: int | None) -> tuple[tuple[int, int] | None, int]:
+    """The first good record at or after `start` that can follow `expect` (see _candidate): ((offset, seq),
+    _), or (None, offset where a later scan resumes once the file has grown)."""
+    pos, pending, budget = start, None, _SCAN_BUDGET
+    while pos + HEADER.size <= size:
+        chunk = os.pread(fd, min(_CHUNK, size - pos), pos)
+        if len(chunk) < HEADER.size:
+            break
+        i = chunk.find(MAGIC)
+        while i >= 0:
+            p = pos + i
+            ok, seq, cost = _candidate(fd, p, size, expect, base, hi,
+                                       chunk[i:i + HEADER.size] if i + HEADER.size <= len(chunk) else None)
+            if ok > 0:
+                return (p, seq), p
+            if ok < 0 and pending is None:
+                pending = p
+            budget -= cost
+            if budget < 0:
+                log.warning("write log: gave up resyncing at byte %d: too many candidate records", p)
+                return None, p
+            i = chunk.find(MAGIC, i + 1)
+        if pos + len(chunk) >= size:
+            break
+        pos += len(chunk) - len(MAGIC) + 1
+    reached = max(start, size - HEADER.size + 1)
+    return None, reached if pending is None else min(pending, reached)
+
+
+def _count_torn(fd: int, off: int, size: int) -> tuple[int, bool]:
+    """How many records a torn tail held, by its header lengths (at least 1), and whether that is all of it
+    (False: bytes no header accounts for follow): for saying what was dropped."""
+    n = 0
+    while off < size:
+        hdr = os.pread(fd, HEADER.size, off)
+        if len(hdr) < HEADER.size:
+            return max(n, 1), n == 0
+        magic, _crc, _seq, _t, _o, length, kind = HEADER.unpack(hdr)
+        if magic != MAGIC or kind not in _KINDS or (kind == KIND_WRITE and length > MAX_PAYLOAD):
+            return max(n, 1), False
+        n += 1
+        off += HEADER.size + (length if kind == KIND_WRITE else 0)
+    return max(n, 1), True
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     seq: int
     time_ns: int
@@ -104,15 +246,16 @@ def _check_segment_header(data: bytes, first_seq: int, path: Path) -> None:
         raise CorruptLog(f"{path}: write log format version {version}, this mirrorfs reads {FORMAT_VERSION}")
 
 
-_MORE, _END, _TORN = 0, 1, 2  # batch limit reached; clean end of data; incomplete or bad record
+_MORE, _END, _TORN, _BADSEQ = 0, 1, 2, 3  # batch limit; clean end of data; incomplete or bad record; seq jump
 
 
 def _read_batch(fd: int, off: int, since: int, expect: int, max_records: int, max_bytes: int,
-                out: list[Record], path: Path) -> tuple[int, int, int]:
+                out: list[Record], trust: bool = True) -> tuple[int, int, int]:
     """Parse records at `off` into `out`; returns (offset after the last good record, its seq + 1, status).
 
     Records below `since` are skipped by their header lengths without reading their payload (except the
-    last one in the file, which may be torn and is checked so that the offset never lands inside garbage).
+    last one in the file, which may be torn and is checked so that the offset never lands inside garbage);
+    with `trust` False they are CRC-checked too (a damaged length field must not send the walk astray).
     """
     size = os.fstat(fd).st_size
     buf, base, nbytes, n0 = b"", off, 0, len(out)
@@ -131,7 +274,7 @@ def _read_batch(fd: int, off: int, since: int, expect: int, max_records: int, ma
         total = HEADER.size + (length if kind == KIND_WRITE else 0)
         if off + total > size:
             return off, expect, _TORN
-        if seq < since and seq == expect and off + total < size:
+        if trust and seq < since and seq == expect and off + total < size:
             off, expect = off + total, seq + 1
             continue
         if len(buf) - pos < total:
@@ -143,7 +286,7 @@ def _read_batch(fd: int, off: int, since: int, expect: int, max_records: int, ma
         if zlib.crc32(mv[8:]) != crc:
             return off, expect, _TORN
         if seq != expect:
-            raise CorruptLog(f"{path}: record at byte {off} has seq {seq}, expected {expect}")
+            return off, expect, _BADSEQ
         if seq >= since:
             out.append(Record(seq, t, kind, offset, length, bytes(mv[HEADER.size:])))
             nbytes += total
@@ -174,6 +317,7 @@ class WriteLog:
         self._list_lock = threading.Lock()  # _unsynced and _dir_dirty, shared with a flushing thread
         self._sync_lock = threading.Lock()  # one flush at a time: it alone closes rolled-over fds
         self._dir_dirty = False
+        self.repairs: list[str] = []
         try:
             self._recover()
         except BaseException:
@@ -200,26 +344,55 @@ class WriteLog:
         path = self.directory / segment_name(first)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         head = os.pread(self._fd, SEGMENT_HEADER.size, 0)
-        if len(head) < SEGMENT_HEADER.size or not any(head):
-            log.warning("write log %s: segment header torn, rewriting it", path)
+        fresh = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, first)
+        if len(head) < SEGMENT_HEADER.size:
+            self._say(f"write log {path}: segment header torn, rewriting it")
             os.ftruncate(self._fd, 0)
-            os.write(self._fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, first))
-        else:
-            _check_segment_header(head, first, path)
-        off, expect, status = SEGMENT_HEADER.size, first, _MORE
-        while status == _MORE:
-            off, expect, status = _read_batch(self._fd, off, 0, expect, 4096, 8 << 20, [], path)
+            os.write(self._fd, fresh)
+        elif head != fresh:
+            magic, version, hsize, _ = SEGMENT_HEADER.unpack(head)
+            size = os.fstat(self._fd).st_size
+            if (magic == SEGMENT_MAGIC and hsize == SEGMENT_HEADER.size and version > FORMAT_VERSION
+                    and size > SEGMENT_HEADER.size and _probe(self._fd, SEGMENT_HEADER.size, size)[0] != _VALID):
+                raise CorruptLog(f"{path}: write log format version {version}, this mirrorfs writes {FORMAT_VERSION}")
+            self._say(f"write log {path}: bad segment header, rewriting it (its records are kept)")
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, fresh, 0)
+            finally:
+                os.close(fd)
+        gaps: list[Gap] = []
+        with LogFollower(self.directory, first, max_records=4096) as follower:
+            follower._no_writer = True  # we hold the writer's lock: the segment is complete, scan past damage
+            while batch := follower.poll():
+                if type(batch[0]) is Gap:
+                    gaps.append(batch[0])
+            off, expect = follower.position[1] or SEGMENT_HEADER.size, max(follower._expect, first)
         size = os.fstat(self._fd).st_size
         if off < size:
-            log.warning("write log %s: dropping a torn tail of %d bytes after seq %d",
-                        path, size - off, expect - 1)
+            n, exact = _count_torn(self._fd, off, size)
+            seqs = (f"seq {expect}" if n == 1 else f"seqs {expect}-{expect + n - 1}") + ("" if exact else " or more")
+            self._say(f"write log {path}: dropped a torn tail of {size - off} bytes at byte {off}: {seqs}, never "
+                      f"complete (the next record gets seq {expect})")
             os.ftruncate(self._fd, off)
         self._size, self._last_seq = off, expect - 1
+        if gaps:
+            self._say(f"write log {path}: damaged in the middle, starting a new segment after seq {expect - 1} "
+                      f"so readers resync past it ({'; '.join(map(str, gaps))})")
+            self._roll()
+        else:
+            _lock_segment(self._fd)
+
+    def _say(self, message: str) -> None:
+        """What recovery repaired: logged, and kept in `repairs` for whoever opened the log to show."""
+        log.warning("%s", message)
+        self.repairs.append(message)
 
     def _new_segment(self, first_seq: int) -> None:
         fd = os.open(self.directory / segment_name(first_seq),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         os.write(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, first_seq))
+        _lock_segment(fd)
         self._fd, self._size = fd, SEGMENT_HEADER.size
         with self._list_lock:
             self._dir_dirty = True
@@ -242,6 +415,8 @@ class WriteLog:
         if kind == KIND_WRITE:
             if n != length:
                 raise ValueError(f"write of length {length} with a payload of {n} bytes")
+            if n > MAX_PAYLOAD:
+                raise ValueError(f"write of {n} bytes: records hold at most {MAX_PAYLOAD}")
         elif kind not in _KINDS or n:
             raise ValueError(f"record kind {kind} with a {n}-byte payload")
         if self._size >= self.segment_bytes:
@@ -327,6 +502,12 @@ class LogFollower:
 
     Keeps one segment open and its offset; each poll returns at most `max_records` records and about
     `max_bytes` bytes (at least one record), so a huge backlog stays on disk, not in RAM.
+
+    Damage anywhere (a torn, zeroed or garbled record, a bad CRC or length, a bad segment header, a missing
+    segment, seqs that do not follow) is reported, never skipped in silence and never a dead end: `poll()`
+    then returns a one-item batch `[Gap(...)]` naming the exact seqs lost, in its place in seq order, and the
+    next poll goes on with the next good record. The good path pays nothing for this: checking the type of
+    a batch's first item is all a consumer does.
     """
 
     def __init__(self, directory: Path, since: int = 1, *, max_records: int = 1024,
@@ -338,6 +519,9 @@ class LogFollower:
         self._fd = -1
         self._off = 0
         self._expect = 0
+        self._no_writer = False  # set by WriteLog's recovery, which holds the writer's lock itself
+        self._trust = True  # skip records below `since` by their header lengths alone (off after damage there)
+        self._scan_at: tuple[tuple[int, int], int] = ((0, 0), 0)  # ((segment, bad offset), scanned up to)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -346,20 +530,22 @@ class LogFollower:
 
     def _open(self, first: int) -> bool:
         path = self.directory / segment_name(first)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # listed a moment ago: only a human removes segments; the next poll lists again
         head = os.pread(fd, SEGMENT_HEADER.size, 0)
-        if len(head) < SEGMENT_HEADER.size:  # the writer is creating it
+        if len(head) < SEGMENT_HEADER.size and list_segments(self.directory)[-1:] == [first]:
             os.close(fd)
-            if list_segments(self.directory)[-1] != first:
-                raise CorruptLog(f"{path}: segment header missing")
-            return False
+            return False  # the writer is creating it
         try:
             _check_segment_header(head, first, path)
-        except CorruptLog:
-            os.close(fd)
-            raise
+        except (CorruptLog, struct.error) as exc:
+            log.warning("write log %s: bad segment header (%s); reading its records anyway", path,
+                        str(exc).removeprefix(f"{path}: ") if isinstance(exc, CorruptLog) else "torn")
         self._close_fd()
         self._fd, self._seg, self._off, self._expect = fd, first, SEGMENT_HEADER.size, first
+        self._trust = True
         return True
 
     def _close_fd(self) -> None:
@@ -367,8 +553,8 @@ class LogFollower:
             os.close(self._fd)
             self._fd = -1
 
-    def poll(self) -> list[Record]:
-        """Records appended since the last poll (empty when there are none yet)."""
+    def poll(self) -> list[Record] | list[Gap]:
+        """Records appended since the last poll (empty when there are none yet), or `[Gap]` for lost seqs."""
         out: list[Record] = []
         while True:
             if self._fd < 0:
@@ -378,27 +564,104 @@ class LogFollower:
                 start = max((s for s in segs if s <= self.since), default=segs[0])
                 if not self._open(start):
                     return out
+                if start > self.since:
+                    gap = self._gap(self.since, start - 1, start, 0,
+                                    f"no segment holds them: the log starts at seq {start}")
+                    if gap is not None:
+                        return [gap]
             status = self._read(out)
             if status == _MORE or out:
                 return out
             nxt = min((s for s in list_segments(self.directory) if s > self._seg), default=0)
-            if not nxt:
-                return out
-            # The writer has moved on, so this segment is complete: read it to its end once more.
-            status = self._read(out)
-            if out:
-                return out
-            if status != _END:
-                raise CorruptLog(f"{self.directory / segment_name(self._seg)}: bad record at byte {self._off}"
-                                 " before the end of a complete segment")
-            if not self._open(nxt):
+            if nxt:
+                status = self._read(out)  # the writer has moved on, so this segment is complete: to its end
+                if out:
+                    return out
+            if status == _END:
+                if not nxt:
+                    return out
+                moved, gap = self._next_segment(nxt, None)
+            else:
+                moved, gap = self._damaged(nxt)
+            if gap is not None:
+                return [gap]
+            if not moved:
                 return out
 
     def _read(self, out: list[Record]) -> int:
         self._off, self._expect, status = _read_batch(
-            self._fd, self._off, self.since, self._expect, self.max_records, self.max_bytes, out,
-            self.directory / segment_name(self._seg))
+            self._fd, self._off, self.since, self._expect, self.max_records, self.max_bytes, out, self._trust)
         return status
+
+    def _gap(self, first: int, last: int, seg: int, offset: int, why: str) -> Gap | None:
+        """A Gap for the seqs this reader was asked for (from `since`), None when that leaves none."""
+        first = max(first, self.since)
+        if first > last:
+            return None
+        gap = Gap(first, last, segment_name(seg), offset, why)
+        log.warning("%s", gap)
+        return gap
+
+    def _next_segment(self, nxt: int, why: str | None) -> tuple[bool, Gap | None]:
+        """Go on with segment `nxt`; a Gap for the seqs between where this one ended and where `nxt` starts."""
+        seg, off, expect = self._seg, self._off, self._expect
+        if not self._open(nxt):
+            return False, None
+        if nxt < expect:  # overlapping segments: what this reader has passed is not read twice
+            log.warning("write log %s starts at seq %d, the previous segment reached seq %d: skipping those",
+                        segment_name(nxt), nxt, expect - 1)
+            self.since = max(self.since, expect)
+            return True, None
+        return True, self._gap(expect, nxt - 1, seg, off, why or f"the segment ends at seq {expect - 1} and the "
+                               f"next, {segment_name(nxt)}, starts at seq {nxt} (a segment missing or misnamed)")
+
+    def _damaged(self, nxt: int) -> tuple[bool, Gap | None]:
+        """At a record the fast path refused: find the next good one (moved, Gap); (False, None) means wait.
+
+        The segment is complete when a later one exists or no writer holds it; in the segment a writer is
+        appending to, a record still being written (short or incomplete) is waited for, never skipped: its
+        payload is guest data, and a record forged inside it must not make a reader jump ahead.
+        """
+        fd, off, expect = self._fd, self._off, self._expect
+        if expect < self.since and self._trust:  # walked by unchecked lengths: walk again, checking each record
+            self._trust, self._off, self._expect = False, SEGMENT_HEADER.size, self._seg
+            return True, None
+        size = os.fstat(fd).st_size
+        state, seq, total = _probe(fd, off, size)
+        hi = nxt - 1 if nxt else None
+        if state == _VALID:  # a good record whose seq does not follow
+            if seq < expect:
+                log.warning("write log %s: the record at byte %d has seq %d, already passed (expected %d): skipped",
+                            segment_name(self._seg), off, seq, expect)
+                self._off = off + total
+                return True, None
+            if hi is None or seq <= hi:
+                return True, self._resume(off, seq, off, f"the record at byte {off} has seq {seq}, expected {expect}")
+            state = _BAD  # a seq at or past the next segment's start cannot be in this one
+        if (state in (_SHORT, _INCOMPLETE) and not nxt and not self._no_writer
+                and _writer_holds(fd)):
+            return False, None
+        found = None
+        if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is
+            ok, seq, _ = _candidate(fd, off + total, size, expect, off, hi)
+            found = (off + total, seq) if ok > 0 else None
+        if found is None:
+            key = (self._seg, off)
+            start = max(off + 1, self._scan_at[1]) if self._scan_at[0] == key else off + 1
+            found, reached = _find_record(fd, start, size, expect, off, hi)
+            self._scan_at = (key, reached)
+        what = _DAMAGE[state]
+        if found is None:
+            if not nxt:
+                return False, None  # a torn tail (the writer cuts it on start), or nothing written past it yet
+            return self._next_segment(nxt, f"{what} at byte {off}, and no good record after it in the segment")
+        return True, self._resume(found[0], found[1], off,
+                                  f"{what} at byte {off}; the next good record is at byte {found[0]}")
+
+    def _resume(self, pos: int, seq: int, damage: int, why: str) -> Gap | None:
+        gap = self._gap(self._expect, seq - 1, self._seg, damage, why)
+        self._off, self._expect = pos, seq
+        return gap
 
     def close(self) -> None:
         self._close_fd()
@@ -410,18 +673,26 @@ class LogFollower:
         self.close()
 
 
-def read_records(directory: Path, since: int = 1, until: int | None = None) -> Iterator[Record]:
-    """Records with since <= seq <= until, as far as the log reached when the call started (never torn)."""
+def read_records(directory: Path, since: int = 1, until: int | None = None) -> Iterator[Record | Gap]:
+    """Records with since <= seq <= until, as far as the log reached when the call started (never torn).
+
+    Lost seqs come as a `Gap` item in their place (see LogFollower)."""
     segs = list_segments(directory)
     if not segs:
         return
     end = (segs[-1], os.stat(Path(directory) / segment_name(segs[-1])).st_size)
     with LogFollower(directory, since) as follower:
         while batch := follower.poll():
-            for rec in batch:
-                if until is not None and rec.seq > until:
+            if type(batch[0]) is Gap:
+                gap = batch[0]
+                if until is not None and gap.first_seq > until:
                     return
-                yield rec
+                yield gap if until is None or gap.last_seq <= until else replace(gap, last_seq=until)
+            else:
+                for rec in batch:
+                    if until is not None and rec.seq > until:
+                        return
+                    yield rec
             if follower.position >= end:
                 return
 
@@ -434,12 +705,14 @@ def last_seq(directory: Path) -> int:
     last = segs[-1] - 1
     with LogFollower(directory, segs[-1], max_bytes=1 << 20) as follower:
         while batch := follower.poll():
-            last = batch[-1].seq
+            if type(batch[0]) is not Gap:
+                last = batch[-1].seq
     return last
 
 
-async def follow(directory: Path, since: int = 1, *, interval: float = 0.05) -> AsyncIterator[Record]:
-    """Every record from `since` on, forever, waiting `interval` seconds when caught up.
+async def follow(directory: Path, since: int = 1, *, interval: float = 0.05) -> AsyncIterator[Record | Gap]:
+    """Every record from `since` on, forever, waiting `interval` seconds when caught up; a `Gap` in place of
+    lost seqs.
 
     File reads run in a worker thread so a slow disk never stalls the trio thread (the tap's ack path).
     """
