@@ -51,6 +51,7 @@ REP_INFO = 3
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
 
 # Information types (NBD_OPT_INFO / NBD_OPT_GO).
@@ -91,6 +92,13 @@ MAX_OPTION_LENGTH = 64 << 10
 MAX_STRING = 4096  # the spec's limit on names and descriptions
 REQUEST_SIZE = 28
 MAX_BUFFERED = MAX_PAYLOAD + REQUEST_SIZE  # bound on bytes held between calls once drained
+# Reply bytes queued but not yet sent, per connection. A transport takes no further request (next_event)
+# while `queued_output` >= SEND_THRESHOLD: it sends first. One event adds at most one reply (<= MAX_PAYLOAD
+# plus a 16-byte header) on top, so a client that pipelines READs and never reads the replies makes us hold
+# less than MAX_OUTSTANDING (33 MiB) of replies. WRITE acks (16 bytes) never reach the threshold within one
+# received chunk, so the exact-mode ack path sends once per chunk, as before.
+SEND_THRESHOLD = 1 << 20
+MAX_OUTSTANDING = SEND_THRESHOLD + MAX_PAYLOAD + 16
 
 # Wire layouts, declared once.
 GREETING = struct.Struct(">QQH")
@@ -175,6 +183,12 @@ class Read:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: send data_to_send() in clear, then run the TLS handshake as the
+    server and carry every later byte over TLS. Nothing the client sent before its handshake is kept."""
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """The client left cleanly (NBD_CMD_DISC or NBD_OPT_ABORT)."""
 
@@ -199,7 +213,7 @@ def _new_write(handle: int, offset: int, data: memoryview, flags: int) -> Write:
     return event
 
 
-Event = ExportSelected | Write | WriteZeroes | Flush | Trim | Read | Disconnect | ProtocolError
+Event = ExportSelected | Write | WriteZeroes | Flush | Trim | Read | StartTLS | Disconnect | ProtocolError
 
 _CLIENT_FLAGS, _OPTIONS, _TRANSMISSION = range(3)
 
@@ -209,10 +223,12 @@ class NBDServer:
 
     Feed received bytes to receive_data(), drain next_event() until None, answer each command event with
     reply(), send data_to_send(). Requests that are invalid but framed (out of range, read-only, bad flags,
-    unknown command) are answered here with an error and produce no event.
+    unknown command) are answered here with an error and produce no event. With `tls=True` the server runs
+    the spec's FORCEDTLS mode: every option before NBD_OPT_STARTTLS (but ABORT) gets NBD_REP_ERR_TLS_REQD,
+    NBD_OPT_EXPORT_NAME hangs up, and STARTTLS yields a StartTLS event for the transport to act on.
     """
 
-    def __init__(self, exports: Mapping[str, Export]) -> None:
+    def __init__(self, exports: Mapping[str, Export], *, tls: bool = False) -> None:
         for key, export in exports.items():
             if key != export.name:
                 raise ValueError(f"export key {key!r} differs from its name {export.name!r}")
@@ -221,6 +237,8 @@ class NBDServer:
         self._state = _CLIENT_FLAGS
         self._closed = False
         self._no_zeroes = False
+        self._tls_required = tls
+        self._tls_started = False
         self._export: Export | None = None
         self._size = 0
         self._read_only = False
@@ -246,6 +264,16 @@ class NBDServer:
     def export(self) -> Export | None:
         """The export chosen by the client, once transmission has begun."""
         return self._export
+
+    @property
+    def tls_started(self) -> bool:
+        """STARTTLS was acknowledged: every later byte must travel inside TLS."""
+        return self._tls_started
+
+    @property
+    def queued_output(self) -> int:
+        """Bytes queued for the client and not yet taken by data_to_send() (see SEND_THRESHOLD)."""
+        return len(self._out)
 
     @property
     def buffered(self) -> int:
@@ -365,6 +393,8 @@ class NBDServer:
             (flags,) = CLIENT_FLAGS.unpack(raw)
             if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
                 return self._fail(f"unknown client flags {flags:#x}")
+            if self._tls_required and not flags & FLAG_C_FIXED_NEWSTYLE:
+                return self._fail("TLS is required and needs fixed newstyle negotiation, which the client lacks")
             self._no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
             self._state = _OPTIONS
         while True:
@@ -401,6 +431,13 @@ class NBDServer:
             return None
 
     def _handle_option(self, option: int, data: bytes) -> Event | None:
+        if option == OPT_STARTTLS:
+            return self._starttls(data)
+        if self._tls_required and not self._tls_started and option != OPT_ABORT:
+            if option == OPT_EXPORT_NAME:  # cannot be answered with an error: the spec says hang up
+                return self._fail("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and this server requires TLS")
+            self._opt_reply(option, REP_ERR_TLS_REQD, b"this server requires TLS: send NBD_OPT_STARTTLS first")
+            return None
         if option == OPT_EXPORT_NAME:
             export = self._lookup(data)
             if export is None:  # this option cannot return an error: the spec says hang up
@@ -427,6 +464,24 @@ class NBDServer:
         # NBD_OPT_STRUCTURED_REPLY included: we only ever send simple replies.
         self._opt_reply(option, REP_ERR_UNSUP)
         return None
+
+    def _starttls(self, data: bytes) -> Event | None:
+        if not self._tls_required:
+            self._opt_reply(OPT_STARTTLS, REP_ERR_UNSUP)  # NOTLS mode
+            return None
+        if self._tls_started:
+            self._opt_reply(OPT_STARTTLS, REP_ERR_INVALID, b"TLS is already running")
+            return None
+        if data:
+            self._opt_reply(OPT_STARTTLS, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return None
+        if self.buffered:
+            # Bytes sent in clear behind STARTTLS, before the ACK: taking them as if they came through TLS
+            # is the STARTTLS injection flaw (cf. CVE-2011-0411). The client broke the protocol: hang up.
+            return self._fail("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        self._opt_reply(OPT_STARTTLS, REP_ACK)
+        self._tls_started = True
+        return StartTLS()
 
     def _info(self, option: int, data: bytes) -> Event | None:
         if len(data) < 6:

@@ -2,6 +2,9 @@
 
 The ack path is the guest's critical path in exact mode, so a WRITE is appended to the log,
 applied to the replica and acked in the same pass, with no task switch and no copy we can avoid.
+Every client may be hostile: replies waiting to be sent are bounded per connection (nbd.MAX_OUTSTANDING),
+connections per listener set (MAX_CONNECTIONS), the handshake in time (HANDSHAKE_TIMEOUT), and with
+TLS credentials nothing but NBD_OPT_STARTTLS is answered before the TLS handshake.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +21,55 @@ import trio
 
 from tap import nbd
 from tap.replica import BlockReplica
+from tap.state import prepare_socket, secure_socket
 from tap.writelog import KIND_FLUSH, KIND_TRIM, KIND_WRITE, KIND_ZEROES, WriteLog
 
 log = logging.getLogger("mirrorfs.tap")
+
+MAX_CONNECTIONS = 16  # per serve_nbd() call; one more is closed at once
+HANDSHAKE_TIMEOUT = 30.0  # seconds from accept to an export chosen (TLS handshake included)
+RECEIVE_SIZE = 1 << 20
+# QEMU's tls-creds-x509 layout (endpoint=server, verify-peer=on): the CA that signs both ends, our certificate
+# and key; ca-crl.pem is optional.
+TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+TLS_PSK_UNSUPPORTED = ("TLS-PSK is not available: Python 3.11's ssl module has no PSK API (it arrives in "
+                       "Python 3.13); give x509 credentials with --tls-creds DIR instead (ca-cert.pem, "
+                       "server-cert.pem, server-key.pem, as QEMU's tls-creds-x509 takes them)")
+
+
+class TLSConfigError(ValueError):
+    """The TLS credentials cannot be used; the message names the file, the cause and the fix."""
+
+
+def _no_key_password() -> bytes:
+    raise TLSConfigError("the key is encrypted")
+
+
+def server_tls_context(creds: Path) -> ssl.SSLContext:
+    """A server context from a QEMU-style x509 credentials directory, verifying client certificates
+    against ca-cert.pem (as QEMU's verify-peer=on default does): TLS without client certificates would
+    encrypt the disk for anyone who asks, which authenticates nobody."""
+    creds = Path(creds)
+    missing = [name for name in TLS_FILES if not (creds / name).is_file()]
+    if missing:
+        raise TLSConfigError(f"--tls-creds {creds}: missing {', '.join(missing)} (the directory holds "
+                             f"{', '.join(TLS_FILES)}, as QEMU's tls-creds-x509 endpoint=server takes them)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    step = "server-cert.pem/server-key.pem"
+    try:
+        ctx.load_cert_chain(creds / "server-cert.pem", creds / "server-key.pem", password=_no_key_password)
+        step = "ca-cert.pem"
+        ctx.load_verify_locations(cafile=creds / "ca-cert.pem")
+        if (creds / "ca-crl.pem").is_file():
+            step = "ca-crl.pem"
+            ctx.load_verify_locations(cafile=creds / "ca-crl.pem")
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    except (ssl.SSLError, OSError, TLSConfigError) as exc:
+        raise TLSConfigError(f"--tls-creds {creds}: cannot use {step}: {exc} (PEM files are expected; "
+                             "an encrypted key is not supported)") from None
+    return ctx
 
 
 @dataclass
@@ -29,6 +79,7 @@ class TapStats:
     flushes: int = 0
     reads: int = 0
     connections: int = 0
+    refused: int = 0  # connections closed at once: over MAX_CONNECTIONS
     errors: int = 0
     last_error: str = ""
 
@@ -84,29 +135,92 @@ def _errno_reply(exc: OSError) -> int:
     return nbd.ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else nbd.EIO
 
 
+class _Conn:
+    """The stream a connection speaks on: the socket, then the SSLStream over it after STARTTLS."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+
 async def serve_connection(stream: trio.abc.Stream, exports: dict[str, nbd.Export],
-                           backend: TapBackend) -> None:
-    """Speak NBD on one connection until the client leaves or misbehaves."""
-    proto = nbd.NBDServer(exports=exports)
+                           backend: TapBackend, *, tls: ssl.SSLContext | None = None) -> None:
+    """Speak NBD on one connection until the client leaves or misbehaves; with `tls`, only over TLS."""
+    proto = nbd.NBDServer(exports=exports, tls=tls is not None)
     backend.stats.connections += 1
+    conn = _Conn(stream)
     try:
-        await stream.send_all(proto.data_to_send())
-        while not proto.closed:
-            data = await stream.receive_some(1 << 20)
-            if not data:
-                proto.connection_lost()
-                break
-            proto.receive_data(data)
-            while (ev := proto.next_event()) is not None:
-                await _handle(proto, ev, backend)
-            out = proto.data_to_send()
-            if out:
-                await stream.send_all(out)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as deadline:
+            await stream.send_all(proto.data_to_send())  # the greeting
+            chosen = await _negotiate(conn, proto, backend, tls)
+        if deadline.cancelled_caught:
+            _drop(backend, f"no export chosen within {HANDSHAKE_TIMEOUT:.0f} s of connecting")
+        elif chosen:
+            await _transmit(conn.stream, proto, backend)
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLError):  # a failed TLS handshake: no or a bad certificate
+            _drop(backend, f"TLS: {exc.__cause__}")
+    except (trio.ClosedResourceError, ConnectionError):
         pass
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()
+            await conn.stream.aclose()
+
+
+def _drop(backend: TapBackend, message: str) -> None:
+    backend.stats.errors += 1
+    backend.stats.last_error = message
+    log.warning("NBD client dropped: %s", message)
+
+
+async def _negotiate(conn: _Conn, proto: nbd.NBDServer, backend: TapBackend, tls: ssl.SSLContext | None) -> bool:
+    """Option haggling, and the TLS upgrade on STARTTLS; True once an export is chosen."""
+    while not proto.closed:
+        while (ev := proto.next_event()) is not None:
+            if isinstance(ev, nbd.ExportSelected):
+                return True
+            if isinstance(ev, nbd.StartTLS):
+                assert tls is not None  # NBDServer acks STARTTLS only when told TLS is configured
+                await conn.stream.send_all(proto.data_to_send())  # the ACK, in clear
+                conn.stream = trio.SSLStream(conn.stream, tls, server_side=True)
+                await conn.stream.do_handshake()
+            else:
+                await _handle(proto, ev, backend)  # Disconnect, ProtocolError
+        out = proto.data_to_send()
+        if out:
+            await conn.stream.send_all(out)
+        if proto.closed:
+            break
+        data = await conn.stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            proto.connection_lost()
+            break
+        proto.receive_data(data)
+    return False
+
+
+async def _transmit(stream: trio.abc.Stream, proto: nbd.NBDServer, backend: TapBackend) -> None:
+    """The request loop. Replies go out once per received chunk, or sooner when SEND_THRESHOLD bytes wait:
+    then no further request is taken until they are sent, so a client that never reads its replies stalls
+    only itself, holding at most nbd.MAX_OUTSTANDING of ours. The check is a length compare per event."""
+    next_event, receive_some, send_all = proto.next_event, stream.receive_some, stream.send_all
+    threshold = nbd.SEND_THRESHOLD
+    while True:
+        while (ev := next_event()) is not None:
+            await _handle(proto, ev, backend)
+            if proto.queued_output >= threshold:
+                await send_all(proto.data_to_send())
+        out = proto.data_to_send()
+        if out:
+            await send_all(out)
+        if proto.closed:
+            return
+        data = await receive_some(RECEIVE_SIZE)
+        if not data:
+            proto.connection_lost()
+            return
+        proto.receive_data(data)
 
 
 async def _handle(proto: nbd.NBDServer, ev: object, backend: TapBackend) -> None:
@@ -127,9 +241,7 @@ async def _handle(proto: nbd.NBDServer, ev: object, backend: TapBackend) -> None
             case nbd.Read(handle=h, offset=off, length=n):
                 proto.reply(h, data=backend.read(off, n))
             case nbd.ProtocolError(message=m):
-                backend.stats.errors += 1
-                backend.stats.last_error = m
-                log.warning("NBD client dropped: %s", m)
+                _drop(backend, m)
     except OSError as exc:
         # Never pretend a write was recorded: fail it, QEMU's job pauses (on-target-error=stop)
         # and re-sends once the cause (usually a full disk) is fixed.
@@ -153,16 +265,25 @@ def parse_listen(addr: str) -> tuple[str, str | Path, int]:
     raise ValueError(f"bad listen address {addr!r}: use unix:/path/to/sock or tcp:HOST:PORT")
 
 
+def check_listen(addrs: list[str] | tuple[str, ...], *, tls: bool, read_only: bool, fix: str) -> None:
+    """Refuse a tcp listener that would serve a writable export without TLS: anyone who reaches the port
+    could read the disk and inject writes. `fix` completes the one-line error with what the caller can do."""
+    for addr in addrs:
+        if parse_listen(addr)[0] == "tcp" and not tls and not read_only:
+            raise TLSConfigError(f"--listen {addr} would serve the disk to anyone who reaches the port, with no "
+                                 f"authentication: {fix}")
+
+
 async def open_listeners(addrs: list[str]) -> list[trio.SocketListener]:
     listeners: list[trio.SocketListener] = []
     for addr in addrs:
         kind, where, port = parse_listen(addr)
         if kind == "unix":
             path = Path(where)
-            if path.is_socket():
-                path.unlink()  # stale: the caller holds the state-dir lock
+            prepare_socket(path)  # stale: the caller holds the state-dir lock; a /tmp fallback dir made private
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             await sock.bind(os.fspath(path))
+            secure_socket(path)  # 0600 (0660 with --group) before anyone can connect
             sock.listen(16)
             listeners.append(trio.SocketListener(sock))
         else:
@@ -171,10 +292,25 @@ async def open_listeners(addrs: list[str]) -> list[trio.SocketListener]:
 
 
 async def serve_nbd(listeners: list[trio.SocketListener], exports: dict[str, nbd.Export],
-                    backend: TapBackend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-    """Serve every client concurrently; one bad client never stops the others."""
+                    backend: TapBackend, *, tls: ssl.SSLContext | None = None,
+                    max_connections: int = MAX_CONNECTIONS,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve every client concurrently; one bad client never stops the others. At most `max_connections`
+    at once across these listeners: one more is closed at once, with a log line."""
+    active = 0
+
     async def handler(stream: trio.abc.Stream) -> None:
-        await serve_connection(stream, exports, backend)
+        nonlocal active
+        if active >= max_connections:
+            backend.stats.refused += 1
+            log.warning("NBD connection refused: %d connections are open, the limit", max_connections)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+            return
+        active += 1
+        try:
+            await serve_connection(stream, exports, backend, tls=tls)
+        finally:
+            active -= 1
 
     await trio.serve_listeners(handler, listeners, task_status=task_status)

@@ -421,3 +421,164 @@ def test_connection_lost() -> None:
     assert server.next_event() is None
     server.connection_lost()
     assert server.closed and server.buffered == 0 and events(server, b"x" * 100) == []
+
+
+# --- hostile offsets and lengths (issue 9) ---------------------------------------------------------------
+
+U64_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+
+
+@pytest.mark.parametrize(("kind", "error"), [
+    (nbd.CMD_WRITE, nbd.ENOSPC), (nbd.CMD_WRITE_ZEROES, nbd.ENOSPC), (nbd.CMD_TRIM, nbd.EINVAL),
+    (nbd.CMD_READ, nbd.EINVAL)])
+@pytest.mark.parametrize(("offset", "length"), [
+    (SIZE, 1),  # just past the end
+    (SIZE - 1, 2),  # straddling the end
+    (U64_MAX, 1),  # offset + length = 2^64: wraps to 0 in a 64-bit server
+    (U64_MAX, 0),  # zero length, still out of range
+    (U64_MAX - 511, 512),  # ends exactly at 2^64
+    (2**63, 512),  # negative as a signed 64-bit offset
+    (1, U32_MAX),  # a length larger than the export (WRITE/READ: no payload follows, see below)
+    (U64_MAX - U32_MAX + 1, U32_MAX),
+])
+def test_requests_beyond_the_export_are_refused(kind: int, error: int, offset: int, length: int) -> None:
+    """Every range check is in unbounded integers: no wrap-around at 2^64, no event reaches the backend,
+    and the connection goes on (a refused WRITE's payload is skipped, not held)."""
+    server, client = rw_server()
+    payload_len = length if kind == nbd.CMD_WRITE and length <= nbd.MAX_PAYLOAD else 0
+    if kind in (nbd.CMD_WRITE, nbd.CMD_READ) and length > nbd.MAX_PAYLOAD:
+        # Over the maximum payload we advertised: a WRITE's payload cannot be framed, a READ is a protocol
+        # violation; both hang up rather than allocate.
+        evs = events(server, client.request(kind, 1, offset, length))
+        assert len(evs) == 1 and isinstance(evs[0], ProtocolError) and server.closed
+        return
+    req = client.request(kind, 1, offset, length, payload=bytes(payload_len)) if payload_len else \
+        client.request(kind, 1, offset, length)
+    after = client.request(nbd.CMD_WRITE, 2, SIZE - 3, payload=b"end")
+    assert events(server, req + after) == [Write(2, SIZE - 3, b"end", 0)]
+    client.feed(server.data_to_send())
+    assert client.simple_reply() == (error, 1, b"")
+    assert server.buffered == 0 and not server.closed
+
+
+def test_exact_end_is_accepted() -> None:
+    server, client = rw_server()
+    evs = events(server, client.request(nbd.CMD_WRITE_ZEROES, 1, 0, SIZE) + client.request(nbd.CMD_TRIM, 2, 0, SIZE)
+                 + client.request(nbd.CMD_READ, 3, SIZE - 512, 512))
+    assert evs == [WriteZeroes(1, 0, SIZE, 0), Trim(2, 0, SIZE), Read(3, SIZE - 512, 512)]
+
+
+def test_queued_output_counts_what_waits_to_be_sent() -> None:
+    """The transport's backpressure reads `queued_output`: it must grow with each reply and drop to 0 when
+    data_to_send() takes it; SEND_THRESHOLD + one largest reply is the stated bound."""
+    server, client = rw_server()
+    assert server.queued_output == 0
+    assert events(server, client.request(nbd.CMD_READ, 1, 0, 4096)) == [Read(1, 0, 4096)]
+    server.reply(1, data=bytes(4096))
+    assert server.queued_output == 16 + 4096
+    assert len(server.data_to_send()) == 16 + 4096 and server.queued_output == 0
+    assert nbd.MAX_OUTSTANDING == nbd.SEND_THRESHOLD + nbd.MAX_PAYLOAD + 16 <= 2 * nbd.MAX_PAYLOAD + 16
+
+
+# --- TLS (NBD_OPT_STARTTLS, FORCEDTLS mode) ---------------------------------------------------------------
+
+def tls_server() -> tuple[NBDServer, Client]:
+    server = NBDServer({"disk0": Export("disk0", SIZE)}, tls=True)
+    client = Client()
+    client.feed(server.data_to_send())
+    client.greeting()
+    assert events(server, struct.pack(">I", 3)) == []
+    return server, client
+
+
+def test_tls_required_refuses_every_option_before_starttls() -> None:
+    server, client = tls_server()
+    opts = [(nbd.OPT_LIST, b""), (nbd.OPT_STRUCTURED_REPLY, b""), (nbd.OPT_INFO, client.go_data("disk0")),
+            (nbd.OPT_GO, client.go_data("disk0")), (99, b"junk")]
+    assert events(server, b"".join(client.option(o, d) for o, d in opts)) == []
+    client.feed(server.data_to_send())
+    for opt, _ in opts:
+        got_opt, rep, _msg = client.option_reply()
+        assert (got_opt, rep) == (opt, nbd.REP_ERR_TLS_REQD)
+    assert not client.buf and server.export is None and not server.tls_started
+    # ABORT is still honoured in clear.
+    assert events(server, client.option(nbd.OPT_ABORT)) == [Disconnect()]
+
+
+def test_tls_required_export_name_hangs_up() -> None:
+    server, client = tls_server()
+    evs = events(server, client.option(nbd.OPT_EXPORT_NAME, b"disk0"))
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolError) and "TLS" in evs[0].message
+    assert server.closed and server.export is None
+    assert server.data_to_send() == b""  # no export size, no flags: nothing in clear
+
+
+def test_tls_required_needs_fixed_newstyle() -> None:
+    server = NBDServer({"disk0": Export("disk0", SIZE)}, tls=True)
+    server.data_to_send()
+    evs = events(server, struct.pack(">I", 0))
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolError) and server.closed
+
+
+def test_starttls_then_the_handshake_goes_on_inside_tls() -> None:
+    server, client = tls_server()
+    assert events(server, client.option(nbd.OPT_STARTTLS)) == [nbd.StartTLS()]
+    assert server.tls_started
+    client.feed(server.data_to_send())
+    assert client.option_reply() == (nbd.OPT_STARTTLS, nbd.REP_ACK, b"") and not client.buf
+    # What follows is what the transport decrypted: ordinary option haggling, then transmission.
+    evs = events(server, client.option(nbd.OPT_STARTTLS) + client.option(nbd.OPT_GO, client.go_data("disk0")))
+    assert [type(e) for e in evs] == [ExportSelected]
+    client.feed(server.data_to_send())
+    assert client.option_reply()[:2] == (nbd.OPT_STARTTLS, nbd.REP_ERR_INVALID)  # already running
+    assert client.option_replies()[-1] == (nbd.OPT_GO, nbd.REP_ACK, b"")
+
+
+def test_starttls_with_data_is_invalid() -> None:
+    server, client = tls_server()
+    assert events(server, client.option(nbd.OPT_STARTTLS, b"x")) == []
+    client.feed(server.data_to_send())
+    assert client.option_reply()[:2] == (nbd.OPT_STARTTLS, nbd.REP_ERR_INVALID)
+    assert not server.tls_started and not server.closed
+
+
+def test_bytes_in_clear_behind_starttls_are_refused() -> None:
+    """A client (or a man in the middle) that sends a GO in clear right behind STARTTLS must not have it
+    taken as if it had come through TLS."""
+    server, client = tls_server()
+    evs = events(server, client.option(nbd.OPT_STARTTLS) + client.option(nbd.OPT_GO, client.go_data("disk0")))
+    assert len(evs) == 1 and isinstance(evs[0], ProtocolError) and server.closed
+    assert not server.tls_started and server.export is None and server.data_to_send() == b""
+
+
+def test_starttls_without_tls_configured_is_unsupported() -> None:
+    server = NBDServer({"disk0": Export("disk0", SIZE)})
+    client = Client()
+    client.feed(server.data_to_send())
+    client.greeting()
+    assert events(server, struct.pack(">I", 3) + client.option(nbd.OPT_STARTTLS)) == []
+    client.feed(server.data_to_send())
+    assert client.option_reply() == (nbd.OPT_STARTTLS, nbd.REP_ERR_UNSUP, b"")
+    assert not server.tls_started
+
+
+def test_tls_required_random_options_never_reach_an_export_in_clear() -> None:
+    """Whatever a client sends in clear (any option, any data, any split), a TLS server never selects an
+    export nor sends export facts before StartTLS, and never raises."""
+    import random
+
+    rng = random.Random(9)
+    options = (nbd.OPT_EXPORT_NAME, nbd.OPT_ABORT, nbd.OPT_LIST, nbd.OPT_STARTTLS, nbd.OPT_INFO, nbd.OPT_GO,
+               nbd.OPT_STRUCTURED_REPLY, 99)
+    for _ in range(2000):
+        server, client = tls_server()
+        stream = b"".join(client.option(rng.choice(options), rng.randbytes(rng.choice((0, 0, 6, 12))))
+                          for _ in range(rng.randint(1, 6)))
+        cut = rng.randint(0, len(stream))
+        evs = events(server, stream[:cut]) + events(server, stream[cut:])
+        started = next((i for i, e in enumerate(evs) if isinstance(e, nbd.StartTLS)), len(evs))
+        assert not any(isinstance(e, ExportSelected) for e in evs[:started])
+        if started == len(evs):
+            assert server.export is None and not server.tls_started
+            assert struct.pack(">Q", SIZE) not in bytes(server.data_to_send())
