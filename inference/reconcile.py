@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from inference.events import Mutation, fs_path
+from inference.names import all_valid, bad_name_reason
 from inference.shadow import ROOT_INO, Node, ShadowTree
 
 CREATE_KIND = {"file": "create", "dir": "mkdir", "symlink": "symlink"}
@@ -120,6 +121,7 @@ class Reconciler:
         Names are decided in passes; each may hold some back (their directories are re-read later): names of
         reused numbers, entries ahead of their inodes or parents, second names, ambiguous moves, half renames.
         """
+        refused = self._refuse_bad_names(change, ctx)
         self._forget_old(ctx.time)
         p = _Point(self.tree, change, ctx.time, settled)
         p.dirs = {d: self._unstale(d, entries, settled, p.retry) for d, entries in change.dirs.items()}
@@ -146,7 +148,7 @@ class Reconciler:
         # Inodes with names still waiting: their record is ahead of their names in the tree.
         behind = {i for _, _, i in deferred_add | deferred_rem}
         ops = self._pair(p.ok_removed, p.ok_added, p.reborn)
-        events = self._schedule(ops, change, ctx, created, p.reborn, behind)
+        events = refused + self._schedule(ops, change, ctx, created, p.reborn, behind)
         # Settle: whatever the order, the tree now holds the directories as re-read, except for the
         # names that wait for their other half.
         for d, entries in p.dirs.items():
@@ -167,6 +169,23 @@ class Reconciler:
         return events, p.retry
 
     # -- the passes of apply, in order
+
+    def _refuse_bad_names(self, change: Change, ctx: Context) -> list[Mutation]:
+        """The last gate before names reach the tree: a handler applies the name policy (inference/names.py) and
+        reports what it refuses; a name that got here anyway ('', '.', '..', '/' or NUL in it) is dropped too."""
+        events: list[Mutation] = []
+        for d, entries in change.dirs.items():
+            if all_valid(entries.keys()):
+                continue
+            bad = [n for n in entries if bad_name_reason(n) is not None]
+            for n in bad:
+                ino = entries.pop(n)
+                events.append(Mutation(seq=ctx.seq, time=ctx.time, kind="error", fs=ctx.fs, vm=ctx.vm,
+                                       path=fs_path(self.tree.path(d) or b"?"),
+                                       ino=d, message=f"bad name left out: directory inode {d}, entry inode {ino}, "
+                                       f"name (hex) '{n.hex()}': {bad_name_reason(n)} (not refused by the handler)",
+                                       extra={"dir_ino": d, "entry_ino": ino, "name_hex": n.hex()}))
+        return events
 
     def _past(self, since: float, now: float) -> bool:
         return self.deadline_passed or now - since > self.MAX_WAIT

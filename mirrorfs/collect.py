@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 from inference.events import Mutation, parse_id
+from inference.names import escape_name
 from mirrorfs.filters import Filter
-from mirrorfs.publish import DEFAULT_REGISTRY, Backoff
+from mirrorfs.publish import DEFAULT_REGISTRY, Backoff, auth_failed
 
 log = logging.getLogger("mirrorfs.collect")
 
@@ -42,10 +43,12 @@ def done_key(group: str) -> str:
 class Collector:
     def __init__(self, url: str, *, group: str = "mirrorfs", consumer: str | None = None,
                  registry: str = DEFAULT_REGISTRY, pattern: str = "mirrorfs:events:*", flt: Filter | None = None,
-                 start: str = "begin") -> None:
+                 start: str = "begin", password: str | None = None) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.url = url
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                          **({"password": password} if password else {}))
         self.group, self.consumer = group, consumer or socket.gethostname()
         self.registry, self.pattern = registry, pattern
         self.filter = flt or Filter()
@@ -119,7 +122,7 @@ class Collector:
                 try:
                     d = json.loads(raw)
                 except ValueError:
-                    log.warning("%s %s: not an event", name, entry_id.decode())
+                    log.warning("%s %s: not an event", escape_name(name), escape_name(entry_id))
                     d = None
                 if d is not None and self.filter.matches(d):
                     matched += 1
@@ -153,11 +156,17 @@ class Collector:
                 path = str(d.get("path", ""))
                 rc = subprocess.run([*argv, os.fsencode(path)], env=env, stdin=subprocess.DEVNULL).returncode
                 if rc != 0:
-                    log.warning("%s exited %d for %s", argv[0], rc, path)
+                    log.warning("%s exited %d for %s", argv[0], rc, escape_name(path))
             else:
-                line = raw.decode() if as_json else format_event(Mutation.from_dict(d), False)
+                # Text for a terminal: guest names (and the VM name, from another host) escaped as `ls -b` does.
+                try:
+                    line = raw.decode() if as_json else \
+                        format_event(Mutation.from_dict(d), False)
+                except (TypeError, ValueError, AttributeError):
+                    log.warning("%s: an entry that is not an event", escape_name(stream))
+                    return
                 if not as_json:
-                    line = f"{d.get('vm', '-')[:16]:<16} {line}"
+                    line = f"{escape_name(str(d.get('vm', '-'))[:16]):<16} {line}"
                 out.write(line + "\n")
                 out.flush()
 
@@ -171,6 +180,8 @@ class Collector:
                     total += self.handle(batch, emit)
                     last_event = time.monotonic()
                 backoff.reset()
+            except redis.AuthenticationError as exc:
+                raise auth_failed(self.url, exc) from None
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
                 self.stats["reconnects"] += 1
                 for name in self.streams:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.eventlog import last_position
+from inference.names import escape_name as esc
 from mirrorfs.metrics import log_bytes
 from tap.state import StateDir, read_json
 
@@ -67,15 +68,18 @@ def _ago(t: Any) -> str:
 
 
 def format_status(info: dict[str, Any]) -> str:
+    """The text form; strings read from the state directory (paths, device, stream names) are escaped as `ls -b`
+    does, so nothing in them reaches the terminal as a control sequence."""
     mib = 1 << 20
-    lines = [f"state      {info['state']}",
-             f"disk       {info.get('device') or '?'}, {(info.get('disk_bytes') or 0) / mib:.0f} MiB"]
+    lines = [f"state      {esc(info['state'])}",
+             f"disk       {esc(info.get('device')) or '?'}, {(info.get('disk_bytes') or 0) / mib:.0f} MiB"]
     a = info.get("attach")
     if a is None:
         lines.append("attach     never attached")
     else:
         what = "running" if a["running"] else ("detached " + _ago(a["detached"]) if a["detached"] else "not running")
-        lines.append(f"attach     {what} (pid {a['pid']}, mode {a['mode']}, sync {a['sync']}, "
+        lines.append(f"attach     {what} (pid {esc(str(a['pid']))}, mode {esc(str(a['mode']))}, "
+                     f"sync {esc(str(a['sync']))}, "
                      f"{'ready' if a['ready'] else 'not ready'}, updated {_ago(a['updated'])})")
     lines.append(f"write log  {info['log_bytes'] / mib:.1f} MiB in {info['log_segments']} segment(s), "
                  f"last seq {info['log_last_seq']}")
@@ -83,10 +87,11 @@ def format_status(info: dict[str, Any]) -> str:
     if ev is None:
         lines.append("events     none (no engine has run: attach with --base/--index, or mirrorfs replay)")
     else:
-        lines.append(f"events     {ev['count']} ({ev['bytes'] / 1024:.0f} KiB), last {ev['last_id'] or '-'}; "
+        lines.append(f"events     {ev['count']} ({ev['bytes'] / 1024:.0f} KiB), last {esc(ev['last_id']) or '-'}; "
                      f"engine lag {ev['lag_records']} records (to its last event's seq)")
     for name, p in (info.get("publish") or {}).items():
-        lines.append(f"publish    {name} on {p.get('redis')}: after {p.get('after')}, updated {_ago(p.get('updated'))}")
+        lines.append(f"publish    {esc(name)} on {esc(str(p.get('redis')))}: after {esc(str(p.get('after')))}, "
+                     f"updated {_ago(p.get('updated'))}")
     if info.get("subscription_socket"):
-        lines.append(f"subscribe  {info['subscription_socket']}")
+        lines.append(f"subscribe  {esc(info['subscription_socket'])}")
     return "\n".join(lines)
