@@ -6,13 +6,21 @@ the helper stages a Mutation and issues the matching syscall on the mount; the h
 mutation to the tree and answers with the real attributes, so the kernel raises the inotify events itself
 (FINDINGS "FUSE": invalidation alone raises none). Handlers never make a syscall on the mount and never
 wait on the engine in the trio thread (content and statfs go through trio.to_thread).
+
+Even the helper may change only what is staged: a request must name the staged mutation's own parent inode and
+name (both pairs for a rename; the source inode and the new pair for a link) or its own inode; anything else is
+refused with EPERM and logged, so a confused or subverted helper cannot change the rest of the view. Every
+attribute is clamped to what the kernel's types hold (a guest's i_size of 2^64-1 is not an off_t), and any
+unexpected exception in a handler becomes EIO for that request: nothing the guest writes ends the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +28,8 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from inference.events import Mutation
-from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree, VNode
+from inference.events import Mutation, path_bytes
+from mirrorfs.viewtree import IFMT, ROOT_ID, ViewError, ViewTree, VNode
 
 log = logging.getLogger("mirrorfs.fuse")
 
@@ -29,11 +37,27 @@ TIMEOUT = 1.0            # entry/attribute cache; every change is followed by a 
 XATTR_PREFIX = "user.mirrorfs."
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
+# what the kernel's types hold (off_t, nlink as FUSE sends it, uid_t, dev_t, time_t seconds as nanoseconds)
+S64, U32, U64 = (1 << 63) - 1, (1 << 32) - 1, (1 << 64) - 1
+LIMITS = {"st_size": (0, S64), "st_nlink": (0, U32), "st_uid": (0, U32), "st_gid": (0, U32), "st_rdev": (0, U64),
+          "st_mtime_ns": (-(1 << 63) * 10**9, S64 * 10**9), "st_ctime_ns": (-(1 << 63) * 10**9, S64 * 10**9)}
+MAX_CLAMP_LOGS = 1000  # nodes named in the log; beyond that only the count grows
+
 # which requests of the helper apply which kind of staged mutation (the first one that arrives applies it;
 # the others, such as the open before an ftruncate, only answer)
 APPLIES = {"create": "create", "mkdir": "mkdir", "symlink": "symlink", "mknod": "mknod", "link": "link",
            "delete": "unlink", "rmdir": "rmdir", "rename": "rename", "modify": "setattr", "truncate": "setattr",
            "attrib": "setattr", "xattr": "xattr"}
+ANSWERS = {"modify": {"open"}, "truncate": {"open"}}  # requests that only answer (the open before the ftruncate)
+
+
+@dataclass
+class Scope:
+    """What the helper's requests for one staged mutation may name, as the kernel names it (node ids)."""
+
+    entry: tuple[int, bytes] | None = None  # (parent, name) of the mutation's path
+    old: tuple[int, bytes] | None = None    # (parent, name) of a rename's old path
+    inode: int | None = None                # the node changed in place, or a link's source
 
 
 @dataclass
@@ -41,6 +65,7 @@ class Staged:
     mutation: Mutation
     applied: bool = False
     error: str | None = None
+    scope: Scope | None = None  # taken from the tree at the first request, before anything is applied
 
 
 class Stage:
@@ -50,6 +75,21 @@ class Stage:
         self.tid = -1
         self.current: Staged | None = None
         self.lock = threading.Lock()
+
+
+def _guarded(fn: Callable) -> Callable:
+    """A handler whose unexpected exception fails only its own request (EIO, logged): in pyfuse3 it would end
+    the FUSE loop, and with it the view."""
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:  # noqa: BLE001 - the daemon must outlive any one request
+            log.exception("%s%r failed", fn.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return handler
 
 
 class ViewOps(pyfuse3.Operations):
@@ -65,6 +105,9 @@ class ViewOps(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self.applied = 0
+        self.refused = 0                  # helper requests outside the staged mutation's scope
+        self.clamped: set[int] = set()    # nodes whose attributes did not fit (logged once each)
+        self.clamps = 0
 
     # -- helpers
 
@@ -75,31 +118,76 @@ class ViewOps(pyfuse3.Operations):
         return node
 
     def attrs(self, node: VNode) -> pyfuse3.EntryAttributes:
+        """The node's attributes as the kernel can hold them: a guest's number that does not fit (an i_size of
+        2^64-1, a time past year 2^63 s) is clamped and logged, never an OverflowError."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.st_ino if node.nid == ROOT_ID else node.nid
-        a.generation = node.generation
+        a.generation = node.generation & U64
         a.entry_timeout = a.attr_timeout = TIMEOUT
-        a.st_mode = node.mode
-        a.st_nlink = max(node.links, 0)
-        a.st_uid, a.st_gid = node.uid, node.gid
-        a.st_rdev = node.rdev
-        a.st_size = node.size if node.type in ("file", "dir", "symlink") else 0
+        fmt = IFMT.get(node.type, stat.S_IFMT(node.mode))  # the type is the node's, whatever the mode bits say
+        a.st_mode = (fmt if fmt in IFMT.values() else stat.S_IFREG) | stat.S_IMODE(node.mode)
+        size = node.size if node.type in ("file", "dir", "symlink") else 0
+        values = {"st_size": size, "st_nlink": node.links, "st_uid": node.uid, "st_gid": node.gid,
+                  "st_rdev": node.rdev, "st_mtime_ns": node.mtime_ns, "st_ctime_ns": node.ctime_ns}
+        for field, value in values.items():
+            lo, hi = LIMITS[field]
+            if not isinstance(value, int) or not lo <= value <= hi:
+                value = self._clamp(node, field, value, lo, hi)
+            setattr(a, field, value)
+        a.st_atime_ns = a.st_mtime_ns
         a.st_blksize = 4096
         a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = node.mtime_ns
-        a.st_ctime_ns = node.ctime_ns
         return a
+
+    def _clamp(self, node: VNode, field: str, value: object, lo: int, hi: int) -> int:
+        clamped = min(max(value, lo), hi) if isinstance(value, int) else lo
+        if node.nid not in self.clamped and len(self.clamped) < MAX_CLAMP_LOGS:
+            log.warning("%s:%d: %s %r does not fit the kernel's type; shown as %d", node.fs, node.ino, field,
+                        value, clamped)
+            self.clamped.add(node.nid)
+        self.clamps += 1
+        return clamped
 
     def _entry(self, node: VNode) -> pyfuse3.EntryAttributes:
         self.tree.remember(node.nid)
         return self.attrs(node)
 
-    def _helper(self, ctx: pyfuse3.RequestContext, op: str) -> Staged | None:
-        """The staged change this request applies (None: it only answers); EROFS for everyone else."""
+    def _scope(self, m: Mutation) -> Scope:
+        """Which parent+name pairs and which inode the staged mutation's syscall may name."""
+        scope = Scope()
+        if m.fs not in self.tree.fs_root:
+            return scope
+        path = path_bytes(m.path)
+        if m.kind in ("modify", "truncate", "attrib", "xattr"):
+            scope.inode = self.tree.node_at(m.fs, path)
+            return scope
+        scope.entry = self.tree.entry_of(m.fs, path)
+        if m.kind == "rename" and m.old_path is not None:
+            scope.old = self.tree.entry_of(m.fs, path_bytes(m.old_path))
+        elif m.kind == "link" and m.target is not None:
+            scope.inode = self.tree.node_at(m.fs, path_bytes(m.target))
+        return scope
+
+    def _helper(self, ctx: pyfuse3.RequestContext, op: str, *, entry: tuple[int, bytes] | None = None,
+                old: tuple[int, bytes] | None = None, inode: int | None = None) -> Staged | None:
+        """The staged change this request applies (None: it only answers); EROFS for everyone else, EPERM for
+        a helper request that names anything but the staged mutation's own entries or inode."""
         if ctx.pid != self.stage.tid or self.stage.tid < 0:
             raise pyfuse3.FUSEError(errno.EROFS)
         staged = self.stage.current
-        if staged is None or staged.applied or APPLIES.get(staged.mutation.kind) != op:
+        if staged is None:
+            self._refuse(op, entry, old, inode, None, "nothing is staged")
+        if staged.scope is None:
+            staged.scope = self._scope(staged.mutation)
+        scope = staged.scope
+        for asked, allowed, what in ((entry, scope.entry, "entry"), (old, scope.old, "old entry"),
+                                     (inode, scope.inode, "inode")):
+            if asked is not None and asked != allowed:
+                self._refuse(op, entry, old, inode, staged, f"{what} {asked!r} is not the staged one {allowed!r}")
+        kind = staged.mutation.kind
+        if op != APPLIES.get(kind) and op not in ANSWERS.get(kind, ()):
+            self._refuse(op, entry, old, inode, staged, f"not a request {kind} makes")
+        if staged.applied or op != APPLIES.get(kind):
             return None
         staged.applied = True
         try:
@@ -109,6 +197,15 @@ class ViewOps(pyfuse3.Operations):
             staged.error = str(exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         return staged
+
+    def _refuse(self, op: str, entry: object, old: object, inode: object, staged: Staged | None, why: str):
+        self.refused += 1
+        m = staged.mutation if staged is not None else None
+        log.warning("refused the helper's %s (entry %r, old %r, inode %r) for %s: %s", op, entry, old, inode,
+                    f"{m.kind} {m.fs}:{m.path!r}" if m is not None else "nothing", why)
+        if staged is not None:
+            staged.error = f"refused {op}: {why}"
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     def _made(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         node = self.tree.lookup(parent, name)
@@ -165,7 +262,7 @@ class ViewOps(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if flags & WRITE_FLAGS:
-            self._helper(ctx, "open")
+            self._helper(ctx, "open", inode=inode)
         if node.type != "file":
             raise pyfuse3.FUSEError(errno.EINVAL if node.type != "dir" else errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode)
@@ -209,46 +306,46 @@ class ViewOps(pyfuse3.Operations):
     # -- changing: the poke helper only
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._helper(ctx, "create")
+        self._helper(ctx, "create", entry=(parent_inode, name))
         attrs = self._made(parent_inode, name)
         return pyfuse3.FileInfo(fh=attrs.st_ino), attrs
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._helper(ctx, "mkdir")
+        self._helper(ctx, "mkdir", entry=(parent_inode, name))
         return self._made(parent_inode, name)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        self._helper(ctx, "symlink")
+        self._helper(ctx, "symlink", entry=(parent_inode, name))
         return self._made(parent_inode, name)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._helper(ctx, "mknod")
+        self._helper(ctx, "mknod", entry=(parent_inode, name))
         return self._made(parent_inode, name)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        self._helper(ctx, "link")
+        self._helper(ctx, "link", entry=(new_parent_inode, new_name), inode=inode)
         return self._made(new_parent_inode, new_name)
 
     async def unlink(self, parent_inode, name, ctx):
-        self._helper(ctx, "unlink")
+        self._helper(ctx, "unlink", entry=(parent_inode, name))
 
     async def rmdir(self, parent_inode, name, ctx):
-        self._helper(ctx, "rmdir")
+        self._helper(ctx, "rmdir", entry=(parent_inode, name))
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if flags:
             raise pyfuse3.FUSEError(errno.EROFS if ctx.pid != self.stage.tid else errno.EINVAL)
-        self._helper(ctx, "rename")
+        self._helper(ctx, "rename", entry=(parent_inode_new, name_new), old=(parent_inode_old, name_old))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self._helper(ctx, "setattr")
+        self._helper(ctx, "setattr", inode=inode)
         return self.attrs(self._node(inode))
 
     async def setxattr(self, inode, name, value, ctx):
-        self._helper(ctx, "xattr")
+        self._helper(ctx, "xattr", inode=inode)
 
     async def removexattr(self, inode, name, ctx):
-        self._helper(ctx, "xattr")
+        self._helper(ctx, "xattr", inode=inode)
 
     async def write(self, fh, off, buf):
         raise pyfuse3.FUSEError(errno.EROFS)  # no one, not even the helper, writes bytes: content is the replica's
@@ -262,9 +359,18 @@ class ViewOps(pyfuse3.Operations):
         return True
 
 
+_HANDLERS = ("lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "open", "read", "release",
+             "flush", "statfs", "getxattr", "listxattr", "create", "mkdir", "symlink", "mknod", "link", "unlink",
+             "rmdir", "rename", "setattr", "setxattr", "removexattr", "write", "fsync", "access")
+for _name in _HANDLERS:
+    setattr(ViewOps, _name, _guarded(getattr(ViewOps, _name)))
+
+
 def mount_options(fsname: str, allow_other: bool) -> set[str]:
-    opts = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=mirrorfs"}
+    """nosuid,nodev always: the view holds the guest's set-uid files and device nodes, which must mean nothing
+    on the host (libfuse sets them by default for root too; said here so no option can drop them)."""
+    opts = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=mirrorfs", "nosuid", "nodev"}
     if allow_other:
         opts.add("allow_other")
-    return opts
+    return opts - {"suid", "dev"}
 

@@ -5,13 +5,20 @@ Why: the kernel raises inotify events only for operations it performs itself; no
 process would have made; the FUSE handler sees the request from this thread, applies the staged change to
 the view tree and answers with the real attributes. Never the trio thread (a syscall on the mount from there
 hangs the daemon). The engine only appends to an unbounded queue, so a wedged mount or reader can stall this
-thread but never the engine. Paths are walked component by component with O_NOFOLLOW, so a guest symlink
-is never followed on the host. When a syscall fails (the view and the stream disagree, an xattr namespace
+thread but never the engine. When a syscall fails (the view and the stream disagree, an xattr namespace
 the kernel will not pass on), the change is applied directly and the kernel's caches are invalidated.
+
+This thread runs as root and its paths are the guest's names, so it must not be able to leave the mount,
+whatever the path: every component is checked here (never empty, `.`, `..`, or holding NUL; the engine's name
+policy already keeps `/` out of a name), and every directory is resolved by the kernel with openat2(2)
+RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV below an O_PATH fd of the
+file system's directory in the mount. O_NOFOLLOW alone stops symlinks, not `..`. The last name is then used
+only with *at() calls that do not follow it, or opened with openat2 too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -35,6 +42,63 @@ MKDIR_PAUSE = 0.1
 
 Invalidate = Callable[[Applied, "Mutation | None"], None]  # (what changed, the content-changing mutation)
 
+# openat2(2) through the raw syscall (glibc 2.36 has no wrapper): the number is 437 on every architecture
+SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+OFF_T_MAX = (1 << 63) - 1  # a guest's i_size can be 2^64-1; ftruncate takes an off_t
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+class Refused(OSError):
+    """A path the helper will not resolve (a bad component, or the kernel said it leaves the mount)."""
+
+
+def check_component(name: bytes) -> bytes:
+    """One path component as the helper accepts it; Refused for empty, `.`, `..`, `/` or NUL."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise Refused(errno.EPERM, f"unsafe path component {name!r}")
+    return name
+
+
+def components(path: bytes) -> list[bytes]:
+    """An absolute path's components, each checked (a doubled or trailing `/` is an empty one: refused)."""
+    if not path.startswith(b"/"):
+        raise Refused(errno.EPERM, f"not an absolute path: {path!r}")
+    if path == b"/":
+        return []
+    return [check_component(p) for p in path[1:].split(b"/")]
+
+
+def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = CONFINED) -> int:
+    """openat2(2): by default `path` must resolve beneath `dirfd`, through no symlink (magic or not) and no
+    mount point, or the kernel refuses (EXDEV for `..` or an absolute path, ELOOP for a symlink)."""
+    if not path or b"\0" in path:
+        raise Refused(errno.EINVAL, f"bad path for openat2: {path!r}")
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(path), ctypes.byref(how),
+                  ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"openat2 {path!r}: {os.strerror(err)}")
+    return fd
+
+
+def open_beneath(dirfd: int, parts: list[bytes], flags: int = os.O_PATH | os.O_DIRECTORY) -> int:
+    """openat2 of checked components below `dirfd` (no components: `dirfd` itself, as a new fd)."""
+    return openat2(dirfd, b"/".join(check_component(p) for p in parts) if parts else b".", flags)
+
 
 class Poker:
     def __init__(self, mountpoint: str | bytes, stage: Stage, prefix: Callable[[str], bytes | None],
@@ -50,6 +114,8 @@ class Poker:
         self.stopping = False
         self.done = 0
         self.fallbacks = 0
+        self.refused = 0
+        self._root: int | None = None  # O_PATH fd of the mount's root, opened by the helper thread
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -81,6 +147,14 @@ class Poker:
 
     def _run(self) -> None:
         self.stage.tid = threading.get_native_id()
+        try:
+            self._loop()
+        finally:
+            if self._root is not None:
+                os.close(self._root)
+                self._root = None
+
+    def _loop(self) -> None:
         idle_since = None
         while True:
             with self.cond:
@@ -122,6 +196,10 @@ class Poker:
         try:
             self._syscall(m)
             error = None
+        except Refused as exc:  # a path that would leave the mount: nothing of it reaches the host or the view
+            self.refused += 1
+            log.warning("refused %s %r: %s", m.kind, m.path, exc.strerror or exc)
+            return
         except OSError as exc:
             error = exc
         finally:
@@ -139,20 +217,30 @@ class Poker:
 
     # -- syscalls
 
+    def _fs_fd(self, fs: str) -> int:
+        """An O_PATH fd of the directory `fs` is shown at, resolved beneath the mount's root."""
+        if self._root is None:
+            self._root = os.open(self.mnt, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        prefix = self.prefix(fs)
+        if prefix is None:
+            raise Refused(errno.ENOENT, f"file system {fs} is not in the view")
+        return open_beneath(self._root, [p for p in prefix.split(b"/") if p])
+
     def _dir(self, fs: str, path: bytes) -> tuple[int, bytes]:
-        """An O_PATH fd of `path`'s parent, walked with O_NOFOLLOW, and the last name."""
-        head, _, name = path.rstrip(b"/").rpartition(b"/")
-        parts = [p for p in ((self.prefix(fs) or b"") + b"/" + head).split(b"/") if p]
-        fd = os.open(self.mnt, os.O_PATH | os.O_DIRECTORY)
+        """An O_PATH fd of `path`'s parent, resolved beneath `fs`'s directory, and the last name (checked)."""
+        parts = components(path)
+        if not parts:
+            raise OSError(errno.EINVAL, "the root of a file system has no parent in the view")
+        top = self._fs_fd(fs)
         try:
-            for part in parts:
-                nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
+            fd = open_beneath(top, parts[:-1])
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ELOOP):  # the kernel says it leaves the mount, or is a symlink
+                raise Refused(exc.errno, f"{path!r}: {exc.strerror}") from None
             raise
-        return fd, name
+        finally:
+            os.close(top)
+        return fd, parts[-1]
 
     def _syscall(self, m: Mutation) -> None:
         kind = m.kind
@@ -160,11 +248,14 @@ class Poker:
         fd, name = self._dir(m.fs, path)
         try:
             if kind == "create":
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600, dir_fd=fd))
+                os.close(openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
             elif kind == "mkdir":
                 os.mkdir(name, 0o700, dir_fd=fd)
             elif kind == "symlink":
-                os.symlink(path_bytes(m.target or ""), name, dir_fd=fd)
+                target = path_bytes(m.target or "")
+                if b"\0" in target:
+                    raise Refused(errno.EINVAL, "symlink target holds NUL")
+                os.symlink(target, name, dir_fd=fd)
             elif kind == "mknod":
                 mode = IFMT.get(m.type, stat.S_IFIFO) | 0o600
                 os.mknod(name, mode, m.rdev or 0, dir_fd=fd)
@@ -185,38 +276,55 @@ class Poker:
                 finally:
                     os.close(sfd)
             elif kind in ("modify", "truncate"):
-                f = os.open(name, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=fd)
+                f = openat2(fd, name, os.O_WRONLY | os.O_NOFOLLOW)
                 try:
-                    os.ftruncate(f, m.size or 0)
+                    os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
                 finally:
                     os.close(f)
-            elif kind == "attrib":
-                self._attrib(m, fd, name)
-            elif kind == "xattr":
-                self._xattr(m, fd, name)
+            elif kind in ("attrib", "xattr"):
+                target = openat2(fd, name, os.O_PATH | os.O_NOFOLLOW)
+                try:
+                    if kind == "attrib":
+                        self._attrib(m, fd, name, target)
+                    else:
+                        self._xattr(m, fd, name, target)
+                finally:
+                    os.close(target)
         finally:
             os.close(fd)
 
-    def _attrib(self, m: Mutation, fd: int, name: bytes) -> None:
+    @staticmethod
+    def _at(fd: int, name: bytes, target: int) -> tuple[bytes | int, dict]:
+        """How to name the target (an O_PATH fd `target` opened beneath the mount): through its own fd in
+        /proc/self/fd (the kernel follows that magic link to exactly this inode), or, for a symlink, as the
+        checked `name` in its parent `fd` without following it."""
+        if stat.S_ISLNK(os.fstat(target).st_mode):
+            return name, {"dir_fd": fd, "follow_symlinks": False}
+        return f"/proc/self/fd/{target}".encode(), {}
+
+    def _attrib(self, m: Mutation, fd: int, name: bytes, target: int) -> None:
         """One syscall, so one IN_ATTRIB; the handler takes every attribute the event carries."""
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        st = os.fstat(target)
         link = stat.S_ISLNK(st.st_mode)
+        where, how = self._at(fd, name, target)
         if m.mode is not None and stat.S_IMODE(st.st_mode) != m.mode and not link:
-            os.chmod(name, m.mode, dir_fd=fd)
+            os.chmod(where, m.mode)
         elif (m.uid is not None and m.uid != st.st_uid) or (m.gid is not None and m.gid != st.st_gid):
-            os.chown(name, m.uid if m.uid is not None else -1, m.gid if m.gid is not None else -1, dir_fd=fd,
-                     follow_symlinks=False)
+            os.chown(where, m.uid if m.uid is not None else -1, m.gid if m.gid is not None else -1, **how)
         else:
             mt = m.mtime_ns if m.mtime_ns is not None else st.st_mtime_ns
-            os.utime(name, ns=(mt, mt), dir_fd=fd, follow_symlinks=False)
+            os.utime(where, ns=(mt, mt), **how)
 
-    def _xattr(self, m: Mutation, fd: int, name: bytes) -> None:
+    def _xattr(self, m: Mutation, fd: int, name: bytes, target: int) -> None:
         """One setxattr (or removexattr) of the first changed name; the handler applies them all."""
         if not m.xattr:
             raise OSError(errno.EINVAL, "xattr event without names")
         key, value = next(iter(m.xattr.items()))
-        target = f"/proc/self/fd/{fd}/".encode() + name
+        where, how = self._at(fd, name, target)
+        link = bool(how)  # a symlink: its parent's fd and the checked name, not followed
+        if link:
+            where = f"/proc/self/fd/{fd}/".encode() + name
         if value is None:
-            os.removexattr(target, key, follow_symlinks=False)
+            os.removexattr(where, key, follow_symlinks=not link)
         else:
-            os.setxattr(target, key, bytes.fromhex(value), follow_symlinks=False)
+            os.setxattr(where, key, bytes.fromhex(value), follow_symlinks=not link)

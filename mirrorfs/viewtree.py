@@ -12,6 +12,11 @@ Layouts:
   mounted on directories inside it with `mount(fs, path)`, as the guest mounts them: the directory below is
   covered (its name leads to the mounted root; what is under it is hidden, as on a real mount).
 
+Names: every path component must be a name a directory can hold (not empty, `.` or `..`, no `/` or NUL). The
+engine's name policy keeps other names out; this tree checks again, because a bad component would alias another
+entry or make readdir answer a different name than lookup takes: a snapshot entry with one is left out (and
+logged), and a mutation with one is a ViewError, so a hostile base image still gives a working view.
+
 Node ids: the file system at the root has node id = guest inode number (its root, guest inode 2, is FUSE's
 node 1 but reports st_ino 2). Every other file system k (k = 1, 2, ... in name order) has `k << 32 | ino`, so
 ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
@@ -19,6 +24,7 @@ ids stay unique; their st_ino is that id, whose low 32 bits are the guest's.
 
 from __future__ import annotations
 
+import logging
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +36,14 @@ GUEST_ROOT_INO = 2
 IFMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "chardev": stat.S_IFCHR,
         "blockdev": stat.S_IFBLK, "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
 MAX_DEPTH = 4096
+MAX_SKIP_LOGS = 20  # snapshot entries named in the log when left out; the rest are counted
+
+log = logging.getLogger("mirrorfs.viewtree")
+
+
+def bad_component(name: bytes) -> bool:
+    """True for a name no directory entry may have on Linux (it would be an alias or a path trick)."""
+    return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
 
 
 @dataclass(slots=True)
@@ -168,6 +182,9 @@ class ViewTree:
         for part in path.split(b"/")[:MAX_DEPTH]:
             if not part:
                 continue
+            if part in (b".", b"..") or b"\0" in part:  # never a step: `..` would lead out of the parent
+                yield None
+                return
             node = self.nodes.get(nid)
             nid = node.children.get(part) if node is not None and node.children is not None else None
             yield nid
@@ -196,29 +213,53 @@ class ViewTree:
 
     def _parent_of(self, fs: str, path: bytes) -> tuple[int, bytes]:
         head, _, name = path.rstrip(b"/").rpartition(b"/")
+        if bad_component(name):
+            raise ViewError(f"{fs}:{path!r}: not a name a directory can hold")
         parent = self.resolve(fs, head)
-        if parent is None or not name or self.nodes[parent].children is None:
+        if parent is None or self.nodes[parent].children is None:
             raise ViewError(f"{fs}:{path!r}: parent directory not in the view")
         return parent, name
+
+    def entry_of(self, fs: str, path: bytes) -> tuple[int, bytes] | None:
+        """(parent node id as the kernel knows it, name) of `fs`'s `path`; None if it cannot be in the view."""
+        try:
+            parent, name = self._parent_of(fs, path)
+        except ViewError:
+            return None
+        return self.visible(parent), name
+
+    def node_at(self, fs: str, path: bytes) -> int | None:
+        """The node id the kernel knows for `fs`'s `path` (a mount point: what is mounted there), or None."""
+        nid = self.resolve(fs, path)
+        return self.visible(nid) if nid is not None and nid in self.nodes else None
 
     # -- building
 
     def load(self, fs: str, entries: Iterable) -> int:
-        """Take a snapshot (EngineView.snapshot: parents first); returns the number of names."""
-        count = 0
+        """Take a snapshot (EngineView.snapshot: parents first); returns the number of names. An entry whose path
+        has a bad component, or whose parent is not in the view, is left out and logged, never fatal."""
+        count = skipped = 0
         for e in entries:
             if e.path == b"/":
                 nid = self.fs_root[fs]
                 self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
                 self.nodes[nid].children = {}
                 continue
-            parent, name = self._parent_of(fs, e.path)
+            try:
+                parent, name = self._parent_of(fs, e.path)
+            except ViewError as exc:
+                skipped += 1
+                if skipped <= MAX_SKIP_LOGS:
+                    log.warning("left out of the view: inode %d: %s", e.ino, exc)
+                continue
             nid = self.nid(fs, e.ino)
             node = self.nodes.get(nid)
             if node is None:
                 node = self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
             self._link(parent, name, node)
             count += 1
+        if skipped:
+            log.warning("%s: %d names of the snapshot left out of the view", fs, skipped)
         return count
 
     def _node(self, fs: str, nid: int, ino: int, type_: str, mode: int, e) -> VNode:
