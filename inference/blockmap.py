@@ -80,10 +80,86 @@ class BlockMap:
 
     def set_extents(self, ino: int, old: Iterable[tuple[int, int, int, bool]],
                     new: Iterable[tuple[int, int, int, bool]]) -> None:
-        """Replace one inode's ranges: the old ones leave first (they may be reused by the new)."""
+        """Replace one inode's ranges: the old ones leave first (they may be reused by the new).
+
+        Small maps are edited in place; a large one (a file of many extents) is merged into the map in one
+        pass, O(map + k log k), where k inserts and removes each shifting the list would be O(k x map)."""
+        old, new = list(old), list(new)
+        if len(old) + len(new) > BULK:
+            self._replace_bulk(ino, old, new)
+            return
         for _logical, physical, length, _ in old:
             for p, n, owner, _l in list(self.owners(physical, length)):
                 if owner == ino:
                     self.remove(p, n)
         for logical, physical, length, _ in new:
             self.add(physical, length, ino, logical)
+
+    def _replace_bulk(self, ino: int, old: list[tuple[int, int, int, bool]],
+                      new: list[tuple[int, int, int, bool]]) -> None:
+        drop = _union((p, p + n) for _lg, p, n, _u in old if n > 0)       # ino's old ranges leave
+        adds: list[tuple[int, int, int]] = []                               # (physical, length, logical)
+        pos = -1
+        for p, n, lg in sorted((p, n, lg) for lg, p, n, _u in new if n > 0):
+            if p + n <= pos:
+                continue  # hostile: wholly inside an earlier new range (the first one keeps it)
+            if p < pos:
+                p, n, lg = pos, n - (pos - p), lg + (pos - p)
+            adds.append((p, n, lg))
+            pos = p + n
+        cover = _union((p, p + n) for p, n, _lg in adds)                    # everybody's ranges under the new leave
+        bounds = [iv for iv in (drop[0] if drop else None, cover[0] if cover else None) if iv is not None]
+        if not bounds:
+            return
+        lo = min(b[0] for b in bounds)
+        hi = max(iv[-1][1] for iv in (drop, cover) if iv)
+        starts, info = self._starts, self._info
+        i = max(bisect_right(starts, lo) - 1, 0)
+        j = bisect_right(starts, hi)
+        window: list[tuple[int, int, int, int]] = []
+        for start in starts[i:j]:
+            length, owner, logical = info.pop(start)
+            pieces = [(start, start + length)]
+            if owner == ino:
+                pieces = _subtract(pieces, drop)
+            for a, b in _subtract(pieces, cover):
+                window.append((a, b - a, owner, logical + (a - start)))
+        window.extend((p, n, ino, lg) for p, n, lg in adds)
+        window.sort()
+        for start, length, owner, logical in window:
+            info[start] = (length, owner, logical)
+        starts[i:j] = [w[0] for w in window]
+
+
+BULK = 64  # extents above which set_extents merges instead of editing in place
+
+
+def _union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged [a, b) intervals."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(pieces: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """pieces minus the sorted, merged `holes`, found by bisection: O(log holes + overlaps) per piece."""
+    if not holes:
+        return pieces
+    out: list[tuple[int, int]] = []
+    for a, b in pieces:
+        k = max(bisect_right(holes, (a, a)) - 1, 0)
+        while k < len(holes) and holes[k][0] < b and a < b:
+            ha, hb = holes[k]
+            if hb > a:
+                if ha > a:
+                    out.append((a, ha))
+                a = max(a, hb)
+            k += 1
+        if a < b:
+            out.append((a, b))
+    return out

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tap.writelog import KIND_WRITE, KIND_ZEROES, LogFollower, Record, last_seq
+from tap.writelog import KIND_WRITE, KIND_ZEROES, Gap, LogFollower, Record, last_seq
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -71,7 +71,7 @@ class BlockReplica:
             base_size = os.stat(base).st_size
             if base_size != size:
                 raise ValueError(f"base image {base} has {base_size} bytes, the disk has {size}")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if new else 0), 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if new else 0), 0o640)
         try:
             if new:
                 if base is not None:
@@ -128,6 +128,30 @@ class BlockReplica:
             self.write(offset, memoryview(zeros)[:end - offset])
             offset += min(len(zeros), end - offset)
 
+    def data_regions(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """[start, end) pieces of [offset, offset+length) that may hold nonzero bytes: the rest is a hole.
+
+        One SEEK_DATA/SEEK_HOLE pair per region, so a sparse range of any length costs O(1) memory; where the
+        file system cannot tell, the whole range."""
+        self._check(offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    return
+                if exc.errno != errno.EINVAL:
+                    raise
+                yield pos, end  # no SEEK_DATA here: everything may be data
+                return
+            if start >= end:
+                return
+            stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end)
+            yield start, stop
+            pos = stop
+
     def apply(self, record: Record) -> bool:
         """Apply one log record; False (and nothing done) when its seq is already applied."""
         if record.seq <= self.applied_seq:
@@ -156,7 +180,7 @@ class BlockReplica:
         """Make the image durable, then record applied_seq in the sidecar (tmp + rename)."""
         os.fsync(self._fd)
         tmp = self.seq_path.with_name(self.seq_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, f"{self.applied_seq}\n".encode())
             os.fsync(fd)
@@ -170,16 +194,26 @@ class BlockReplica:
             os.close(dfd)
 
     def catch_up(self, log_dir: Path, until: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> int:
+                 progress: Callable[[int, int], None] | None = None,
+                 on_gap: Callable[[Gap], None] | None = None) -> int:
         """Apply every record after applied_seq (up to `until`, default: the log's end now); returns applied_seq.
 
         Reads the log in bounded batches; `progress(applied_seq, target_seq)` is called after each one.
+        Seqs the log lost (a `Gap`, logged by the reader) are passed to `on_gap` and skipped: their writes
+        cannot be applied, and waiting for them would stop the replica for good.
         """
         target = last_seq(log_dir) if until is None else until
         if target <= self.applied_seq:
             return self.applied_seq
         with LogFollower(log_dir, self.applied_seq + 1) as follower:
             while self.applied_seq < target and (batch := follower.poll()):
+                if type(batch[0]) is Gap:
+                    if batch[0].first_seq > target:
+                        break
+                    if on_gap is not None:
+                        on_gap(batch[0])
+                    self.applied_seq = min(batch[0].last_seq, target)
+                    continue
                 for rec in batch:
                     if rec.seq > target:
                         break
@@ -201,7 +235,8 @@ class BlockReplica:
 
 
 def build_replica(log_dir: Path, out: Path, size: int, *, base: Path | None = None, until: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> int:
+                  progress: Callable[[int, int], None] | None = None,
+                  on_gap: Callable[[Gap], None] | None = None) -> int:
     """Write the disk as the log makes it at seq `until` (default: the log's end now) to `out`.
 
     Built beside `out` and renamed into place, with its sidecar, so `out` is a BlockReplica that a later
@@ -214,7 +249,7 @@ def build_replica(log_dir: Path, out: Path, size: int, *, base: Path | None = No
         p.unlink(missing_ok=True)
     try:
         with BlockReplica(tmp, size, base=base) as replica:
-            seq = replica.catch_up(log_dir, until, progress)
+            seq = replica.catch_up(log_dir, until, progress, on_gap)
             replica.checkpoint()
         _sidecar(out).unlink(missing_ok=True)  # a crash before the last rename leaves out without a sidecar
         os.replace(tmp, out)

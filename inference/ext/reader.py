@@ -21,6 +21,13 @@ ROOT_INO = 2
 MAX_EXTENT_DEPTH = 5
 MAX_GROUPS = 1 << 24  # 2 PiB at 4 KiB blocks: more is implausible for a VM disk and would cost unbounded memory
 MAX_WALK_DEPTH = 2048  # PATH_MAX is 4096 bytes: no real path is deeper
+# Per-inode caps on a block map: every mapping costs time and memory linear in its size, and no more than these.
+# A file of 2^17 extents (ext4 allocates up to 128 MiB per extent) or 2^12 mapping blocks (a 16 GiB indirect-mapped
+# file at 4 KiB blocks) is far past any honest VM workload; beyond them the guest is hostile (or broken).
+MAX_EXTENTS = 1 << 17
+MAX_MAP_BLOCKS = 1 << 12
+MAX_DIR_BLOCKS = 1 << 16  # a directory of 256 MiB at 4 KiB blocks (millions of entries)
+MAX_SIZE = (1 << 63) - 1  # the kernel's loff_t: an i_size above it is negative to the guest's own kernel
 TYPES = {0x1000: "fifo", 0x2000: "chardev", 0x4000: "dir", 0x6000: "blockdev", 0x8000: "file", 0xA000: "symlink",
          0xC000: "socket"}
 XATTR_PREFIX = {1: "user.", 2: "system.posix_acl_access", 3: "system.posix_acl_default", 4: "trusted.",
@@ -360,27 +367,52 @@ class Extent:
     uninit: bool
 
 
+class MapTooBig(CorruptMetadata):
+    """A block map past MAX_EXTENTS extents or MAX_MAP_BLOCKS mapping blocks. `meta` holds the mapping blocks read
+    before the cap (still the inode's: writes to them must still reach it)."""
+
+    def __init__(self, message: str, meta: list[int]) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
+class SharedMapBlock(CorruptMetadata):
+    """A mapping block that another live inode's map already holds (raised by a `claim` callback of file_map)."""
+
+    def __init__(self, message: str, block: int, owner: int) -> None:
+        super().__init__(message)
+        self.block, self.owner = block, owner
+
+
+ClaimFn = Callable[[int], None]
+
+
 def _is_fast_symlink(inode: Inode) -> bool:
     """The kernel's rule (ext4_inode_is_fast_symlink): a symlink shorter than i_block keeps its target there."""
     return inode.type == "symlink" and 0 < inode.size < 60 and not inode.flags & L.INLINE_DATA_FL
 
 
-def file_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn, *,
-             verify: bool = True) -> tuple[list[Extent], list[int]]:
+def file_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn, *, verify: bool = True,
+             claim: ClaimFn | None = None, max_extents: int = MAX_EXTENTS,
+             max_blocks: int = MAX_MAP_BLOCKS) -> tuple[list[Extent], list[int]]:
     """Data extents (sorted by logical block) and the mapping's own metadata blocks (extent tree / indirect blocks).
 
     Device nodes, fifos, sockets, fast symlinks and inline-data inodes map nothing. `verify` checks extent-block
-    checksums under metadata_csum.
+    checksums under metadata_csum. The cost is linear in the map's size and capped: past `max_extents` extents (runs,
+    for an indirect map) or `max_blocks` mapping blocks it raises MapTooBig. A mapping block reached twice within one
+    map is a loop (or a subtree shared inside the tree): CorruptMetadata. `claim(block)` is called before each mapping
+    block is read and may raise (SharedMapBlock: another inode's map holds it), so a subtree shared between inodes is
+    refused at its first block instead of being expanded again for each of them.
     """
     if inode.type not in ("file", "dir", "symlink") or inode.flags & L.INLINE_DATA_FL or _is_fast_symlink(inode):
         return [], []
     if inode.flags & L.EXTENTS_FL:
-        return _extent_map(inode, geo, read_block, verify)
-    return _indirect_map(inode, geo, read_block)
+        return _extent_map(inode, geo, read_block, verify, claim, max_extents, max_blocks)
+    return _indirect_map(inode, geo, read_block, claim, max_extents, max_blocks)
 
 
-def _extent_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn,
-                verify: bool) -> tuple[list[Extent], list[int]]:
+def _extent_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn, verify: bool, claim: ClaimFn | None,
+                max_extents: int, max_blocks: int) -> tuple[list[Extent], list[int]]:
     extents: list[Extent] = []
     meta: list[int] = []
     seen: set[int] = set()
@@ -397,6 +429,8 @@ def _extent_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn,
             raise CorruptMetadata(f"extent header in {where} of inode {inode.ino}: entries {entries}, max {emax}, "
                                   f"depth {depth}")
         if depth == 0:
+            if len(extents) + entries > max_extents:
+                raise MapTooBig(f"inode {inode.ino}: more than {max_extents} extents", meta)
             for logical, length, hi, lo in L.EXTENT_LEAF_ST.iter_unpack(buf[12: 12 + 12 * entries]):
                 uninit = length > L.EXT_INIT_MAX_LEN
                 length -= L.EXT_INIT_MAX_LEN if uninit else 0
@@ -415,6 +449,10 @@ def _extent_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn,
                 raise CorruptMetadata(f"extent index -> block {child} in {where} of inode {inode.ino}: "
                                       "unsorted, looping or outside the file system")
             prev = logical
+            if len(meta) >= max_blocks:
+                raise MapTooBig(f"inode {inode.ino}: more than {max_blocks} extent blocks", meta)
+            if claim is not None:
+                claim(child)
             seen.add(child)
             meta.append(child)
             data = read_block(child)
@@ -433,7 +471,8 @@ def _extent_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn,
     return extents, meta
 
 
-def _indirect_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn) -> tuple[list[Extent], list[int]]:
+def _indirect_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn, claim: ClaimFn | None = None,
+                  max_extents: int = MAX_EXTENTS, max_blocks: int = MAX_MAP_BLOCKS) -> tuple[list[Extent], list[int]]:
     """ext2/3 block map: 12 direct pointers, then single/double/triple indirect; zero pointers are holes.
 
     Walks only the logical blocks below i_size (blocks past EOF are an fsck error for indirect files)."""
@@ -445,23 +484,49 @@ def _indirect_map(inode: Inode, geo: Geometry, read_block: ReadBlockFn) -> tuple
     seen: set[int] = set()
     unpack = struct.Struct(f"<{ppb}I").unpack
 
-    def add(logical: int, phys: int) -> None:
-        if phys >= geo.blocks_count:
+    def add(logical: int, phys: int, count: int = 1) -> None:
+        if phys + count > geo.blocks_count:
             raise CorruptMetadata(f"block pointer {phys} of inode {inode.ino} (logical {logical}): outside the fs")
         if runs and runs[-1][0] + runs[-1][2] == logical and runs[-1][1] + runs[-1][2] == phys:
-            runs[-1][2] += 1
+            runs[-1][2] += count
+        elif len(runs) >= max_extents:
+            raise MapTooBig(f"inode {inode.ino}: more than {max_extents} block runs", meta)
         else:
-            runs.append([logical, phys, 1])
+            runs.append([logical, phys, count])
+
+    def pointers(ptrs: tuple[int, ...], lo: int, hi: int, base: int) -> None:
+        """Data pointers ptrs[lo:hi] (logical base + i): a contiguous run or a hole is taken whole (compared in C),
+        else halved, so a block costs O(runs x log) Python steps, not one per pointer."""
+        p = ptrs[lo]
+        if p and ptrs[hi - 1] == p + hi - lo - 1 and ptrs[lo:hi] == tuple(range(p, p + hi - lo)):
+            add(base + lo, p, hi - lo)
+        elif not p and not ptrs[hi - 1] and not any(ptrs[lo:hi]):
+            return
+        elif hi - lo <= 16:
+            for i in range(lo, hi):
+                if ptrs[i]:
+                    add(base + i, ptrs[i])
+        else:
+            mid = (lo + hi) // 2
+            pointers(ptrs, lo, mid, base)
+            pointers(ptrs, mid, hi, base)
 
     def indirect(block: int, level: int, base: int) -> None:
         if block >= geo.blocks_count or block in seen:
             raise CorruptMetadata(f"indirect block {block} of inode {inode.ino}: outside the fs or looping")
+        if len(meta) >= max_blocks:
+            raise MapTooBig(f"inode {inode.ino}: more than {max_blocks} indirect blocks", meta)
+        if claim is not None:
+            claim(block)
         seen.add(block)
         meta.append(block)
         data = read_block(block)
         if len(data) != bs:
             raise CorruptMetadata(f"indirect block {block} of inode {inode.ino}: short read")
         span = ppb ** (level - 1)
+        if level == 1:
+            pointers(unpack(data), 0, min(ppb, limit - base), base)
+            return
         for i, p in enumerate(unpack(data)):
             logical = base + i * span
             if logical >= limit:
@@ -513,7 +578,7 @@ def parse_dir_block(raw: bytes, geo: Geometry) -> list[DirEntry]:
         if rec_len < 12 or rec_len & 3 or rec_len < ((8 + name_len + 3) & ~3) or off + rec_len > end:
             raise CorruptMetadata(f"directory entry at byte {off}: rec_len {rec_len}, name_len {name_len}")
         if ino:
-            if ino > icount or not name_len:
+            if ino > icount:  # (an empty name is legal to the kernel: the engine's name policy refuses it)
                 raise CorruptMetadata(f"directory entry at byte {off}: inode {ino}, name_len {name_len}")
             out.append(DirEntry(ino, ftype, raw[off + 8: off + 8 + name_len]))
         off += rec_len
@@ -555,13 +620,18 @@ def read_dir(inode: Inode, geo: Geometry, read_block: ReadBlockFn, *, verify: bo
         data = inline_data(inode, geo)
         out += parse_dir_block(data[4:60], geo)
         return out + (parse_dir_block(data[60:], geo) if len(data) > 60 else [])
-    extents, _ = file_map(inode, geo, read_block, verify=verify)
-    nblocks = -(-inode.size // geo.block_size)
+    extents, _ = file_map(inode, geo, read_block, verify=verify, max_extents=MAX_DIR_BLOCKS)
+    nblocks = -(-min(inode.size, MAX_SIZE) // geo.block_size)
     out = []
+    budget = MAX_DIR_BLOCKS  # the blocks actually read, whatever i_size claims (up to 2^64-1)
     for e in extents:
         if e.uninit:
             continue
-        for i in range(min(e.length, max(0, nblocks - e.logical))):
+        count = min(e.length, max(0, nblocks - e.logical))
+        budget -= count
+        if budget < 0:
+            raise CorruptMetadata(f"directory inode {inode.ino}: more than {MAX_DIR_BLOCKS} blocks")
+        for i in range(count):
             raw = read_block(e.physical + i)
             if len(raw) != geo.block_size:
                 raise CorruptMetadata(f"directory block {e.physical + i} of inode {inode.ino}: short read")
