@@ -38,6 +38,20 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--human", dest="json", action="store_false", help="one readable line per event (default)")
 
 
+def _redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", required=True, metavar="URL",
+                   help="redis://[user@]host:port/db (rediss:// for TLS); never a password here: everyone sees argv")
+    p.add_argument("--redis-password-file", type=Path, metavar="FILE",
+                   help="read the Redis password from FILE (one line; keep it 0600); default: the REDISCLI_AUTH "
+                        "environment variable, as redis-cli")
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    from mirrorfs.publish import redis_password
+
+    return redis_password(args.redis, args.redis_password_file)
+
+
 def add_parsers(sub) -> None:
     from mirrorfs.publish import DEFAULT_MAXLEN, DEFAULT_REGISTRY
 
@@ -52,7 +66,7 @@ def add_parsers(sub) -> None:
         epilog="examples:\n  mirrorfs publish --state st/vm1 --redis redis://central:6379/0\n"
                "  mirrorfs publish --state st/vm1 --redis redis://central:6379/0 --path '/etc/**' --path '/root/**'")
     p.add_argument("--state", required=True, type=Path, metavar="DIR", help="state directory of one watched disk")
-    p.add_argument("--redis", required=True, metavar="URL", help="redis://[:password@]host:port/db")
+    _redis_args(p)
     p.add_argument("--stream", metavar="NAME", help="stream key (default mirrorfs:events:HOST:VM)")
     p.add_argument("--maxlen", type=int, default=DEFAULT_MAXLEN, metavar="N",
                    help=f"approximate cap on the stream's length (XADD MAXLEN ~; default {DEFAULT_MAXLEN})")
@@ -70,7 +84,7 @@ def add_parsers(sub) -> None:
                     "duplicates; XACK each event once handled. See mirrorfs-collect(1).",
         epilog="examples:\n  mirrorfs collect --redis redis://central:6379/0 --path '/etc/**' --json\n"
                "  mirrorfs collect --redis redis://central:6379/0 --kind create --exec 'logger -t mirrorfs'")
-    p.add_argument("--redis", required=True, metavar="URL", help="redis://[:password@]host:port/db")
+    _redis_args(p)
     p.add_argument("--group", default="mirrorfs", metavar="G", help="consumer group (default mirrorfs)")
     p.add_argument("--consumer", metavar="NAME", help="consumer name in the group (default: the host name)")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, metavar="KEY", help="set of stream names to read")
@@ -101,7 +115,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     state = StateDir(args.state)
     state.require_state()
     pub = Publisher(state.path, args.redis, stream=args.stream, flt=filter_from_args(args), maxlen=args.maxlen,
-                    batch=args.batch, registry=args.registry)
+                    batch=args.batch, registry=args.registry, password=_password(args))
     print(f"mirrorfs: publishing {state.path / 'events.jsonl'} to {pub.stream} from {pub.position_text()}",
           file=sys.stderr, flush=True)
     pub.run(follow=not args.once)
@@ -113,7 +127,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from mirrorfs.collect import Collector
 
     coll = Collector(args.redis, group=args.group, consumer=args.consumer, registry=args.registry,
-                     pattern=args.pattern, flt=filter_from_args(args), start=args.start)
+                     pattern=args.pattern, flt=filter_from_args(args), start=args.start, password=_password(args))
     coll.run(as_json=args.json, exec_cmd=args.exec_cmd, count=args.count, idle_exit=args.idle_exit)
 
 

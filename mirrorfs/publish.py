@@ -36,6 +36,39 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 POLL_INTERVAL = 0.1
 
 
+PASSWORD_ENV = "REDISCLI_AUTH"   # the variable redis-cli reads, so one setting serves both
+
+
+def redis_password(url: str, password_file: Path | None = None) -> str | None:
+    """The Redis password, from `password_file` or $REDISCLI_AUTH, never from the command line: a password
+    inside --redis URL is refused, since every local user reads argv (ps, /proc/PID/cmdline)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.password or "password" in parse_qs(parts.query):
+        raise ValueError("--redis: a password in the URL is visible to every local user (ps, /proc/PID/cmdline); "
+                         "remove it and put it in a file given by --redis-password-file FILE, or in the "
+                         f"{PASSWORD_ENV} environment variable")
+    if password_file is not None:
+        try:
+            text = Path(password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"--redis-password-file {password_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--redis-password-file {password_file}: not text") from None
+        if not text or "\n" in text:
+            raise ValueError(f"--redis-password-file {password_file}: expected one line, the password")
+        return text
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def auth_failed(url: str, exc: BaseException) -> ValueError:
+    """A refused password is not an outage: say so once, rather than retry forever."""
+    where = url.split("@")[-1]
+    return ValueError(f"redis at {where} refused us: {exc} (give its password with --redis-password-file FILE or "
+                      f"the {PASSWORD_ENV} environment variable)")
+
+
 def default_stream(state_dir: Path) -> str:
     return f"mirrorfs:events:{socket.gethostname()}:{Path(state_dir).absolute().name}"
 
@@ -62,7 +95,8 @@ class Backoff:
 
 class Publisher:
     def __init__(self, state_dir: Path, url: str, *, stream: str | None = None, flt: Filter | None = None,
-                 maxlen: int = DEFAULT_MAXLEN, batch: int = 500, registry: str = DEFAULT_REGISTRY) -> None:
+                 maxlen: int = DEFAULT_MAXLEN, batch: int = 500, registry: str = DEFAULT_REGISTRY,
+                 password: str | None = None) -> None:
         import redis
 
         self.state_dir = Path(state_dir).absolute()
@@ -73,7 +107,8 @@ class Publisher:
         self.filter = flt or Filter()
         self.maxlen, self.batch, self.registry = maxlen, max(batch, 1), registry
         self.owner = f"{socket.gethostname()}:{self.state_dir}"
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                          **({"password": password} if password else {}))
         self.stats = {"sent": 0, "duplicates": 0, "filtered": 0, "batches": 0, "reconnects": 0, "bytes": 0}
         saved = (read_json(self.pos_path) or {}).get("streams", {}).get(self.stream, {})
         self.after: tuple[int, int] = parse_id(saved["after"]) if saved.get("after") else (0, 0)
@@ -180,6 +215,8 @@ class Publisher:
             try:
                 self._send(entries)
                 return
+            except redis.AuthenticationError as exc:
+                raise auth_failed(self.url, exc) from None
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
                 self._registered = False
                 self.stats["reconnects"] += 1

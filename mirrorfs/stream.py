@@ -30,6 +30,8 @@ import trio
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
 from mirrorfs.filters import Filter, FilterError, union_prefixes
+from tap.state import prepare_socket, remove_socket, secure_socket
+from tap.state import socket_path as state_socket_path
 
 log = logging.getLogger("mirrorfs.stream")
 
@@ -284,10 +286,10 @@ class StreamServer:
     # -- the listener
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self.socket_path.unlink(missing_ok=True)
+        prepare_socket(self.socket_path)   # a stale socket removed; a /tmp fallback directory made private
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(os.fspath(self.socket_path))
-        os.chmod(self.socket_path, 0o660)
+        secure_socket(self.socket_path)    # 0600, or 0660 root:GROUP with --group, before listen()
         sock.listen(64)
         listener = trio.SocketListener(sock)
         # start at the end of what is there: live subscribers get new events, resumers read the file
@@ -303,18 +305,13 @@ class StreamServer:
                 await trio.serve_listeners(self._serve_one, [listener], handler_nursery=nursery)
         finally:
             self.tail.close()
-            self.socket_path.unlink(missing_ok=True)
+            remove_socket(self.socket_path)
 
 
 def socket_path(state_dir: Path) -> Path:
-    """DIR/events.sock, or a short name in /tmp when DIR is too deep for a unix socket path (108 bytes)."""
-    sock = Path(state_dir).absolute() / SOCKET_NAME
-    if len(os.fsencode(sock)) <= 107:
-        return sock
-    import hashlib
-    import tempfile
-    digest = hashlib.sha1(os.fsencode(Path(state_dir).absolute())).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"mirrorfs-{digest}-events.sock"
+    """DIR/events.sock, or events.sock in a private directory in /tmp when DIR is too deep for a unix socket
+    path (108 bytes): tap.state.socket_path."""
+    return state_socket_path(state_dir, SOCKET_NAME)
 
 
 class BackgroundServer:

@@ -11,8 +11,10 @@ import hashlib
 import logging
 import os
 import signal
+import ssl
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ import trio
 from tap import nbd
 from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
 from tap.replica import BlockReplica
-from tap.server import TapBackend, open_listeners, serve_nbd
-from tap.state import EXPORT_NAME, StateDir
+from tap.server import TapBackend, TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
+from tap.state import EXPORT_NAME, StateDir, remove_socket
 from tap.writelog import WriteLog
 
 log = logging.getLogger("mirrorfs.attach")
@@ -47,6 +49,7 @@ class AttachConfig:
     reconnect_delay: int = 10
     base: Path | None = None
     listen: tuple[str, ...] = ()
+    tls_creds: Path | None = None  # x509 directory for the --listen listeners (QEMU's own socket stays plain)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Attachment:
         self.ready = False
         self.started = time.time()
         self.backend: TapBackend | None = None
+        self.tls: ssl.SSLContext | None = None
 
     def info(self, **extra: Any) -> dict[str, Any]:
         b = self.backend
@@ -154,6 +158,13 @@ class Attachment:
             raise AttachError(f"unknown --mode {cfg.mode!r}: use exact or async")
         if cfg.sync not in ("none", "full"):
             raise AttachError(f"unknown --sync {cfg.sync!r}: use none or full")
+        try:
+            # A live guest disk over tcp only with TLS and client certificates, whatever the export's mode.
+            check_listen(cfg.listen, tls=cfg.tls_creds is not None, read_only=False,
+                         fix="give --tls-creds DIR (x509 files as QEMU takes them), or listen on unix:PATH")
+            self.tls = server_tls_context(cfg.tls_creds) if cfg.tls_creds is not None else None
+        except TLSConfigError as exc:
+            raise AttachError(str(exc)) from None
         self.state.lock()
         try:
             async with open_qmp(cfg.qmp) as qmp:
@@ -175,10 +186,16 @@ class Attachment:
             self.backend = backend = TapBackend(replica=replica, writelog=writelog)
             sock = self.state.nbd_socket
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
-            listeners = await open_listeners([f"unix:{sock}", *cfg.listen])
+            listeners = await open_listeners([f"unix:{sock}"])
+            # --listen is for readers (nbdinfo, nbdcopy): a read-only export, so only QEMU's mirror job
+            # writes the log, and a connection limit of its own, so readers cannot crowd QEMU out.
+            readers = await open_listeners(list(cfg.listen)) if cfg.listen else []
+            reader_exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size, read_only=True)}
             self.state.write_attach(self.info())
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_nbd, listeners, exports, backend)
+                if readers:
+                    await nursery.start(partial(serve_nbd, readers, reader_exports, backend, tls=self.tls))
                 try:
                     await self._start_job(qmp, sock)
                     if cfg.cont:
@@ -206,8 +223,7 @@ class Attachment:
             writelog.close()
             self.ready = False
             self.state.write_attach(self.info(detached=time.time()))
-            if self.state.nbd_socket.is_socket():
-                self.state.nbd_socket.unlink()
+            remove_socket(self.state.nbd_socket)
 
     async def _start_job(self, qmp: QMPClient, sock: Path) -> None:
         cfg = self.cfg

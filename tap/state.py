@@ -7,16 +7,26 @@ Layout (everything mirrorfs writes for a disk stays in here):
   log/            the write log (tap.writelog)
   replica.img     the disk as the log makes it now (tap.replica), with replica.img.seq
   nbd.sock        the NBD socket QEMU's mirror job writes to
+
+Who may read it (issue 9): the guest's whole disk is in here (log/, replica.img, engine/disk.img) and its file
+names and changes (events.jsonl), so it is root's alone: the directory 0700, files 0600, sockets 0600, whatever
+the umask. `--group NAME` (`set_group`) grants one group read access and the sockets: directories 2750 (setgid,
+so what other modules create inherits the group), files 0640, sockets 0660, all root:NAME. Modules that are
+not access-aware create files 0640 and leave the rest to the umask `main` sets (0077, or 0027 with a group).
 """
 
 from __future__ import annotations
 
 import fcntl
+import grp
 import hashlib
 import json
 import os
+import stat
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +38,218 @@ class StateError(Exception):
     """The state directory cannot be used; the message names the cause and the fix."""
 
 
+# -- who may read what (issue 9)
+
+PRIVATE_UMASK, GROUP_UMASK = 0o077, 0o027
+
+
+@dataclass(frozen=True)
+class Access:
+    """The modes this process gives what it creates: root's alone, or shared read-only with one group."""
+
+    gid: int | None = None
+    group: str = ""
+
+    @property
+    def dir_mode(self) -> int:
+        return 0o700 if self.gid is None else 0o2750
+
+    @property
+    def file_mode(self) -> int:
+        return 0o600 if self.gid is None else 0o640
+
+    @property
+    def socket_mode(self) -> int:
+        return 0o600 if self.gid is None else 0o660
+
+
+_access = Access()
+_told: set[str] = set()
+
+
+def access() -> Access:
+    return _access
+
+
+def resolve_group(name: str) -> tuple[int, str]:
+    """A group name or a numeric gid → (gid, name for messages)."""
+    try:
+        return grp.getgrnam(name).gr_gid, name
+    except KeyError:
+        pass
+    if name.isdigit():
+        return int(name), name
+    raise StateError(f"--group {name}: no such group on this host (`getent group {name}`; create it with "
+                     "groupadd, or give a numeric gid)")
+
+
+def set_group(name: str | None) -> Access:
+    """Set this process's access policy (once, at a command's start, before it creates anything): private
+    without a group, group-readable with one. Also sets the umask that covers modules creating files 0640."""
+    global _access
+    if name is None:
+        _access = Access()
+        os.umask(PRIVATE_UMASK)
+    else:
+        gid, label = resolve_group(name)
+        _access = Access(gid, label)
+        os.umask(GROUP_UMASK)
+    return _access
+
+
+def _fix(fd_or_path: int | str | Path, want: int) -> None:
+    """Exact mode and group of something we just created (umask-independent)."""
+    a = _access
+    if isinstance(fd_or_path, int):
+        if a.gid is not None:
+            os.fchown(fd_or_path, -1, a.gid)
+        os.fchmod(fd_or_path, want)  # after fchown, which clears setgid bits
+    else:
+        if a.gid is not None:
+            os.chown(fd_or_path, -1, a.gid)
+        os.chmod(fd_or_path, want)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """os.open(O_CREAT) with the policy's file mode and group, whatever the umask; no symlink is followed."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, access().file_mode)
+    try:
+        _fix(fd, access().file_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_dir(path: Path, *, what: str = "directory", fix: bool = True) -> bool:
+    """Create `path` (parents traversable only: 0711) or take an existing one, then make it ours with the
+    policy's mode. Refuses a directory (or a symlink) another user owns (they could read or swap what we write).
+    Returns True if it was created."""
+    path = Path(path)
+    created = False
+    if not os.path.lexists(path):
+        for parent in reversed([p for p in path.parents if not p.exists()]):
+            try:
+                os.mkdir(parent)
+                os.chmod(parent, 0o711)  # they hold only state directories: search, no listing
+            except FileExistsError:
+                pass
+        try:
+            os.mkdir(path, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid():
+        st = os.stat(path)  # our own link (to a bigger disk, say): what it points to must be ours too
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"the {what} {path} is not a directory (or a link another user owns): remove it or "
+                         "choose another")
+    if st.st_uid != os.geteuid():
+        raise StateError(f"the {what} {path} belongs to uid {st.st_uid}, who could read or replace what mirrorfs "
+                         f"writes there: remove it, or `chown {os.geteuid()} {path}` if you trust it")
+    want = access().dir_mode
+    if created or fix and (stat.S_IMODE(st.st_mode) != want or access().gid not in (None, st.st_gid)):
+        _fix(str(path), want)
+    return created
+
+
+def _tighter(mode: int, want: int) -> bool:
+    """Does `mode` grant anything that `want` does not (the setgid bit aside)?"""
+    return bool(stat.S_IMODE(mode) & 0o7777 & ~want & ~stat.S_ISGID)
+
+
+def tighten(root: Path) -> int:
+    """Make every entry under `root` follow the policy; returns how many granted more than it does (said once
+    per directory on stderr). Symlinks are left alone (never followed)."""
+    a = access()
+    loose = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in [".", *dirnames, *filenames]:
+            p = os.path.join(dirpath, name) if name != "." else dirpath
+            try:
+                st = os.lstat(p) if name != "." else os.stat(p)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            want = a.dir_mode if stat.S_ISDIR(st.st_mode) else \
+                a.socket_mode if stat.S_ISSOCK(st.st_mode) else a.file_mode
+            wrong_group = a.gid is not None and st.st_gid != a.gid
+            if stat.S_IMODE(st.st_mode) != want or wrong_group:
+                loose += _tighter(st.st_mode, want)
+                if st.st_uid == os.geteuid():
+                    _fix(p, want)
+    key = str(root)
+    if loose and key not in _told:
+        _told.add(key)
+        print(f"mirrorfs: {root}: {loose} entr{'y' if loose == 1 else 'ies'} granted other local users more than "
+              f"{'root' if a.gid is None else 'root and group ' + a.group} should have (guest data): tightened "
+              f"to {a.dir_mode & 0o777:o}/{a.file_mode:o}", file=sys.stderr, flush=True)
+    return loose
+
+
+def warn_unreachable(path: Path) -> None:
+    """With a group: say so if an ancestor directory keeps the group out (it needs search permission)."""
+    a = access()
+    if a.gid is None:
+        return
+    for parent in Path(path).absolute().parents:
+        try:
+            st = parent.stat()
+        except OSError:
+            return
+        if not (st.st_mode & stat.S_IXOTH or (st.st_mode & stat.S_IXGRP and st.st_gid == a.gid)):
+            print(f"mirrorfs: note: group {a.group} cannot reach {path}: {parent} is not searchable by it "
+                  f"(mode {stat.S_IMODE(st.st_mode):o}); `chmod o+x {parent}` (search only) lets it through",
+                  file=sys.stderr, flush=True)
+            return
+
+
+def secure_socket(path: Path) -> None:
+    """A freshly bound unix socket's mode and group, set before listen(): 0600 (0660 with a group)."""
+    _fix(str(path), access().socket_mode)
+
+
+def fallback_socket_dir(state_path: Path) -> Path:
+    """Where sockets go when DIR is too deep for a unix socket path: a private directory in the temp dir
+    (never a bare name there, which any local user could take first)."""
+    digest = hashlib.sha1(os.fsencode(Path(state_path).absolute())).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mirrorfs-{digest}"
+
+
+def socket_path(state_path: Path, name: str) -> Path:
+    """DIR/NAME, or NAME in `fallback_socket_dir` when that is longer than a unix socket path allows."""
+    sock = Path(state_path).absolute() / name
+    if len(os.fsencode(sock)) <= MAX_UNIX_PATH:
+        return sock
+    return fallback_socket_dir(state_path) / name
+
+
+def prepare_socket(path: Path) -> None:
+    """Before bind: the fallback directory made ours and private; a stale socket removed."""
+    path = Path(path)
+    if path.parent.name.startswith("mirrorfs-") and path.parent.parent == Path(tempfile.gettempdir()):
+        make_dir(path.parent, what="socket directory")
+    if path.is_socket():
+        path.unlink()
+
+
+def remove_socket(path: Path) -> None:
+    """After the last listener closed: the socket, and the fallback directory if it is empty now."""
+    path = Path(path)
+    if path.is_socket():
+        path.unlink()
+    if path.parent.name.startswith("mirrorfs-") and path.parent.parent == Path(tempfile.gettempdir()):
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+
+
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    _fix(fd, access().file_mode)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -58,20 +278,24 @@ class StateDir:
 
     @property
     def nbd_socket(self) -> Path:
-        """DIR/nbd.sock, or a short name in /tmp when DIR is too deep for a unix socket path."""
-        sock = self.path / "nbd.sock"
-        if len(os.fsencode(sock)) <= MAX_UNIX_PATH:
-            return sock
-        digest = hashlib.sha1(os.fsencode(self.path)).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"mirrorfs-{digest}.sock"
+        """DIR/nbd.sock, or nbd.sock in a private directory in /tmp when DIR is too deep for a socket path."""
+        return socket_path(self.path, "nbd.sock")
+
+    def prepare(self) -> None:
+        """Create the directory (or take an existing one) with the access policy's modes, tightening what an
+        older mirrorfs or a loose umask left readable by others."""
+        try:
+            make_dir(self.path, what="state directory", fix=False)
+            tighten(self.path)
+            make_dir(self.path / "log", what="write log directory")
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {self.path}: {exc.strerror}") from exc
+        warn_unreachable(self.path)
 
     def lock(self) -> None:
         """Create the directory if needed and take its lock, or explain who holds it."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"cannot create the state directory {self.path}: {exc.strerror}") from exc
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.prepare()
+        fd = open_private(self.path / "lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
