@@ -23,7 +23,7 @@ from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 
 log = logging.getLogger("mirrorfs.engine")
 
-INDEX_FORMAT = 2  # 2: shadow-tree nodes as tuples
+INDEX_FORMAT = 3  # 2: shadow-tree nodes as tuples; 3: names checked by the name policy, refused ones kept to report
 RETRY_NS = 200_000_000  # how often writes to a not-yet-readable file system retry indexing it
 
 
@@ -63,6 +63,28 @@ def changed_span(old: bytes, new: bytes | None, length: int) -> tuple[int, int] 
     while old[hi - 1] == new[hi - 1]:
         hi -= 1
     return lo, hi
+
+
+ZERO_SCAN_CHUNK = 1 << 20
+
+
+def zeroed_span(replica: BlockReplica, offset: int, length: int) -> tuple[int, int] | None:
+    """changed_span of zeroing [offset, offset+length): from the first to the last nonzero byte there now.
+
+    O(1) memory for any length: only the replica's data regions (SEEK_DATA/SEEK_HOLE; holes read as zeros) are
+    read, ZERO_SCAN_CHUNK bytes at a time."""
+    if length <= 0:
+        return None
+    first = last = -1
+    for start, end in replica.data_regions(offset, length):
+        for pos in range(start, end, ZERO_SCAN_CHUNK):
+            chunk = replica.read(pos, min(ZERO_SCAN_CHUNK, end - pos))
+            if chunk.count(0) == len(chunk):
+                continue
+            if first < 0:
+                first = pos + len(chunk) - len(chunk.lstrip(b"\0"))
+            last = pos + len(chunk.rstrip(b"\0"))
+    return None if first < 0 else (first - offset, last - offset)
 
 
 def path_scope(handler: ExtHandler, prefixes: tuple[str, ...]) -> Callable[[int], bool]:
@@ -109,6 +131,7 @@ class Engine:
         self.last_seq = self.last_time_ns = 0
         self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
         self.errors: list[Mutation] = []
+        self.names_refused = False  # a file system was indexed: its refused names wait for _refused_names
         self.scope: tuple[str, ...] | None = None  # path prefixes whose data is attributed (None: all); set_scope
         self.waiting_for_copy = base is None  # sync full: the disk is complete at the first FLUSH (job ready)
         if index is not None:
@@ -144,6 +167,7 @@ class Engine:
                 log.info("file system %s was made anew (new UUID): indexed again", name)
             self.filesystems[name] = FsEntry(vol, handler)
             self._scope_handler(handler)
+            self.names_refused = True
         return events
 
     def _same_fs(self, fs: FsEntry) -> bool:
@@ -164,6 +188,7 @@ class Engine:
             handler.vm = self.vm
             self.filesystems[name] = FsEntry(vol, handler)
             self._scope_handler(handler)
+            self.names_refused = True
 
     # -- scope (issue 5: layered filtering at the engine)
 
@@ -189,12 +214,14 @@ class Engine:
         rescan = False
         for rec in records:
             self.last_seq, self.last_time_ns = rec.seq, rec.time_ns
+            if self.names_refused:
+                events += self._refused_names(rec.time_ns)
             if rec.kind in (KIND_WRITE, KIND_ZEROES):
-                new = rec.payload if rec.kind == KIND_WRITE else None
-                span = changed_span(self.replica.read(rec.offset, rec.length), new, rec.length)
-                if new is not None:
-                    self.replica.write(rec.offset, new)
-                else:
+                if rec.kind == KIND_WRITE:
+                    span = changed_span(self.replica.read(rec.offset, rec.length), rec.payload, rec.length)
+                    self.replica.write(rec.offset, rec.payload)
+                else:  # any length (NBD allows 4 GiB): never read or allocate it whole
+                    span = zeroed_span(self.replica, rec.offset, rec.length)
                     self.replica.zero(rec.offset, rec.length)
                 if span is None:
                     continue  # rewriting the same bytes changes nothing: no event can come of it
@@ -220,9 +247,19 @@ class Engine:
                 events += self._rescan()
         return events
 
+    def _refused_names(self, time_ns: int) -> list[Mutation]:
+        """Entries the name policy refused while a file system was indexed (a base, an index, a file system made
+        anew) become error events with the first events after it: stamped with the record being processed (or
+        the last one; seq 0 before any), so seqs stay in order. Re-reads report their own at their points."""
+        self.names_refused = False
+        events: list[Mutation] = []
+        for fs in self.filesystems.values():
+            events += fs.handler.refused_names(self.last_seq, time_ns)
+        return events
+
     def tick(self, now_ns: int) -> list[Mutation]:
         """The log is idle: file systems quiet long enough reconcile their home locations now."""
-        events: list[Mutation] = []
+        events: list[Mutation] = self._refused_names(now_ns) if self.names_refused else []
         for fs in self.filesystems.values():
             events += fs.handler.tick(now_ns)
         return events
@@ -233,6 +270,8 @@ class Engine:
         if self.waiting_for_copy or self.unready:
             self.waiting_for_copy = False
             self._rescan(initial=True)
+        if self.names_refused:
+            events += self._refused_names(self.last_time_ns)
         for fs in self.filesystems.values():
             events += fs.handler.finish(self.last_seq, self.last_time_ns)
         return events

@@ -32,6 +32,13 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
                    help="state directory of one watched disk (write log, replica, metadata)")
 
 
+def _group_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", dest="access_group", metavar="GROUP",
+                   help="grant one host group (name or gid) read access: the state directory 2750, its files 0640 "
+                        "and sockets 0660, root:GROUP, and the view to root and GROUP's members only (default: "
+                        "root's alone: 0700/0600, the view root's; see SECURITY in mirrorfs(1))")
+
+
 def _mount_args(p: argparse.ArgumentParser, name: str) -> None:
     if name.startswith("--"):
         p.add_argument(name, type=Path, metavar="MNT",
@@ -40,7 +47,8 @@ def _mount_args(p: argparse.ArgumentParser, name: str) -> None:
     else:
         p.add_argument(name, type=Path, metavar="MNT", help="mount point (an existing directory)")
     p.add_argument("--allow-other", action="store_true",
-                   help="let other host users into the view (guest file modes then decide what they read)")
+                   help="let EVERY host user into the view (guest file modes then decide what they read); "
+                        "--group GROUP is the safe way to share it")
     p.add_argument("--assemble", action="store_true",
                    help="several file systems: lay them out as the guest's /etc/fstab says (the file system "
                         "holding it at the root) instead of one directory each")
@@ -93,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-engine", action="store_true",
                    help="record only: no inference engine even with --base/--index/--sync full")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                   help="extra NBD listener for readers, unix:PATH or tcp:HOST:PORT (repeatable)")
+                   help="extra NBD listener for readers (read-only), unix:PATH or tcp:HOST:PORT (repeatable); "
+                        "tcp needs --tls-creds")
+    _tls_args(p)
     p.add_argument("--metrics", metavar="ADDR",
                    help="the engine serves Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _mount_args(p, "--mount")
+    _group_arg(p)
 
     _scope_args(p)
     p = sub.add_parser("log", help="list the write log's records",
@@ -141,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _scope_args(p)
     _mount_args(p, "--mount")
+    _group_arg(p)
 
     p = sub.add_parser(
         "mount", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
     p.add_argument("--vm", default="", help="VM name (default: the state dir's name)")
     _mount_args(p, "mountpoint")
+    _group_arg(p)
 
     p = sub.add_parser("umount", help="unmount a mirrorfs view",
                        description="Unmount a view served by `mirrorfs mount` or `attach --mount` (the serving "
@@ -189,8 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
                               "         nbdcopy nbd://127.0.0.1/mirrorfs copy.raw")
     _state_arg(p)
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                   help="unix:PATH or tcp:HOST:PORT (repeatable; default unix:DIR/nbd.sock)")
+                   help="unix:PATH or tcp:HOST:PORT (repeatable; default unix:DIR/nbd.sock); tcp without "
+                        "--tls-creds serves the disk to anyone who reaches the port")
+    _tls_args(p)
+    _group_arg(p)
     return parser
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-creds", type=Path, metavar="DIR",
+                   help="serve --listen clients over TLS only (NBD_OPT_STARTTLS), with x509 files named as "
+                        "QEMU's tls-creds-x509 takes them: ca-cert.pem, server-cert.pem, server-key.pem; "
+                        "clients must show a certificate signed by ca-cert.pem")
+    p.add_argument("--tls-psk", type=Path, metavar="FILE",
+                   help="not supported: Python 3.11's ssl module has no TLS-PSK API; use --tls-creds")
+
+
+def _tls_psk_refused(args: argparse.Namespace) -> None:
+    if args.tls_psk is not None:
+        from tap.server import TLS_PSK_UNSUPPORTED
+        raise CLIError(f"--tls-psk: {TLS_PSK_UNSUPPORTED}")
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -222,13 +253,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
     from tap.attach import AttachConfig, Attachment
 
+    _tls_psk_refused(args)
     base = args.base
     if args.index is not None and base is None:
         from inference.engine import load_index
         base = Path(load_index(args.index)["base"])
     cfg = AttachConfig(qmp=args.qmp, state=args.state, device=args.device, mode=args.mode, sync=args.sync,
                        cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
-                       base=base, listen=tuple(args.listen))
+                       base=base, listen=tuple(args.listen), tls_creds=args.tls_creds)
     engine: list[subprocess.Popen] = []
     wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
     if args.mount is not None and not wants_engine:
@@ -243,6 +275,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         cmd += ["--metrics", args.metrics] if args.metrics else []
         cmd += [a for g in args.scope for a in ("--scope", g)]
         cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
+        cmd += ["--group", args.access_group] if args.access_group else []
         if args.mount is not None:
             cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
             cmd += ["--assemble"] if args.assemble else []
@@ -270,8 +303,13 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def format_record(r, as_json: bool) -> str:
-    from tap.writelog import Kind
+    from tap.writelog import Gap, Kind
 
+    if type(r) is Gap:  # seqs the log lost: a line of their own, never a silent jump
+        if as_json:
+            return json.dumps({"seq": r.last_seq, "kind": "gap", "first_seq": r.first_seq, "last_seq": r.last_seq,
+                               "segment": r.segment, "offset": r.offset, "message": str(r)})
+        return f"{r.first_seq:>10} {'to ' + str(r.last_seq):<15} {'lost':<6} {r}"
     kind = Kind(r.kind).name
     if as_json:
         return json.dumps({"seq": r.seq, "time_ns": r.time_ns, "kind": kind, "offset": r.offset, "length": r.length})
@@ -294,7 +332,7 @@ def cmd_log(args: argparse.Namespace) -> None:
         while True:
             batch = follower.poll()
             for r in batch:
-                if args.until is not None and r.seq > args.until:
+                if args.until is not None and getattr(r, "first_seq", r.seq) > args.until:
                     return
                 out.write(format_record(r, args.json) + "\n")
             out.flush()
@@ -312,7 +350,9 @@ def cmd_replica(args: argparse.Namespace) -> None:
         raise CLIError(f"base image {args.base} does not exist")
     progress = Progress("replica", unit=" rec")
     try:
-        last = build_replica(state.log, args.output, size, base=args.base, until=args.until, progress=progress)
+        last = build_replica(state.log, args.output, size, base=args.base, until=args.until, progress=progress,
+                             on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; {args.output} lacks their writes",
+                                                      file=sys.stderr, flush=True))
     finally:
         progress.close()
     print(f"mirrorfs: wrote {args.output} ({size} bytes) as of seq {last}", file=sys.stderr)
@@ -323,9 +363,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from tap import nbd
     from tap.replica import BlockReplica
-    from tap.server import TapBackend, open_listeners, serve_nbd
+    from tap.server import TapBackend, open_listeners, serve_nbd, server_tls_context
     from tap.state import EXPORT_NAME, StateDir
 
+    _tls_psk_refused(args)
+    tls = server_tls_context(args.tls_creds) if args.tls_creds is not None else None
     state = StateDir(args.state)
     size = state.require_state()["size"]
     state.lock()
@@ -334,13 +376,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     addrs = args.listen or [f"unix:{state.nbd_socket}"]
 
     async def main() -> None:
+        from functools import partial
+
         listeners = await open_listeners(addrs)
         exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=size, read_only=True)}
         print(f"mirrorfs: serving {state.replica} read-only as export {EXPORT_NAME!r} on {', '.join(addrs)}",
               flush=True)
+        if tls is None and any(a.startswith("tcp:") for a in addrs):
+            print("mirrorfs: warning: a tcp listener without --tls-creds lets anyone who reaches the port read "
+                  "the disk", file=sys.stderr, flush=True)
         with trio.open_signal_receiver(2, 15) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_nbd, listeners, exports, TapBackend(replica=replica))
+                await nursery.start(partial(serve_nbd, listeners, exports, TapBackend(replica=replica), tls=tls))
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
 
@@ -386,30 +433,32 @@ def cmd_replay(args: argparse.Namespace) -> None:
     import signal
 
     from inference.engine import Engine
-    from inference.eventlog import EventLog
+    from inference.eventlog import EventLog, gap_event
     from mirrorfs.live import start_live
-    from tap.state import StateDir
-    from tap.writelog import LogFollower, last_seq
+    from tap.state import StateDir, make_dir, write_json_atomic
+    from tap.writelog import Gap, LogFollower, last_seq
 
     stop: list[int] = []  # first thing: a SIGTERM during start-up must still drain the log, not kill us
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
     state = StateDir(args.state)
     size = state.require_state()["size"]
+    state.prepare()  # root's alone (or --group's), whatever an older run or the umask left
     workdir = state.path / "engine"
+    make_dir(workdir, what="engine directory")
     base = raw_image(args.base, workdir) if args.base else None
     progress = Progress("index", unit=" inodes")
     engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
     progress.close()
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
-    (workdir / "source.json").write_text(json.dumps({"base": str(Path(args.base).resolve()) if args.base else None,
-                                                     "index": str(Path(args.index).resolve()) if args.index
-                                                     else None}))
+    write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
+                                                "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:
         from mirrorfs.mount import serve_log
+        from tap.state import access
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
-                      assemble=args.assemble,
+                      assemble=args.assemble, group=access().gid,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
                       finished=lambda: bool(stop) or attach_finished(state))
         finally:
@@ -425,7 +474,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 engine.set_scope(live.scope)   # layered filtering at the engine: what subscribers can match
             batch = follower.poll()
             if batch:
-                events.append(engine.process(batch))
+                events.append(engine.process(batch) if type(batch[0]) is not Gap else  # lost seqs: an error event
+                              [gap_event(batch[0], vm=engine.vm, time_ns=engine.last_time_ns)])
                 bar(batch[-1].seq, max(end, batch[-1].seq))
                 continue
             if not args.follow or stop or attach_finished(state):
@@ -467,18 +517,33 @@ def cmd_umount(args: argparse.Namespace) -> None:
                        f"fusermount3 -u -z {args.mountpoint} detaches it lazily")
 
 
+class EscapingFormatter(logging.Formatter):
+    """Log lines go to a terminal and may quote guest names: each message is escaped as `ls -b` does (a
+    traceback, added after the message, stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        from inference.names import escape_name
+
+        record.message = escape_name(record.message)
+        return super().formatMessage(record)
+
+
 def format_event(ev, as_json: bool) -> str:
+    """One event as a line: JSON (names lossless, see mirrorfs-events(5)), or text for a terminal, where every
+    string that may come from a guest or another host is escaped as `ls -b` does (no raw control bytes)."""
     if as_json:
         return ev.to_json()
-    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
-    what = f"{ev.old_path} -> {ev.path}" if ev.old_path else ev.path
+    from inference.names import escape_name as esc
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) if isinstance(ev.time, int | float) else "?"
+    what = f"{esc(ev.old_path)} -> {esc(ev.path)}" if ev.old_path else esc(ev.path)
     if ev.kind == "error":
-        what = f"{ev.path}: {ev.message}"
+        what = f"{esc(ev.path)}: {esc(ev.message)}"
     elif ev.target is not None:
-        what += f" -> {ev.target}"
+        what += f" -> {esc(ev.target)}"
     if ev.ranges:
-        what += " [" + ",".join(f"{a}-{b}" for a, b in ev.ranges[:4]) + ("…" if len(ev.ranges) > 4 else "") + "]"
-    return f"{ev.seq:>8} {stamp} {ev.fs or '-':<6} {ev.kind:<8} {what}"
+        what += " [" + esc(",".join(f"{a}-{b}" for a, b in ev.ranges[:4])) + ("…" if len(ev.ranges) > 4 else "") + "]"
+    return f"{esc(ev.seq):>8} {stamp} {esc(ev.fs) or '-':<6} {esc(ev.kind):<8} {what}"
 
 
 def cmd_events(args: argparse.Namespace) -> None:
@@ -519,13 +584,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("mirrorfs: %(message)s"))
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        format="mirrorfs: %(message)s")
+                        handlers=[handler])
     from inference.errors import CorruptMetadata
     from tap.attach import AttachError
-    from tap.state import StateError
+    from tap.state import StateError, set_group
     user_errors = (CLIError, AttachError, StateError, ValueError, OSError, CorruptMetadata)
     try:
+        set_group(getattr(args, "access_group", None))  # umask 0077 (0027 with --group): a backstop, see tap/state
         COMMANDS[args.command](args)
     except user_errors as exc:
         print(f"mirrorfs: {exc}", file=sys.stderr)

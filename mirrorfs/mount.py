@@ -26,12 +26,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from inference.eventlog import gap_event
 from inference.events import Mutation, path_bytes
 from inference.view import EngineView
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker
 from mirrorfs.viewtree import Applied, ViewError, ViewTree
+from tap.writelog import Gap
 
 log = logging.getLogger("mirrorfs.mount")
 
@@ -111,6 +113,58 @@ def prepare_mountpoint(mnt: Path) -> None:
         raise MountError(f"mount point {mnt} is not a directory")
 
 
+# -- who may read the view (issue 9)
+
+
+def in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Is the requesting process root or a member of `gid` (its primary group, or a supplementary one)?
+    ctx.pid is the calling thread's id, which /proc/<tid>/status answers for too. Unknown: no."""
+    if ctx.uid == 0 or ctx.gid == gid:
+        return True
+    if ctx.pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+# every request that carries the caller's context; the others (read, readdir, release...) need a handle that
+# one of these gave out
+GROUP_CHECKED = ("lookup", "getattr", "readlink", "opendir", "open", "statfs", "getxattr", "listxattr", "access",
+                 "create", "mkdir", "symlink", "mknod", "link", "unlink", "rmdir", "rename", "setattr", "setxattr",
+                 "removexattr")
+
+
+def group_ops(gid: int) -> type[ViewOps]:
+    """ViewOps for `--group`: the view is mounted allow_other, and every request from a process that is
+    neither root nor in the group fails with EACCES. Attributes and entries are not cached by the kernel
+    (timeouts 0), so that a member's lookup never lets a non-member's stat through from the cache; file
+    data is read only through an open, which is checked."""
+
+    def guard(method: Callable) -> Callable:
+        async def checked(self, *args):
+            if not in_group(args[-1], gid):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return await method(self, *args)
+        checked.__name__ = method.__name__
+        return checked
+
+    class GroupViewOps(ViewOps):
+        def attrs(self, node):
+            a = super().attrs(node)
+            a.entry_timeout = a.attr_timeout = 0
+            return a
+
+    for name in GROUP_CHECKED:
+        setattr(GroupViewOps, name, guard(getattr(ViewOps, name)))
+    return GroupViewOps
+
+
 # -- the engine thread
 
 
@@ -131,10 +185,16 @@ class EngineLoop:
             for sink in self.sinks:
                 sink(events)
 
+    def _process(self, batch: list) -> list[Mutation]:
+        """Records through the engine; a write-log Gap (lost seqs) becomes its error event."""
+        if type(batch[0]) is Gap:
+            return [gap_event(batch[0], vm=self.engine.vm, time_ns=self.engine.last_time_ns)]
+        return self.engine.process(batch)
+
     def catch_up(self) -> None:
         """Everything logged so far, before the view is built from the engine's tree."""
         while batch := self.follower.poll():
-            self._emit(self.engine.process(batch))
+            self._emit(self._process(batch))
 
     def _run(self) -> None:
         try:
@@ -150,11 +210,11 @@ class EngineLoop:
                     continue
                 for i in range(0, len(batch), CHUNK):
                     with self.lock:
-                        events = self.engine.process(batch[i:i + CHUNK])
+                        events = self._process(batch[i:i + CHUNK])
                     self._emit(events)
             while batch := self.follower.poll():
                 with self.lock:
-                    events = self.engine.process(batch)
+                    events = self._process(batch)
                 self._emit(events)
             with self.lock:
                 events = self.engine.finish()
@@ -210,9 +270,11 @@ def build_tree(view: EngineView, filesystems: list[str], assemble: bool) -> tupl
 
 
 def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, allow_other: bool = False,
-          fsname: str = "mirrorfs", assemble: bool = False) -> None:
+          fsname: str = "mirrorfs", assemble: bool = False, group: int | None = None) -> None:
     """Build the view from the engine's tree now, mount it, serve until SIGINT/SIGTERM (or the engine ends
-    after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations."""
+    after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations.
+    Who may read it: root only (FUSE's default without allow_other); with `group`, root and that group's
+    members (allow_other plus a check of each request); with `allow_other`, every host user."""
     view = EngineView(engine)
     filesystems = view.filesystems()
     if not filesystems:
@@ -246,7 +308,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         return s
 
     stage = Stage()
-    ops = ViewOps(tree, stage, read, statfs)
+    ops = (group_ops(group) if group is not None and not allow_other else ViewOps)(tree, stage, read, statfs)
     token_box: list[trio.lowlevel.TrioToken] = []
 
     def in_trio(fn: Callable):
@@ -325,7 +387,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
             nursery.cancel_scope.cancel()
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is each thread stuck?
-    pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other))
+    pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other or group is not None))
     try:
         trio.run(main)
     finally:
@@ -334,12 +396,14 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         unmount(mnt, lazy=True)
     if loop is not None and loop.error is not None:
         raise loop.error
-    print(f"mirrorfs: unmounted {mnt} ({poker.done} mutations poked, {poker.fallbacks} applied directly)",
-          file=sys.stderr)
+    refused = poker.refused + ops.refused  # paths and requests outside the mount / the staged change
+    print(f"mirrorfs: unmounted {mnt} ({poker.done} mutations poked, {poker.fallbacks} applied directly"
+          f"{f', {refused} refused' if refused else ''})", file=sys.stderr)
 
 
 def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False, assemble: bool = False,
-              live: Callable | None = None, finished: Callable[[], bool] | None = None) -> None:
+              live: Callable | None = None, finished: Callable[[], bool] | None = None,
+              group: int | None = None) -> None:
     """`replay [--follow] --mount` and `mount`: catch up with the log (events to DIR/events.jsonl), build the
     view, then serve it while (with follow) the engine keeps following the log."""
     from inference.eventlog import EventLog
@@ -354,7 +418,7 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
             if not follow:
                 loop._emit(engine.finish())
             serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other, assemble=assemble,
-                  fsname=f"mirrorfs:{engine.vm or state.path.name}")
+                  fsname=f"mirrorfs:{engine.vm or state.path.name}", group=group)
         finally:
             if services is not None:
                 services.close()

@@ -19,9 +19,10 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from inference import names as N
 from inference.blockmap import BlockMap
 from inference.errors import CorruptMetadata
-from inference.events import Mutation
+from inference.events import Mutation, fs_path
 from inference.ext import reader as R
 from inference.ext.journal import JournalGap, JournalTracker, parse_journal_superblock
 from inference.reconcile import Change, Context, Reconciler
@@ -39,6 +40,10 @@ SETTLE_NS = 10_000_000
 MAX_ERRORS_PER_POINT = 20
 MAX_DIR_ROUNDS = 64  # bound on directory levels discovered at one consistency point (the rest waits)
 MAX_RETRY_ROUNDS = 8  # bound on re-reading waiting directories within one point
+# The block map of one file system holds at most this many ranges (~270 bytes each with the node's extents): an inode
+# past the per-inode caps is refused by the reader, one that would push the total past this is tracked without data.
+MAX_FS_EXTENTS = 1 << 22
+MAX_BAD_REMEMBERED = 4096  # refused entries remembered as reported (dir, name, ino); past it the oldest go
 
 
 @dataclass
@@ -75,6 +80,12 @@ class ExtHandler:
 
     scope: Callable[[int], bool] | None = None   # class defaults: also for handlers unpickled from older indexes
     _scope_cache: dict[int, bool] | None = None
+    # Name policy (inference/names.py): refused entries already reported, per directory, while they stay listed
+    # ({dir: {(name, ino)}}, oldest directory first), and the ones found since the last report (at most
+    # MAX_ERRORS_PER_POINT, the rest only counted). Class defaults: also for handlers unpickled from older indexes.
+    _bad_seen: dict[int, frozenset[tuple[bytes, int]]] | None = None
+    _bad_new: list[tuple[int, bytes, int, str]] | None = None
+    _bad_more = 0
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -222,13 +233,14 @@ class ExtHandler:
         inode = self.reader.inode(ino)
         if inode.links == 0 or inode.mode == 0:
             return None
-        node = self._load_detached(inode)
+        node = self._load_detached(inode, shared_ok=True)
         node.name_ctime_ns = inode.ctime_ns
         self._own(node)
         return node
 
     def _own(self, node: Node, old: Node | None = None) -> None:
-        self.blocks.set_extents(node.ino, old.extents if old else (), node.extents)
+        if old is None or old.extents != node.extents:  # (an unchanged map of 10^5 extents costs nothing again)
+            self.blocks.set_extents(node.ino, old.extents if old else (), node.extents)
         if old is not None:
             for b in old.meta_blocks:
                 if self.meta_owner.get(b) == node.ino:
@@ -252,17 +264,67 @@ class ExtHandler:
                 self.xattr_owners.pop(node.xattr_block, None)
 
     def _entries(self, d: int) -> tuple[dict[bytes, int], int | None]:
-        """A directory's entries, and its '..' (None if it has none)."""
-        inode = self.reader.inode(d)
-        out: dict[bytes, int] = {}
-        parent = None
-        for e in R.read_dir(inode, self.geo, self.reader.read_block):
-            if e.name == b"..":
-                parent = e.ino
-            if e.name in (b".", b"..") or not 1 <= e.ino <= self.geo.inodes_count:
-                continue
-            out[e.name] = e.ino
+        """A directory's entries, and its '..' (None if it has none). The one way names enter the shadow tree
+        (index and every re-read): entries the name policy refuses are left out and reported (`_note_bad`)."""
+        inode = self.reader.inode(d)  # (read_dir lists only inodes 1..inodes_count: it refuses the rest)
+        listing = [(e.ino, e.name) for e in R.read_dir(inode, self.geo, self.reader.read_block)]
+        out, parent, bad = N.split_entries(listing)
+        if bad or self._bad_seen:
+            self._note_bad(d, bad)
         return out, parent
+
+    def _note_bad(self, d: int, bad: list[tuple[bytes, int, str]]) -> None:
+        """Remember a directory's refused entries; the ones not reported yet while listed wait for `_bad_events`."""
+        if self._bad_seen is None:
+            self._bad_seen, self._bad_new = {}, []
+        seen = self._bad_seen
+        before = seen.pop(d, frozenset())
+        if not bad:
+            return
+        now = frozenset((name, ino) for name, ino, _ in bad[:MAX_BAD_REMEMBERED])
+        seen[d] = now
+        reported = set(before)
+        for name, ino, why in bad:
+            if (name, ino) in reported:
+                continue
+            reported.add((name, ino))
+            if len(self._bad_new) < MAX_ERRORS_PER_POINT:
+                self._bad_new.append((d, name, ino, why))
+            else:
+                self._bad_more += 1
+        total = sum(map(len, seen.values()))
+        while total > MAX_BAD_REMEMBERED and len(seen) > 1:
+            total -= len(seen.pop(next(iter(seen))))
+
+    def _bad_events(self, ctx: Context) -> list[Mutation]:
+        """One error event per refused entry found since the last report, naming its directory (path, inode),
+        the entry's inode and the raw name in hex. The path is the tree's now, so call after applying names."""
+        if not self._bad_new and not self._bad_more:
+            return []
+        events = []
+        for d, name, ino, why in self._bad_new or ():
+            path = self.tree.path(d)
+            msg = (f"bad name left out: directory inode {d}, entry inode {ino}, "
+                   f"name (hex) '{name.hex()}': {why}")
+            log.warning("%s: %s %s", self.name, N.escape_name(path) if path is not None else "?", msg)
+            self.stats.errors += 1
+            events.append(Mutation(seq=ctx.seq, time=ctx.time, kind="error", path=fs_path(path or b"?"),
+                                   fs=ctx.fs, vm=ctx.vm, ino=d, message=msg,
+                                   extra={"dir_ino": d, "entry_ino": ino, "name_hex": name.hex()}))
+        if self._bad_more:
+            events.append(self._error(f"{self._bad_more} more bad names left out at this point", ctx))
+        self._bad_new, self._bad_more = [], 0
+        return events
+
+    def refused_names(self, seq: int, time_ns: int) -> list[Mutation]:
+        """Error events for the entries refused since the last report (those found by `index`, which has no
+        consistency point of its own to report them at), stamped with the caller's seq and time."""
+        return self._bad_events(Context(seq=seq, time=time_ns / 1e9, fs=self.name, vm=self.vm))
+
+    def _forget_bad(self, d: int) -> None:
+        """A directory freed or reused: its refused entries are reported again if they come back."""
+        if self._bad_seen:
+            self._bad_seen.pop(d, None)
 
     # -- writes
 
@@ -309,7 +371,9 @@ class ExtHandler:
         dirty = self.dirty
         if first <= self.sb_block < end:
             pass  # counters and state flags; a resize would need a re-index
-        if any(first <= b < end for b in self.gdt) if count < 64 else bool(self.gdt & set(range(first, end))):
+        # (each test walks the smaller side: a write of any length allocates nothing per block)
+        if any(b in self.gdt for b in range(first, end)) if count < len(self.gdt) else \
+                any(first <= b < end for b in self.gdt):
             dirty.gdt = True
             self.stats.metadata_blocks += 1
         i = max(bisect_right(self._itable_starts, first) - 1, 0)
@@ -320,13 +384,16 @@ class ExtHandler:
                 dirty.itable.update(range(lo, hi))
                 self.stats.metadata_blocks += hi - lo
             i += 1
-        owners = self.meta_owner if count < 64 else {b: o for b, o in self.meta_owner.items() if first <= b < end}
-        for b in range(first, end) if count < 64 else owners:
-            if (ino := owners.get(b)) is not None:
-                dirty.inodes.add(ino)
+        owners = self.meta_owner
+        if count <= len(owners):
+            dirty.inodes.update(ino for b in range(first, end) if (ino := owners.get(b)) is not None)
+        else:
+            dirty.inodes.update(ino for b, ino in owners.items() if first <= b < end)
         if self.xattr_owners:
-            for b, inos in list(self.xattr_owners.items()):
-                if first <= b < end:
+            xowners = self.xattr_owners
+            for inos in ((xowners.get(b) for b in range(first, end)) if count <= len(xowners) else
+                         (inos for b, inos in xowners.items() if first <= b < end)):
+                if inos:
                     dirty.inodes.update(inos)
         bs = self.geo.block_size
         owned = 0
@@ -358,7 +425,7 @@ class ExtHandler:
         events: list[Mutation] = []
         if now_ns - self.last_ns >= QUIET_NS and not self._quiet_done:
             self._quiet_done = True
-            if self.dirty or self.pending_data or self.retry_dirs or self.broken:
+            if self.dirty or self.pending_data or self.retry_dirs or self.broken or self._map_notes:
                 events += self.evaluate(self.last_seq, self.last_ns)
         if (self.reconciler.stale or self.reconciler.reread or self.pending_data) and \
                 now_ns - self.last_ns >= SETTLE_NS:
@@ -396,11 +463,18 @@ class ExtHandler:
                 errors.append(str(exc))
         change = Change()
         dirty.now = time_ns / 1e9
-        reload: set[int] = set(dirty.inodes) | {k for k in self.broken if k > 0}
+        fresh: set[int] = set(dirty.inodes)  # inodes whose record or map changed (the rest: retries of broken ones)
         for b in sorted(dirty.itable):
-            reload |= self._changed_inodes(b, change, errors)
+            fresh |= self._changed_inodes(b, change, errors)
+        reload = fresh | {k for k in self.broken if k > 0}
+        self._shared_now: dict[int, tuple[int, int]] = {}
+        waiting = self._shared_wait or {}
         for ino in sorted(reload):
+            if ino in waiting and ino not in fresh and self._holds(*waiting[ino], change):
+                self._shared_now[ino] = waiting[ino]  # unchanged, still refused: not read again until it changes
+                continue
             self._reload(ino, change, dirty, errors)
+        self._settle_shared(change, dirty, errors)
         # A freed directory, or one whose number now holds something else, is empty, whatever its old blocks say.
         freed_dirs = {ino for ino, node in change.inodes.items() if ino in self.tree.children
                       and (node is None or node.type != "dir" or change.generations.get(ino))}
@@ -423,6 +497,10 @@ class ExtHandler:
             todo = (dirty.dirs | {d for d in todo if d in change.inodes}) - attempted
             if not todo:
                 break
+        self._settle_shared(change, dirty, errors)
+        if self._map_notes:
+            errors += self._map_notes
+            self._map_notes = None
         change.data, self.pending_data = self.pending_data, {}
         if self.journal is None and not settled and not self.reconciler.deadline_passed:
             # Without a journal a data block may come before the record that says whose it is now (a deleted
@@ -437,7 +515,10 @@ class ExtHandler:
         if self._scope_cache and (change.dirs or any(node is None for node in change.inodes.values())):
             self._scope_cache = None      # names may have changed: judge the scope again
         self.retry_dirs |= {d for d in broken_dirs if -d in self.broken}
+        events += self._bad_events(ctx)
         for ino, node in change.inodes.items():
+            if node is None or change.generations.get(ino):
+                self._forget_bad(ino)
             # An inode that left the tree, or was freed: its blocks leave the maps at once (they are reused quickly).
             if node is None or ino not in self.tree.nodes:
                 for gone in (node, before[ino]):
@@ -448,6 +529,23 @@ class ExtHandler:
         if len(errors) > MAX_ERRORS_PER_POINT:
             events.append(self._error(f"{len(errors) - MAX_ERRORS_PER_POINT} more errors at this point", ctx))
         return events
+
+    def _holds(self, block: int, owner: int, change: Change) -> bool:
+        """Does `owner`'s map still hold mapping block `block` (not freed at this point)?"""
+        return self.meta_owner.get(block) == owner and not (owner in change.inodes and change.inodes[owner] is None)
+
+    def _settle_shared(self, change: Change, dirty: _Dirty, errors: list[str]) -> None:
+        """Maps _reload refused as shared: read again if the other inode let go of the block in this point (re-read
+        after it); else wait like a half-written inode, and past the deadline track it without its data."""
+        shared, self._shared_now = self._shared_now, {}
+        for ino, (block, owner) in sorted(shared.items()):
+            if not self._holds(block, owner, change):
+                self._reload(ino, change, dirty, errors)
+                if ino not in self._shared_now:
+                    continue
+            if self._still_broken(ino, dirty):
+                self._reload(ino, change, dirty, errors, shared_ok=True)
+        self._shared_now = {}
 
     def _changed_inodes(self, block: int, change: Change, errors: list[str]) -> set[int]:
         """Inodes of one inode-table block whose cheap signature differs from the tree's."""
@@ -475,7 +573,7 @@ class ExtHandler:
                 if old is not None:
                     change.inodes[ino] = None
                 continue
-            if old is None or _sig(inode) != old.sig or (inode.mode, inode.uid, inode.gid, inode.size,
+            if old is None or _sig(inode) != old.sig or (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE),
                                                          inode.mtime_ns, inode.links, inode.generation) != (
                     old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen):
                 out.add(ino)
@@ -520,15 +618,27 @@ class ExtHandler:
             return inode.links > 0 and inode.mode != 0
         return inode.links == 0 or inode.mode == 0 or inode.generation != old.gen or _sig(inode) != old.sig
 
-    def _reload(self, ino: int, change: Change, dirty: _Dirty, errors: list[str]) -> None:
+    def _reload(self, ino: int, change: Change, dirty: _Dirty, errors: list[str], shared_ok: bool = False) -> None:
         old = self.tree.nodes.get(ino)
+        if self._shared_wait:
+            self._shared_wait.pop(ino, None)
         try:
             inode = self.reader.inode(ino)
             if inode.links == 0 or inode.mode == 0:
                 if old is not None:
                     change.inodes[ino] = None
                 return
-            node = self._load_detached(inode)
+            try:
+                node = self._load_detached(inode, change, shared_ok=shared_ok)
+            except R.SharedMapBlock as exc:
+                # Another live inode's map holds one of its mapping blocks: a hostile tree shared between inodes,
+                # or a block freed by an inode whose record comes later (in this point, or later: ext2 writes
+                # back in any order). _point decides once this point's inodes are read.
+                self._shared_now[ino] = (exc.block, exc.owner)
+                if self._shared_wait is None:
+                    self._shared_wait = {}
+                self._shared_wait[ino] = (exc.block, exc.owner)
+                return
         except CorruptMetadata as exc:
             # Half-written (ext2 writes an inode before its indirect blocks) or garbage: look again at the
             # next consistency point, and report it only if it stays broken past the deadline.
@@ -549,11 +659,37 @@ class ExtHandler:
         if change.data.get(ino):
             self.pending_data.setdefault(ino, []).extend(change.data.pop(ino))
 
-    def _load_detached(self, inode: R.Inode) -> Node:
-        """An inode's Node (mapping, xattrs, link target), without touching the block maps."""
+    def _load_detached(self, inode: R.Inode, change: Change | None = None, *, shared_ok: bool = False) -> Node:
+        """An inode's Node (mapping, xattrs, link target), without touching the block maps.
+
+        Hostile numbers are bounded here. A map past the reader's caps (R.MAX_EXTENTS extents, R.MAX_MAP_BLOCKS
+        mapping blocks), or that would bring the file system's block map past MAX_FS_EXTENTS ranges (many distinct
+        large trees), is tracked without data attribution: no extents (writes to its data give no modify
+        ranges), only the mapping blocks read before the cap (writes to them still re-read it); an error says so.
+        A mapping block that another live inode's map holds (`change`: the point's freed inodes let go of theirs)
+        raises SharedMapBlock, or with `shared_ok` gives the same unattributed node and error: a shared subtree
+        is read once, by its first owner, never expanded again per inode. An i_size past 2^63-1 (negative to the
+        guest's kernel) is clamped to it, with an error."""
         geo, rb = self.geo, self.reader.read_block
-        extents, meta = R.file_map(inode, geo, rb)
-        node = Node(ino=inode.ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=inode.size,
+        try:
+            extents, meta = R.file_map(inode, geo, rb, claim=self._claim(inode.ino, change))
+            if len(extents) > 64 and len(self.blocks) + len(extents) - len(
+                    getattr(self.tree.nodes.get(inode.ino), "extents", ())) > MAX_FS_EXTENTS:
+                raise R.MapTooBig(f"inode {inode.ino}: {len(extents)} extents would pass the file system's "
+                                  f"{MAX_FS_EXTENTS}", meta)
+        except R.MapTooBig as exc:
+            extents, meta = [], exc.meta
+            self._note(f"{exc}: its data is not attributed")
+        except R.SharedMapBlock as exc:
+            if not shared_ok:
+                raise
+            extents, meta = [], []
+            self._note(f"{exc}: its data is not attributed")
+        size = inode.size
+        if size > R.MAX_SIZE:
+            self._note(f"inode {inode.ino}: i_size {size} is past 2^63-1: clamped to {R.MAX_SIZE}")
+            size = R.MAX_SIZE
+        node = Node(ino=inode.ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=size,
                     mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns, links=inode.links, rdev=inode.rdev,
                     extents=tuple((e.logical, e.physical, e.length, e.uninit) for e in extents),
                     meta_blocks=tuple(meta), xattr_block=inode.file_acl, gen=inode.generation, sig=_sig(inode))
@@ -561,6 +697,31 @@ class ExtHandler:
         if inode.type == "symlink":
             node.target = R.symlink_target(inode, geo, rb)
         return node
+
+    _map_notes: list[str] | None = None  # errors found while loading inodes, reported at the next point
+    _shared_wait: dict[int, tuple[int, int]] | None = None  # inode -> (block, owner) that refused its map
+
+    def _note(self, message: str) -> None:
+        if self._map_notes is None:
+            self._map_notes = []
+        if len(self._map_notes) < MAX_ERRORS_PER_POINT:  # (what _point reports at most)
+            self._map_notes.append(message)
+        elif len(self._map_notes) == MAX_ERRORS_PER_POINT:
+            self._map_notes.append("more inodes with too large or shared maps, or huge sizes (not listed)")
+
+    def _claim(self, ino: int, change: Change | None) -> Callable[[int], None]:
+        """file_map's claim for inode `ino`: refuse a mapping block that another live inode's map holds."""
+        owners, nodes = self.meta_owner, self.tree.nodes
+
+        def claim(block: int) -> None:
+            owner = owners.get(block)
+            if owner is None or owner == ino or owner not in nodes:
+                return
+            if change is not None and owner in change.inodes and change.inodes[owner] is None:
+                return  # freed at this point: its blocks leave the maps once the point is applied
+            raise R.SharedMapBlock(f"inode {ino}: mapping block {block} is also in the map of inode {owner}",
+                                   block, owner)
+        return claim
 
     def _error(self, message: str, ctx: Context | None = None) -> Mutation:
         self.stats.errors += 1
@@ -577,15 +738,26 @@ def _sig(inode: R.Inode) -> int:
 
 
 def _new_blocks(old: tuple, new: tuple) -> list[tuple[int, int]]:
-    """Logical block ranges that the new mapping maps (initialized) to different physical blocks than the old."""
+    """Logical block ranges that the new mapping maps (initialized) to different physical blocks than the old.
+
+    One merge of the two maps sorted by logical block (each has disjoint ranges): linear in their sizes. (Comparing
+    every new extent with every old one cost 470 s for one change of a 115,600-extent file.)"""
+    if old == new:
+        return []
     old_map: list[tuple[int, int, int]] = sorted((lg, ph, n) for lg, ph, n, un in old if not un)
     out: list[tuple[int, int]] = []
-    for lg, ph, n, un in new:
+    j, count = 0, len(old_map)
+    for lg, ph, n, un in sorted(new):
         if un:
             continue
         pos, end = lg, lg + n
-        for olg, oph, on in old_map:
-            if olg + on <= pos or olg >= end:
+        while j < count and old_map[j][0] + old_map[j][2] <= pos:
+            j += 1
+        k = j
+        while k < count and old_map[k][0] < end:
+            olg, oph, on = old_map[k]
+            k += 1
+            if olg + on <= pos:
                 continue
             if olg > pos:
                 out.append((pos, olg))
