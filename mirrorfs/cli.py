@@ -35,7 +35,8 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 def _group_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", dest="access_group", metavar="GROUP",
                    help="grant one host group (name or gid) read access: the state directory 2750, its files 0640 "
-                        "and sockets 0660, root:GROUP, and the view to root and GROUP's members only (default: "
+                        "and read-only sockets (events.sock, --listen) 0660, root:GROUP, and the view to root and "
+                        "GROUP's members only; never nbd.sock, which takes writes (see --qemu-group) (default: "
                         "root's alone: 0700/0600, the view root's; see SECURITY in mirrorfs(1))")
 
 
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the engine serves Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _mount_args(p, "--mount")
     _group_arg(p)
+    p.add_argument("--qemu-group", metavar="GROUP",
+                   help="let one host group (name or gid) connect to nbd.sock, the WRITABLE export QEMU's mirror "
+                        "job writes to: 0660 root:GROUP, for a QEMU running as another user (libvirt: "
+                        "libvirt-qemu); the socket's directory must be searchable by it. Default, and with --group "
+                        "alone: 0600, root's")
 
     _scope_args(p)
     p = sub.add_parser("log", help="list the write log's records",
@@ -378,7 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     async def main() -> None:
         from functools import partial
 
-        listeners = await open_listeners(addrs)
+        listeners = await open_listeners(addrs, read_only=True)
         exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=size, read_only=True)}
         print(f"mirrorfs: serving {state.replica} read-only as export {EXPORT_NAME!r} on {', '.join(addrs)}",
               flush=True)
@@ -593,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tap.state import StateError, set_group
     user_errors = (CLIError, AttachError, StateError, ValueError, OSError, CorruptMetadata)
     try:
-        set_group(getattr(args, "access_group", None))  # umask 0077 (0027 with --group): a backstop, see tap/state
+        # umask 0077 (0027 with --group): a backstop, see tap/state
+        set_group(getattr(args, "access_group", None), getattr(args, "qemu_group", None))
         COMMANDS[args.command](args)
     except user_errors as exc:
         print(f"mirrorfs: {exc}", file=sys.stderr)

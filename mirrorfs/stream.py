@@ -30,7 +30,7 @@ import trio
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
 from mirrorfs.filters import Filter, FilterError, union_prefixes
-from tap.state import prepare_socket, remove_socket, secure_socket
+from tap.state import bind_socket, prepare_socket, remove_socket
 from tap.state import socket_path as state_socket_path
 
 log = logging.getLogger("mirrorfs.stream")
@@ -287,9 +287,8 @@ class StreamServer:
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         prepare_socket(self.socket_path)   # a stale socket removed; a /tmp fallback directory made private
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(os.fspath(self.socket_path))
-        secure_socket(self.socket_path)    # 0600, or 0660 root:GROUP with --group, before listen()
+        # 0600, or 0660 root:GROUP with --group, from the bind on (never chmod'ed by path): see tap.state
+        sock = trio.socket.from_stdlib_socket(bind_socket(self.socket_path, read_only=True))
         sock.listen(64)
         listener = trio.SocketListener(sock)
         # start at the end of what is there: live subscribers get new events, resumers read the file

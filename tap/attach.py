@@ -24,7 +24,7 @@ from tap import nbd
 from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
 from tap.replica import BlockReplica
 from tap.server import TapBackend, TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
-from tap.state import EXPORT_NAME, StateDir, remove_socket
+from tap.state import EXPORT_NAME, StateDir, access, remove_socket, warn_unreachable
 from tap.writelog import WriteLog
 
 log = logging.getLogger("mirrorfs.attach")
@@ -186,10 +186,13 @@ class Attachment:
             self.backend = backend = TapBackend(replica=replica, writelog=writelog)
             sock = self.state.nbd_socket
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
+            # the writable export: root's (0600), or --qemu-group's too (0660), never --group's
             listeners = await open_listeners([f"unix:{sock}"])
+            if access().qemu_gid is not None:
+                warn_unreachable(sock, access().qemu_gid, access().qemu_group)
             # --listen is for readers (nbdinfo, nbdcopy): a read-only export, so only QEMU's mirror job
             # writes the log, and a connection limit of its own, so readers cannot crowd QEMU out.
-            readers = await open_listeners(list(cfg.listen)) if cfg.listen else []
+            readers = await open_listeners(list(cfg.listen), read_only=True) if cfg.listen else []
             reader_exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size, read_only=True)}
             self.state.write_attach(self.info())
             async with trio.open_nursery() as nursery:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import trio
 
 from tap import nbd
 from tap.replica import BlockReplica
-from tap.state import prepare_socket, secure_socket
+from tap.state import bind_socket, prepare_socket
 from tap.writelog import KIND_FLUSH, KIND_TRIM, KIND_WRITE, KIND_ZEROES, WriteLog
 
 log = logging.getLogger("mirrorfs.tap")
@@ -274,16 +273,16 @@ def check_listen(addrs: list[str] | tuple[str, ...], *, tls: bool, read_only: bo
                                  f"authentication: {fix}")
 
 
-async def open_listeners(addrs: list[str]) -> list[trio.SocketListener]:
+async def open_listeners(addrs: list[str], *, read_only: bool = False) -> list[trio.SocketListener]:
+    """Listeners for `addrs`. A unix socket is 0600 root's, whatever the umask; `read_only` (the export served
+    on it never takes writes) lets --group in, otherwise only --qemu-group may connect (see tap.state)."""
     listeners: list[trio.SocketListener] = []
     for addr in addrs:
         kind, where, port = parse_listen(addr)
         if kind == "unix":
             path = Path(where)
             prepare_socket(path)  # stale: the caller holds the state-dir lock; a /tmp fallback dir made private
-            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-            await sock.bind(os.fspath(path))
-            secure_socket(path)  # 0600 (0660 with --group) before anyone can connect
+            sock = trio.socket.from_stdlib_socket(bind_socket(path, read_only=read_only, what=f"--listen {addr}"))
             sock.listen(16)
             listeners.append(trio.SocketListener(sock))
         else:

@@ -10,9 +10,15 @@ Layout (everything mirrorfs writes for a disk stays in here):
 
 Who may read it (issue 9): the guest's whole disk is in here (log/, replica.img, engine/disk.img) and its file
 names and changes (events.jsonl), so it is root's alone: the directory 0700, files 0600, sockets 0600, whatever
-the umask. `--group NAME` (`set_group`) grants one group read access and the sockets: directories 2750 (setgid,
-so what other modules create inherits the group), files 0640, sockets 0660, all root:NAME. Modules that are
-not access-aware create files 0640 and leave the rest to the umask `main` sets (0077, or 0027 with a group).
+the umask. `--group NAME` (`set_group`) grants one group READ access: directories 2750 (setgid, so what other
+modules create inherits the group), files 0640, the read-only sockets (events.sock, reader listeners) 0660, all
+root:NAME. The writable NBD socket QEMU's mirror job writes to (nbd.sock) is never the group's: it stays 0600
+unless `--qemu-group NAME` makes it 0660 root:NAME for a QEMU that runs as another user. Modules that are not
+access-aware create files 0640 and leave the rest to the umask `main` sets (0077, or 0027 with a group).
+
+Sockets are never chmod'ed or chown'ed by path (a local user who can write to a socket's directory could swap
+in a symlink between bind and chmod, and root would change its target): `bind_socket` binds under a umask that
+gives the mode, sets the group with lchown, and refuses a directory another user controls.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import grp
 import hashlib
 import json
 import os
+import socket
 import stat
 import sys
 import tempfile
@@ -45,10 +52,13 @@ PRIVATE_UMASK, GROUP_UMASK = 0o077, 0o027
 
 @dataclass(frozen=True)
 class Access:
-    """The modes this process gives what it creates: root's alone, or shared read-only with one group."""
+    """The modes this process gives what it creates: root's alone, or shared read-only with one group; and
+    who may connect to the writable NBD socket: root, or root and the group QEMU runs as."""
 
     gid: int | None = None
     group: str = ""
+    qemu_gid: int | None = None
+    qemu_group: str = ""
 
     @property
     def dir_mode(self) -> int:
@@ -62,6 +72,13 @@ class Access:
     def socket_mode(self) -> int:
         return 0o600 if self.gid is None else 0o660
 
+    def socket_policy(self, *, read_only: bool) -> tuple[int, int | None]:
+        """(mode, gid to chown to) of a unix socket: read-only ones are --group's, the writable one (through
+        which writes enter the log, the replica and the event stream) only --qemu-group's."""
+        if read_only:
+            return self.socket_mode, self.gid
+        return (0o600, None) if self.qemu_gid is None else (0o660, self.qemu_gid)
+
 
 _access = Access()
 _told: set[str] = set()
@@ -71,7 +88,7 @@ def access() -> Access:
     return _access
 
 
-def resolve_group(name: str) -> tuple[int, str]:
+def resolve_group(name: str, option: str = "--group") -> tuple[int, str]:
     """A group name or a numeric gid → (gid, name for messages)."""
     try:
         return grp.getgrnam(name).gr_gid, name
@@ -79,20 +96,22 @@ def resolve_group(name: str) -> tuple[int, str]:
         pass
     if name.isdigit():
         return int(name), name
-    raise StateError(f"--group {name}: no such group on this host (`getent group {name}`; create it with "
+    raise StateError(f"{option} {name}: no such group on this host (`getent group {name}`; create it with "
                      "groupadd, or give a numeric gid)")
 
 
-def set_group(name: str | None) -> Access:
+def set_group(name: str | None, qemu_group: str | None = None) -> Access:
     """Set this process's access policy (once, at a command's start, before it creates anything): private
-    without a group, group-readable with one. Also sets the umask that covers modules creating files 0640."""
+    without a group, group-readable with one; `qemu_group` may connect to the writable NBD socket. Also sets
+    the umask that covers modules creating files 0640."""
     global _access
+    qgid, qlabel = resolve_group(qemu_group, "--qemu-group") if qemu_group is not None else (None, "")
     if name is None:
-        _access = Access()
+        _access = Access(qemu_gid=qgid, qemu_group=qlabel)
         os.umask(PRIVATE_UMASK)
     else:
         gid, label = resolve_group(name)
-        _access = Access(gid, label)
+        _access = Access(gid, label, qgid, qlabel)
         os.umask(GROUP_UMASK)
     return _access
 
@@ -121,10 +140,11 @@ def open_private(path: Path, flags: int) -> int:
     return fd
 
 
-def make_dir(path: Path, *, what: str = "directory", fix: bool = True) -> bool:
+def make_dir(path: Path, *, what: str = "directory", fix: bool = True, search_ok: bool = False) -> bool:
     """Create `path` (parents traversable only: 0711) or take an existing one, then make it ours with the
     policy's mode. Refuses a directory (or a symlink) another user owns (they could read or swap what we write).
-    Returns True if it was created."""
+    `search_ok`: a directory holding sockets may keep o+x (search, no listing) that its owner granted so a
+    QEMU of another user reaches nbd.sock; what is inside keeps its own modes. Returns True if it was created."""
     path = Path(path)
     created = False
     if not os.path.lexists(path):
@@ -149,9 +169,13 @@ def make_dir(path: Path, *, what: str = "directory", fix: bool = True) -> bool:
         raise StateError(f"the {what} {path} belongs to uid {st.st_uid}, who could read or replace what mirrorfs "
                          f"writes there: remove it, or `chown {os.geteuid()} {path}` if you trust it")
     want = access().dir_mode
-    if created or fix and (stat.S_IMODE(st.st_mode) != want or access().gid not in (None, st.st_gid)):
+    mode = stat.S_IMODE(st.st_mode) & ~(SEARCH_OK if search_ok else 0)
+    if created or fix and (mode != want or access().gid not in (None, st.st_gid)):
         _fix(str(path), want)
     return created
+
+
+SEARCH_OK = 0o001  # o+x on a directory holding sockets: see make_dir
 
 
 def _tighter(mode: int, want: int) -> bool:
@@ -161,7 +185,9 @@ def _tighter(mode: int, want: int) -> bool:
 
 def tighten(root: Path) -> int:
     """Make every entry under `root` follow the policy; returns how many granted more than it does (said once
-    per directory on stderr). Symlinks are left alone (never followed)."""
+    per directory on stderr). Symlinks are left alone (never followed); so are sockets, which `bind_socket`
+    creates with their exact modes (a live nbd.sock is --qemu-group's, not --group's) and which are removed
+    before each bind; `root` itself may keep o+x (SEARCH_OK)."""
     a = access()
     loose = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -171,13 +197,13 @@ def tighten(root: Path) -> int:
                 st = os.lstat(p) if name != "." else os.stat(p)
             except FileNotFoundError:
                 continue
-            if stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
                 continue
-            want = a.dir_mode if stat.S_ISDIR(st.st_mode) else \
-                a.socket_mode if stat.S_ISSOCK(st.st_mode) else a.file_mode
+            want = a.dir_mode if stat.S_ISDIR(st.st_mode) else a.file_mode
+            mode = st.st_mode & ~(SEARCH_OK if name == "." and dirpath == str(root) else 0)
             wrong_group = a.gid is not None and st.st_gid != a.gid
-            if stat.S_IMODE(st.st_mode) != want or wrong_group:
-                loose += _tighter(st.st_mode, want)
+            if stat.S_IMODE(mode) != want or wrong_group:
+                loose += _tighter(mode, want)
                 if st.st_uid == os.geteuid():
                     _fix(p, want)
     key = str(root)
@@ -189,26 +215,72 @@ def tighten(root: Path) -> int:
     return loose
 
 
-def warn_unreachable(path: Path) -> None:
-    """With a group: say so if an ancestor directory keeps the group out (it needs search permission)."""
+def warn_unreachable(path: Path, gid: int | None = None, group: str = "") -> None:
+    """With a group (--group's unless given): say so if an ancestor directory keeps the group out (it needs
+    search permission)."""
     a = access()
-    if a.gid is None:
+    if gid is None:
+        gid, group = a.gid, a.group
+    if gid is None:
         return
     for parent in Path(path).absolute().parents:
         try:
             st = parent.stat()
         except OSError:
             return
-        if not (st.st_mode & stat.S_IXOTH or (st.st_mode & stat.S_IXGRP and st.st_gid == a.gid)):
-            print(f"mirrorfs: note: group {a.group} cannot reach {path}: {parent} is not searchable by it "
+        if not (st.st_mode & stat.S_IXOTH or (st.st_mode & stat.S_IXGRP and st.st_gid == gid)):
+            print(f"mirrorfs: note: group {group} cannot reach {path}: {parent} is not searchable by it "
                   f"(mode {stat.S_IMODE(st.st_mode):o}); `chmod o+x {parent}` (search only) lets it through",
                   file=sys.stderr, flush=True)
             return
 
 
-def secure_socket(path: Path) -> None:
-    """A freshly bound unix socket's mode and group, set before listen(): 0600 (0660 with a group)."""
-    _fix(str(path), access().socket_mode)
+def check_socket_dir(path: Path, what: str) -> None:
+    """Refuse a socket path whose directory another user controls: they could swap our socket for theirs
+    (QEMU or a reader would then talk to them). Root's or ours is fine, and so is a sticky one (/tmp), where
+    no one else may rename or remove what we create."""
+    parent = Path(path).absolute().parent
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        raise StateError(f"{what}: cannot use its directory {parent}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()):
+        raise StateError(f"{what}: its directory {parent} belongs to uid {st.st_uid}, who could swap the socket "
+                         "for their own: choose a directory only root can write to")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise StateError(f"{what}: its directory {parent} is writable by other users (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}, not sticky), who could swap the socket for their own: "
+                         f"choose a directory only root can write to, or `chmod +t {parent}`")
+
+
+def bind_socket(path: Path, *, read_only: bool, what: str = "") -> socket.socket:
+    """A unix stream socket bound at `path` with its final mode and group before anyone can connect: read-only
+    ones 0600 (0660 root:GROUP with --group), the writable NBD one 0600 (0660 root:QEMU_GROUP with
+    --qemu-group). Nothing is changed by a path another user could swap: the mode comes from the umask at bind
+    (0777 & ~umask; restored at once), the group from lchown (a swapped-in symlink changes, never its target);
+    then the path must be our socket with that mode, or the bind is undone."""
+    path = Path(path)
+    check_socket_dir(path, what or f"the socket {path}")
+    mode, gid = access().socket_policy(read_only=read_only)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old = os.umask(0o777 & ~mode)  # process-wide, for one syscall: at worst something created meanwhile
+        try:                           # by another thread gets fewer permissions, never more
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old)
+        if gid is not None:
+            os.chown(path, -1, gid, follow_symlinks=False)
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != mode \
+                or gid is not None and st.st_gid != gid:
+            raise StateError(f"the socket {path} was replaced or is not mode {mode:o} right after bind (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}; a default ACL on {path.parent}?): "
+                             "choose a directory only root can write to, without default ACLs")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def fallback_socket_dir(state_path: Path) -> Path:
@@ -230,7 +302,7 @@ def prepare_socket(path: Path) -> None:
     """Before bind: the fallback directory made ours and private; a stale socket removed."""
     path = Path(path)
     if path.parent.name.startswith("mirrorfs-") and path.parent.parent == Path(tempfile.gettempdir()):
-        make_dir(path.parent, what="socket directory")
+        make_dir(path.parent, what="socket directory", search_ok=True)
     if path.is_socket():
         path.unlink()
 

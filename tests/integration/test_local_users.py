@@ -1,6 +1,7 @@
 """Local users are outside the trust boundary (issue 9): a live attach with its mount, made with default options,
 gives `nobody` nothing (no listing, no read, no connect, no TCP port), and `--group G` gives G's members the
-view, the events and the subscription socket while everyone else still gets EACCES.
+view, the events and the subscription socket, never the writable nbd.sock, while everyone else still gets
+EACCES; `--qemu-group Q` gives Q's members nbd.sock alone.
 
 The live run is real: qemu-storage-daemon holds the disk, the host kernel writes to it through a loop mount,
 `mirrorfs attach --index --mount` records it, its engine serves the FUSE view. The other users are real too:
@@ -31,6 +32,7 @@ from tests.tapharness import Attach, mirrorfs
 pytestmark = pytest.mark.integration
 
 GROUP = 47114  # a gid no account has: the members are the probes setpriv puts in it
+QGROUP = 47115  # another one, for --qemu-group (the group QEMU runs as)
 PYTHON = "/usr/bin/python3"
 
 # One probe per process: each operation's errno name, or "ok". `events.sock` must answer the subscription
@@ -80,6 +82,7 @@ def probe(targets: dict[str, tuple[str, Path]], *user: str) -> dict[str, str]:
 NOBODY = ("--regid=nogroup", "--clear-groups")
 MEMBER = ("--regid=nogroup", f"--groups={GROUP}")          # G as a supplementary group
 MEMBER_PRIMARY = (f"--regid={GROUP}", "--clear-groups")    # G as the primary group
+QEMU_MEMBER = ("--regid=nogroup", f"--groups={QGROUP}")    # Q as a supplementary group
 
 
 def _procs_of(state: Path) -> list[int]:
@@ -128,16 +131,21 @@ def _modes(root: Path) -> dict[str, os.stat_result]:
     return out
 
 
-def assert_modes(root: Path, gid: int | None) -> None:
-    """Directories 0700, files 0600, sockets 0600 (with a group: 2750, 0640, 0660, all of group gid)."""
+def assert_modes(root: Path, gid: int | None, qgid: int | None = None) -> None:
+    """Directories 0700, files 0600, sockets 0600 (with a group: 2750, 0640, 0660, all of group gid); the
+    writable nbd.sock 0600 whatever the group (0660 of group qgid with --qemu-group)."""
     want = {"dir": 0o700, "file": 0o600, "sock": 0o600} if gid is None else \
         {"dir": 0o2750, "file": 0o640, "sock": 0o660}
+    want["nbd"] = 0o600 if qgid is None else 0o660
     seen = set()
     for name, st in _modes(root).items():
         kind = "dir" if stat.S_ISDIR(st.st_mode) else "sock" if stat.S_ISSOCK(st.st_mode) else "file"
+        kind = "nbd" if name == "nbd.sock" else kind
         assert not stat.S_ISLNK(st.st_mode), name
         assert stat.S_IMODE(st.st_mode) == want[kind], f"{name}: {stat.S_IMODE(st.st_mode):o}, want {want[kind]:o}"
-        if gid is not None:
+        if kind == "nbd" and qgid is not None:
+            assert st.st_gid == qgid, name
+        elif gid is not None:
             assert st.st_gid == gid, name
         seen.add(kind)
         assert st.st_uid == 0, name
@@ -246,9 +254,23 @@ def test_nobody_reads_and_connects_to_nothing(tmp_path, top):
 
 
 def test_group_members_read_the_view_and_events_others_do_not(tmp_path, top):
-    require(not any(g.gr_gid == GROUP for g in grp.getgrall()), f"gid {GROUP} is free")
-    with live(tmp_path, top, "--group", str(GROUP)) as (state, mnt, attach):
-        assert_modes(state, GROUP)
+    require(not any(g.gr_gid in (GROUP, QGROUP) for g in grp.getgrall()), f"gids {GROUP}, {QGROUP} are free")
+    with live(tmp_path, top, "--group", str(GROUP), "--qemu-group", str(QGROUP)) as (state, mnt, attach):
+        assert_modes(state, GROUP, QGROUP)
+        # G reads; it can NOT connect to the writable export (it would inject writes into the log, the replica
+        # and the events); only Q, the group QEMU runs as, can, once it may search the state directory
+        nbd_sock = {"connect nbd.sock": ("connect", state / "nbd.sock")}
+        for who in (MEMBER, MEMBER_PRIMARY, NOBODY, QEMU_MEMBER):
+            assert probe(nbd_sock, *who) == {"connect nbd.sock": "EACCES"}, who
+        assert f"group {QGROUP} cannot reach {state / 'nbd.sock'}: {state} is not searchable" in attach.output()
+        state.chmod(0o2751)   # what the note says: search, no listing
+        try:
+            assert probe(nbd_sock, *QEMU_MEMBER) == {"connect nbd.sock": "ok"}
+            for who in (MEMBER, MEMBER_PRIMARY, NOBODY):
+                assert probe(nbd_sock, *who) == {"connect nbd.sock": "EACCES"}, who
+            assert probe({"list state": ("list", state)}, *QEMU_MEMBER) == {"list state": "EACCES"}
+        finally:
+            state.chmod(0o2750)
         shared = {
             "list state": ("list", state), "read events.jsonl": ("read", state / "events.jsonl"),
             "subscribe events.sock": ("subscribe", state / "events.sock"),
@@ -275,4 +297,4 @@ def test_group_members_read_the_view_and_events_others_do_not(tmp_path, top):
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode != 0
         assert (mnt / "secret.txt").read_bytes() == b"guest secret\n"
-    assert_modes(state, GROUP)
+    assert_modes(state, GROUP, QGROUP)

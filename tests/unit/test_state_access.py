@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -140,33 +141,138 @@ def test_the_tmp_socket_fallback_is_a_private_directory(tmp_path):
             sock.parent.rmdir()
 
 
-@pytest.mark.parametrize("group", [None, str(GID)])
-def test_sockets_are_0600_or_0660_before_listen(tmp_path, group):
-    """The subscription socket and the NBD listener, bound with umask 0: their final mode."""
-    if group:
+QGID = 47114  # the group QEMU runs as, another gid no one has
+
+
+@pytest.mark.parametrize("group,qemu_group", [(None, None), (str(GID), None), (None, str(QGID)),
+                                              (str(GID), str(QGID))])
+def test_sockets_modes_before_listen(tmp_path, group, qemu_group):
+    """Bound with umask 0: events.sock is --group's (0660 root:G), the writable nbd.sock never is (0600 with
+    --group alone) and only --qemu-group's (0660 root:Q); a read-only reader listener is --group's."""
+    if group or qemu_group:
         require_root()
     from mirrorfs.stream import StreamServer
     from tap.server import open_listeners
 
-    S.set_group(group)
+    S.set_group(group, qemu_group)
     os.umask(0)
     (tmp_path / "events.jsonl").write_bytes(b"")
-    want = (0o600, os.getegid()) if group is None else (0o660, GID)
+    read_want = (0o600, os.getegid()) if group is None else (0o660, GID)
+    nbd_want = (0o660, QGID) if qemu_group else (0o600, os.getegid())
+
+    def mode(name: str) -> tuple[int, int]:
+        st = os.lstat(tmp_path / name)
+        assert stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()
+        return stat.S_IMODE(st.st_mode), st.st_gid
 
     async def main() -> None:
         server = StreamServer(tmp_path / "events.jsonl", tmp_path / "events.sock")
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            st = os.stat(tmp_path / "events.sock")
-            assert (stat.S_IMODE(st.st_mode), st.st_gid) == want
+            assert mode("events.sock") == read_want
             listeners = await open_listeners([f"unix:{tmp_path / 'nbd.sock'}"])
-            st = os.stat(tmp_path / "nbd.sock")
-            assert (stat.S_IMODE(st.st_mode), st.st_gid) == want
+            listeners += await open_listeners([f"unix:{tmp_path / 'reader.sock'}"], read_only=True)
+            assert mode("nbd.sock") == nbd_want
+            assert mode("reader.sock") == read_want
             for listener in listeners:
                 await listener.aclose()
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+    assert os.umask(0) == 0  # the umask narrowed around each bind is restored
+
+
+def test_a_swapped_in_symlink_is_never_followed(tmp_path):
+    """A symlink to a canary at the socket's path, planted before the bind and swapped in (by a racing thread,
+    as another user with write access to the directory would) between bind and the group change, again and
+    again: the canary's mode and owner never change (root chmod'ing by path would have handed out /etc/shadow).
+    Nothing is monkeypatched: the mode comes from the umask at bind, the group from lchown."""
+    require_root()
+    import threading
+
+    S.set_group(str(GID), str(QGID))
+    canary = tmp_path / "canary"
+    canary.write_bytes(b"x")
+    canary.chmod(0o600)
+    before = os.stat(canary)
+    d = tmp_path / "shared"
+    d.mkdir()
+    sock = d / "nbd.sock"
+    sock.symlink_to(canary)   # planted before the bind: not a socket, so not removed as stale; the bind fails
+    with pytest.raises(OSError):
+        S.bind_socket(sock, read_only=False)
+    stop = threading.Event()
+
+    def swapper() -> None:
+        while not stop.is_set():
+            try:
+                os.unlink(sock)
+                os.symlink(canary, sock)
+            except OSError:
+                pass
+
+    racer = threading.Thread(target=swapper)
+    racer.start()
+    outcomes: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                S.bind_socket(sock, read_only=False).close()
+                outcome = "bound"
+            except S.StateError:
+                outcome = "replaced"   # swapped between bind and the check: refused
+            except OSError:
+                outcome = "in use"     # the symlink was there at bind time
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finally:
+        stop.set()
+        racer.join()
+    assert sum(outcomes.values()) > 100, outcomes
+    after = os.stat(canary)
+    assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == \
+        (0o600, before.st_uid, before.st_gid), outcomes
+
+
+def test_a_listen_dir_others_control_is_refused(tmp_path):
+    """`--listen unix:PATH` in a directory other users can write to (not sticky) or that another user owns:
+    refused with the cause and the fix, nothing bound there."""
+    require_root()
+    from tap.server import open_listeners
+
+    S.set_group(None)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    for where, why in ((loose, "writable by other users .mode 777, not sticky.*chmod \\+t"),
+                       (theirs, "belongs to uid 65534")):
+        with pytest.raises(S.StateError, match=f"--listen unix:{where}/r.sock: its directory {where} .*{why}"):
+            trio.run(open_listeners, [f"unix:{where / 'r.sock'}"])
+        assert not (where / "r.sock").exists()
+    loose.chmod(0o1777)  # sticky, like /tmp: allowed
+    trio.run(open_listeners, [f"unix:{loose / 'r.sock'}"])
+    assert stat.S_IMODE(os.lstat(loose / "r.sock").st_mode) == 0o600
+
+
+def test_qemu_group_reaching_the_state_dir_is_kept(tmp_path, capsys):
+    """The note's fix for --qemu-group (o+x on the state directory: search, no listing) survives the next
+    attach's tightening; anything more does not."""
+    require_root()
+    S.set_group(None, str(QGID))
+    d = S.StateDir(tmp_path / "state")
+    _populate(d)
+    d.path.chmod(0o701)
+    d.prepare()
+    assert stat.S_IMODE(d.path.stat().st_mode) == 0o701
+    assert "tightened" not in capsys.readouterr().err
+    d.path.chmod(0o705)
+    d.prepare()
+    assert stat.S_IMODE(d.path.stat().st_mode) == 0o700
+    with pytest.raises(S.StateError, match="--qemu-group no-such-group-here: no such group"):
+        S.set_group(None, "no-such-group-here")
 
 
 def test_redis_password_never_from_argv(tmp_path, monkeypatch):
