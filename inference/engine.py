@@ -217,6 +217,11 @@ class Engine:
             if self.names_refused:
                 events += self._refused_names(rec.time_ns)
             if rec.kind in (KIND_WRITE, KIND_ZEROES):
+                if rec.offset < 0 or rec.length < 0 or rec.offset + rec.length > self.size:
+                    events.append(Mutation(seq=rec.seq, time=rec.time_ns / 1e9, kind="error", path="/", vm=self.vm,
+                                           message=f"a log record writes {rec.length} bytes at {rec.offset}, past "
+                                                   f"the disk's {self.size} bytes: left out"))
+                    continue  # the tap refuses such writes: only a damaged or forged log holds one
                 if rec.kind == KIND_WRITE:
                     span = changed_span(self.replica.read(rec.offset, rec.length), rec.payload, rec.length)
                     self.replica.write(rec.offset, rec.payload)

@@ -7,11 +7,14 @@ stream to a tree without reading the disk: replaying the events on the tree at T
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("create", "mkdir", "symlink", "mknod", "link", "delete", "rmdir", "rename", "modify", "truncate",
          "attrib", "xattr", "error")
+# DEL, C1 controls, and the bidi embeddings, overrides and isolates: inside a JSON string each may stand as \\uXXXX
+_TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
 
 
@@ -60,13 +63,15 @@ class Mutation:
         return d
 
     def to_json(self) -> str:
-        """One line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still valid JSON)."""
+        """One line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still valid JSON), and
+        so, as \\uXXXX, do characters a terminal would act on that JSON leaves raw (DEL, C1 controls such as
+        the 8-bit CSI, bidi overrides): a guest's name printed with `events --json` cannot drive the terminal."""
         text = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
         try:
             text.encode()
         except UnicodeEncodeError:
-            text = json.dumps(self.to_dict(), separators=(",", ":"))
-        return text
+            return json.dumps(self.to_dict(), separators=(",", ":"))
+        return _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mutation:

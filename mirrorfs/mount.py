@@ -353,7 +353,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         return tree.hidden(m.fs, path_bytes(m.path)) or (m.old_path is not None
                                                           and tree.hidden(m.fs, path_bytes(m.old_path)))
 
-    poker = Poker(mnt, stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden)
+    poker = Poker(stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden)
     if loop is not None:
         loop.sinks.append(poker.submit)
 
@@ -388,6 +388,8 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is each thread stuck?
     pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other or group is not None))
+    # the helper's root, opened now: later, a renamed directory above MNT could aim the path elsewhere
+    poker.set_root(os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
     try:
         trio.run(main)
     finally:

@@ -13,7 +13,10 @@ whatever the path: every component is checked here (never empty, `.`, `..`, or h
 policy already keeps `/` out of a name), and every directory is resolved by the kernel with openat2(2)
 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV below an O_PATH fd of the
 file system's directory in the mount. O_NOFOLLOW alone stops symlinks, not `..`. The last name is then used
-only with *at() calls that do not follow it, or opened with openat2 too.
+only with *at() calls that do not follow it, or opened with openat2 too. The root fd itself is opened by the
+mounter right after the mount (a local user who can rename a directory above the mount point must not be able to
+aim it at a host directory), and this thread refuses every change unless that fd lies on a mount of the view's
+own type.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from inference.events import Mutation, path_bytes
+from inference.names import bad_name_reason
 from mirrorfs.fuse import Stage, Staged
 from mirrorfs.viewtree import IFMT, Applied
 
@@ -61,14 +65,30 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
+def mount_fstype(fd: int) -> str | None:
+    """The type of the mount an fd lies on ("fuse.mirrorfs", "ext4"...), by its mount id: no request reaches
+    the file system (a statfs on the view would be a FUSE request, and the guest's superblock can fail it)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            mnt_id = next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                if line.split(" ", 1)[0] == mnt_id:
+                    return line.partition(" - ")[2].split(" ", 1)[0]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
 class Refused(OSError):
     """A path the helper will not resolve (a bad component, or the kernel said it leaves the mount)."""
 
 
 def check_component(name: bytes) -> bytes:
     """One path component as the helper accepts it; Refused for empty, `.`, `..`, `/` or NUL."""
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise Refused(errno.EPERM, f"unsafe path component {name!r}")
+    why = bad_name_reason(name)
+    if why:
+        raise Refused(errno.EPERM, f"unsafe path component {name!r}: {why}")
     return name
 
 
@@ -101,10 +121,11 @@ def open_beneath(dirfd: int, parts: list[bytes], flags: int = os.O_PATH | os.O_D
 
 
 class Poker:
-    def __init__(self, mountpoint: str | bytes, stage: Stage, prefix: Callable[[str], bytes | None],
+    def __init__(self, stage: Stage, prefix: Callable[[str], bytes | None],
                  apply_direct: Callable[[Mutation], Applied], invalidate: Invalidate,
-                 on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None) -> None:
-        self.mnt = os.fsencode(mountpoint)
+                 on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None,
+                 *, root_type: str | None = "fuse.mirrorfs") -> None:
+        self.root_type = root_type  # the mount type the root must lie on (None: any; tests use a plain dir)
         self.stage, self.prefix = stage, prefix
         self.apply_direct, self.invalidate, self.on_idle = apply_direct, invalidate, on_idle
         self.hidden = hidden or (lambda m: False)  # not visible in the view (covered by a mount, not shown)
@@ -115,7 +136,7 @@ class Poker:
         self.done = 0
         self.fallbacks = 0
         self.refused = 0
-        self._root: int | None = None  # O_PATH fd of the mount's root, opened by the helper thread
+        self._root: int | None = None  # O_PATH fd of the mount's root: given by the mounter (set_root), owned here
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -145,8 +166,22 @@ class Poker:
 
     # -- the helper thread
 
+    def set_root(self, fd: int) -> None:
+        """The mount's root, as an O_PATH fd the mounter opened right after mounting; closed by this helper."""
+        self._root = fd
+
+    def _check_root(self) -> None:
+        """No root, or a root that is not on the view's mount (the path was swapped under us): refuse every change."""
+        found = mount_fstype(self._root) if self._root is not None else None
+        if self._root is None or (self.root_type is not None and found != self.root_type):
+            log.error("the view's root lies on %s, not on a %s mount: every change is refused", found, self.root_type)
+            if self._root is not None:
+                os.close(self._root)
+            self._root = None
+
     def _run(self) -> None:
         self.stage.tid = threading.get_native_id()
+        self._check_root()
         try:
             self._loop()
         finally:
@@ -220,7 +255,7 @@ class Poker:
     def _fs_fd(self, fs: str) -> int:
         """An O_PATH fd of the directory `fs` is shown at, resolved beneath the mount's root."""
         if self._root is None:
-            self._root = os.open(self.mnt, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            raise Refused(errno.EPERM, "the view's root is not a verified mount of the view")
         prefix = self.prefix(fs)
         if prefix is None:
             raise Refused(errno.ENOENT, f"file system {fs} is not in the view")

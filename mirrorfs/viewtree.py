@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from inference.events import Mutation, path_bytes
+from inference.names import bad_name_reason
 
 ROOT_ID = 1
 GUEST_ROOT_INO = 2
@@ -39,11 +40,6 @@ MAX_DEPTH = 4096
 MAX_SKIP_LOGS = 20  # snapshot entries named in the log when left out; the rest are counted
 
 log = logging.getLogger("mirrorfs.viewtree")
-
-
-def bad_component(name: bytes) -> bool:
-    """True for a name no directory entry may have on Linux (it would be an alias or a path trick)."""
-    return not name or name in (b".", b"..") or b"/" in name or b"\0" in name
 
 
 @dataclass(slots=True)
@@ -213,7 +209,7 @@ class ViewTree:
 
     def _parent_of(self, fs: str, path: bytes) -> tuple[int, bytes]:
         head, _, name = path.rstrip(b"/").rpartition(b"/")
-        if bad_component(name):
+        if bad_name_reason(name):
             raise ViewError(f"{fs}:{path!r}: not a name a directory can hold")
         parent = self.resolve(fs, head)
         if parent is None or self.nodes[parent].children is None:

@@ -21,8 +21,8 @@ Record (40-byte header + payload, little-endian, struct "<4sIQQQIB3x"):
 Crash safety: one writer (flock on the directory) appends with one writev per record. Opening the log scans
 the last segment and truncates a torn or corrupt tail (SIGKILL mid-append, or power loss after an unflushed
 append), so seq continues from the last good record with no gap and no garbage; it logs the segment, byte
-and seqs it dropped. Readers in other processes never return a torn record: in the segment a live writer
-appends to (it holds an OFD lock on its byte 0) they wait at an incomplete record and retry on the next poll.
+and seqs it dropped. Readers never return a torn record: at a record that runs past the end of the last
+segment (being written, or torn by a crash) they wait and retry on the next poll, and never scan into it.
 Open the WriteLog (its recovery) before starting readers after a power loss.
 
 Damage: a record that is bad anywhere else (a bit flip, a zeroed or torn region, a garbage length, a bad
@@ -30,8 +30,8 @@ segment header, a missing segment, seqs that do not follow) costs exactly the se
 (at the next good record whose CRC matches and whose seq can follow, or at the next segment) and report a
 `Gap` naming those seqs in their place, never a silent skip or a stop. The writer, finding such damage in
 the middle of the last segment on start, starts a new segment so the damaged one is complete for readers.
-CRC32 is no MAC: guest data inside a damaged record could pass for records; that yields at worst writes
-the guest could have made anyway, so readers never look inside a record a writer may still be writing.
+CRC32 is no MAC: guest data inside a damaged record could pass for records, so nothing scans into a record
+that runs past the end of the last segment (the one a crash tears): the writer truncates there.
 
 Idempotence: after a reconnect QEMU re-sends the writes that were in flight. They are logged again as new
 records (the log records what arrived, not what is new); replaying them is idempotent, since a re-sent write
@@ -106,27 +106,9 @@ class Gap:
 
 MAX_PAYLOAD = 64 << 20  # a longer WRITE is refused by append(): on disk, such a length field is damage
 _SCAN_BUDGET = 1 << 30  # bytes of candidate records CRC-checked by one resync (bounds forged-magic floods)
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit)
 _SHORT, _INCOMPLETE, _BADCRC, _BAD, _VALID = range(5)  # _probe's verdicts
 _DAMAGE = {_SHORT: "a torn record (less than a header)", _INCOMPLETE: "a record running past the end of the data",
            _BADCRC: "a record failing its CRC", _BAD: "bytes that are not a record (magic, kind or length)"}
-
-
-def _lock_segment(fd: int) -> None:
-    """The writer marks the segment it appends to (an OFD lock on byte 0, gone when it closes or dies)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
-    except OSError as exc:
-        log.debug("write log: no OFD lock on the segment (%s)", exc)
-
-
-def _writer_holds(fd: int) -> bool:
-    """Whether a live WriteLog appends to this segment; without one, the segment is complete."""
-    try:
-        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0))
-    except OSError:
-        return True  # cannot tell: wait, as for a live writer
-    return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
 
 
 def _probe(fd: int, off: int, size: int) -> tuple[int, int, int]:
@@ -363,7 +345,6 @@ class WriteLog:
                 os.close(fd)
         gaps: list[Gap] = []
         with LogFollower(self.directory, first, max_records=4096) as follower:
-            follower._no_writer = True  # we hold the writer's lock: the segment is complete, scan past damage
             while batch := follower.poll():
                 if type(batch[0]) is Gap:
                     gaps.append(batch[0])
@@ -380,8 +361,6 @@ class WriteLog:
             self._say(f"write log {path}: damaged in the middle, starting a new segment after seq {expect - 1} "
                       f"so readers resync past it ({'; '.join(map(str, gaps))})")
             self._roll()
-        else:
-            _lock_segment(self._fd)
 
     def _say(self, message: str) -> None:
         """What recovery repaired: logged, and kept in `repairs` for whoever opened the log to show."""
@@ -392,7 +371,6 @@ class WriteLog:
         fd = os.open(self.directory / segment_name(first_seq),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         os.write(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, first_seq))
-        _lock_segment(fd)
         self._fd, self._size = fd, SEGMENT_HEADER.size
         with self._list_lock:
             self._dir_dirty = True
@@ -519,7 +497,6 @@ class LogFollower:
         self._fd = -1
         self._off = 0
         self._expect = 0
-        self._no_writer = False  # set by WriteLog's recovery, which holds the writer's lock itself
         self._trust = True  # skip records below `since` by their header lengths alone (off after damage there)
         self._scan_at: tuple[tuple[int, int], int] = ((0, 0), 0)  # ((segment, bad offset), scanned up to)
 
@@ -638,8 +615,10 @@ class LogFollower:
             if hi is None or seq <= hi:
                 return True, self._resume(off, seq, off, f"the record at byte {off} has seq {seq}, expected {expect}")
             state = _BAD  # a seq at or past the next segment's start cannot be in this one
-        if (state in (_SHORT, _INCOMPLETE) and not nxt and not self._no_writer
-                and _writer_holds(fd)):
+        if state in (_SHORT, _INCOMPLETE) and not nxt:
+            # a record running past the end of the last segment is the one being written, or one a crash tore:
+            # never scan into it (its payload is guest data, and a record forged there must not be taken for a
+            # real one); the writer finishes it, or cuts it on start
             return False, None
         found = None
         if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is

@@ -540,3 +540,21 @@ def test_honest_reuse_of_a_mapping_block_is_no_error(tmp_path, order):
     assert handler.tree.nodes[new_owner].extents == ((0, data, 1, False),)
     assert handler.tree.nodes[new_owner].meta_blocks == (block,) and handler.meta_owner[block] == new_owner
     assert handler.tree.nodes[old_owner].extents == ()
+
+
+def test_a_log_record_past_the_disk_is_an_error_not_a_dead_engine(tmp_path):
+    """The tap refuses writes past the export, so only a damaged or forged log holds one: the engine reports it
+    and goes on with the honest records after it."""
+    require_tools("mke2fs", "debugfs")
+    image = make_fs(tmp_path / "disk.img", "64M", files=1)
+    size = image.stat().st_size
+    engine = Engine(tmp_path / "engine", size, base=image)
+    feed = Feed()
+    bad = [Record(1, feed.t, KIND_WRITE, size - 512, 4096, bytes(4096)),
+           Record(2, feed.t, KIND_ZEROES, 2**64 - 4096, 4096, b""),
+           Record(3, feed.t, KIND_WRITE, 2**63, 512, bytes(512))]
+    feed.seq = 3
+    events = engine.process(bad)
+    assert [e.seq for e in events if e.kind == "error" and "past the disk" in (e.message or "")] == [1, 2, 3]
+    events = finish(engine, feed, image, tmp_path, "after.txt")
+    assert "/after.txt" in creates(events)

@@ -135,6 +135,17 @@ def _unescape(shown: str) -> bytes:
     return bytes(out)
 
 
+def test_json_lines_carry_no_terminal_active_character_raw() -> None:
+    """DEL, C1 controls (8-bit CSI) and bidi overrides in a guest name stand as \\uXXXX in the JSON line, which
+    still gives the exact name back; other characters stay as they are."""
+    name = "/a\x9b31m\u202eb\x7f\u2066é"
+    for path in (name, name + "\udcff"):  # valid UTF-8, and a name that is not
+        line = Mutation(seq=1, time=0.0, kind="create", path=path).to_json()
+        assert not any(ch in line for ch in "\x7f\x9b\u202e\u2066"), line
+        assert json.loads(line)["path"] == path
+    assert "é" in Mutation(seq=1, time=0.0, kind="create", path=name).to_json()
+
+
 def test_text_rendering_of_events_escapes_every_guest_string() -> None:
     name = fs_path(b"/\x1b]0;pwned\x07/ctl\nname\xff")
     ev = Mutation(seq=7, time=time.time(), kind="rename", path=name, old_path=fs_path(b"/old\x1b[2J"), fs="p1",

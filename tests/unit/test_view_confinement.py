@@ -22,7 +22,7 @@ import trio
 from inference.events import Mutation
 from inference.view import Entry
 from mirrorfs.fuse import Stage, Staged, ViewOps
-from mirrorfs.poke import CONFINED, Poker, Refused, components, open_beneath, openat2
+from mirrorfs.poke import CONFINED, Poker, Refused, components, mount_fstype, open_beneath, openat2
 from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree, VNode
 
 # -- openat2 itself
@@ -113,7 +113,8 @@ def _poker(mnt: Path, prefix: bytes = b"") -> tuple[Poker, list[Mutation]]:
         from mirrorfs.viewtree import Applied
         return Applied()
 
-    poker = Poker(mnt, Stage(), lambda fs: prefix, apply_direct, lambda applied, m: None)
+    poker = Poker(Stage(), lambda fs: prefix, apply_direct, lambda applied, m: None, root_type=None)
+    poker.set_root(os.open(mnt, os.O_PATH | os.O_DIRECTORY))
     return poker, direct
 
 
@@ -176,6 +177,20 @@ def test_poke_never_touches_anything_outside_its_root(tmp_path):
     assert os.readlink(mnt / "sub" / "dir" / "l") == "../x"
     assert os.getxattr(mnt / "sub" / "x", "user.k") == b"\x01\x02"
     assert (mnt / "sub" / "x").read_bytes() == b""
+
+
+def test_a_root_that_is_not_the_views_mount_refuses_every_change(tmp_path):
+    """The mount point's path swapped for a host directory before the root was opened: the helper checks the
+    root's mount type (by mount id, no request to the view) and refuses everything instead of writing there."""
+    host = tmp_path / "host"
+    host.mkdir()
+    poker = Poker(Stage(), lambda fs: b"", lambda m: pytest.fail("applied"), lambda applied, m: None)
+    poker.set_root(os.open(host, os.O_PATH | os.O_DIRECTORY))
+    assert mount_fstype(poker._root) not in (None, "fuse.mirrorfs")
+    poker._check_root()
+    for m in (_ev("create", "/PWNED"), _ev("mkdir", "/PWNED"), _ev("delete", "/x")):
+        poker.poke(m)
+    assert poker.refused == 3 and list(host.iterdir()) == []
 
 
 def test_poke_stays_beneath_the_file_systems_own_directory(tmp_path):
