@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_mount import events_of, wait_quiet
 from tests.mountharness import force_unmount, mounted, wait_mounted, wait_unmounted
 from tests.support import REPO, require_root, require_tools
 from tests.tapharness import Attach
@@ -120,25 +121,6 @@ def _pwned_anywhere(tree: Path, skip: set[Path]) -> list[str]:
     return found
 
 
-def _events(state: Path) -> list[dict]:
-    path = state / "events.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait_for(mnt: Path, state: Path, name: str) -> None:
-    """Until `name` is in the view, then until the event log has not grown for SETTLE seconds."""
-    deadline = time.monotonic() + TIMEOUT
-    while not (mnt / name).exists():
-        assert time.monotonic() < deadline, f"{name} never appeared in the view"
-        time.sleep(0.1)
-    last, since = -1, time.monotonic()
-    while time.monotonic() - since < SETTLE:
-        n = len(_events(state))
-        if n != last:
-            last, since = n, time.monotonic()
-        time.sleep(0.1)
-
-
 def _serving_pid(attach: Attach) -> int:
     found = re.findall(r"mirrorfs: mounted .*, pid (\d+)", attach.output())
     assert found, attach.output()
@@ -188,7 +170,7 @@ def test_hostile_names_and_sizes_against_a_live_mount(tmp_path, arrival):
                     assert not (mnt / HONEST_PATH.lstrip("/")).exists()
                     t0 = time.monotonic()
                     _write_live(hw.export_sock, hw.node, runs, work)
-                _wait_for(mnt, state, HONEST_PATH.lstrip("/"))
+                wait_quiet(mnt, state, HONEST_PATH.lstrip("/"), timeout=TIMEOUT, settle=SETTLE)
                 if arrival == "live":
                     print(f"burst of {sum(len(d) for _, d in runs)} bytes in {len(runs)} runs reached the view "
                           f"in {time.monotonic() - t0:.1f} s")
@@ -217,7 +199,7 @@ def test_hostile_names_and_sizes_against_a_live_mount(tmp_path, arrival):
                         assert f.read(len(HUGE_CONTENT)) == HUGE_CONTENT
                     os.listdir(mnt)
                 else:
-                    assert any(e["kind"] == "error" and HUGE in json.dumps(e) for e in _events(state)), \
+                    assert any(e["kind"] == "error" and HUGE in json.dumps(e) for e in events_of(state)), \
                         "huge.bin is neither in the view nor named by an error event"
                 assert os.path.exists(f"/proc/{pid}") and mounted(mnt)
                 assert (mnt / HONEST_PATH.lstrip("/")).read_bytes() == HONEST_CONTENT  # still answering
@@ -233,7 +215,7 @@ def test_hostile_names_and_sizes_against_a_live_mount(tmp_path, arrival):
                 # nothing of it reached the host (checked while mounted, too)
                 assert sorted(os.listdir(host)) == ["mnt", "neighbour.txt"]
                 assert _pwned_anywhere(tmp_path, {mnt}) == []
-                events = _events(state)
+                events = events_of(state)
                 attach.detach()
             hw.stop()
         wait_unmounted(mnt)
