@@ -31,7 +31,7 @@ from inference.events import Mutation, path_bytes
 from inference.view import EngineView
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
-from mirrorfs.poke import Poker
+from mirrorfs.poke import Poker, mount_id
 from mirrorfs.viewtree import Applied, ViewError, ViewTree
 from tap.writelog import Gap
 
@@ -388,8 +388,12 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is each thread stuck?
     pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other or group is not None))
-    # the helper's root, opened now: later, a renamed directory above MNT could aim the path elsewhere
-    poker.set_root(os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    # the view's mount id, taken now: later, a renamed directory above MNT could aim the path elsewhere
+    root = os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        poker.set_root(mnt, mount_id(root))
+    finally:
+        os.close(root)
     try:
         trio.run(main)
     finally:

@@ -15,8 +15,9 @@ RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV 
 file system's directory in the mount. O_NOFOLLOW alone stops symlinks, not `..`. The last name is then used
 only with *at() calls that do not follow it, or opened with openat2 too. The root fd itself is opened by the
 mounter right after the mount (a local user who can rename a directory above the mount point must not be able to
-aim it at a host directory), and this thread refuses every change unless that fd lies on a mount of the view's
-own type.
+aim it at a host directory) is not trusted: the mounter records the view's mount id right after mounting, and
+the root, opened for each change (a held fd would keep `mirrorfs umount` from unmounting), must lie on that very
+mount, or the change is refused.
 """
 
 from __future__ import annotations
@@ -65,19 +66,14 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 
-def mount_fstype(fd: int) -> str | None:
-    """The type of the mount an fd lies on ("fuse.mirrorfs", "ext4"...), by its mount id: no request reaches
-    the file system (a statfs on the view would be a FUSE request, and the guest's superblock can fail it)."""
+def mount_id(fd: int) -> int | None:
+    """The id of the mount an fd lies on (/proc/self/fdinfo), or None: no request reaches the file system (a
+    statfs on the view would be a FUSE request, which the guest's superblock can fail)."""
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
-            mnt_id = next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if line.split(" ", 1)[0] == mnt_id:
-                    return line.partition(" - ")[2].split(" ", 1)[0]
-    except (OSError, IndexError):
-        pass
-    return None
+            return next((int(line.split()[1]) for line in f if line.startswith("mnt_id:")), None)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Refused(OSError):
@@ -124,8 +120,7 @@ class Poker:
     def __init__(self, stage: Stage, prefix: Callable[[str], bytes | None],
                  apply_direct: Callable[[Mutation], Applied], invalidate: Invalidate,
                  on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None,
-                 *, root_type: str | None = "fuse.mirrorfs") -> None:
-        self.root_type = root_type  # the mount type the root must lie on (None: any; tests use a plain dir)
+                 ) -> None:
         self.stage, self.prefix = stage, prefix
         self.apply_direct, self.invalidate, self.on_idle = apply_direct, invalidate, on_idle
         self.hidden = hidden or (lambda m: False)  # not visible in the view (covered by a mount, not shown)
@@ -136,7 +131,7 @@ class Poker:
         self.done = 0
         self.fallbacks = 0
         self.refused = 0
-        self._root: int | None = None  # O_PATH fd of the mount's root: given by the mounter (set_root), owned here
+        self._root: tuple[bytes, int] | None = None  # the mount point and its mount id (set_root)
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -166,28 +161,26 @@ class Poker:
 
     # -- the helper thread
 
-    def set_root(self, fd: int) -> None:
-        """The mount's root, as an O_PATH fd the mounter opened right after mounting; closed by this helper."""
-        self._root = fd
+    def set_root(self, mountpoint: str | bytes, mnt_id: int) -> None:
+        """Where the view is mounted, and the id of its mount as the mounter saw it right after mounting."""
+        self._root = (os.fsencode(mountpoint), mnt_id)
 
-    def _check_root(self) -> None:
-        """No root, or a root that is not on the view's mount (the path was swapped under us): refuse every change."""
-        found = mount_fstype(self._root) if self._root is not None else None
-        if self._root is None or (self.root_type is not None and found != self.root_type):
-            log.error("the view's root lies on %s, not on a %s mount: every change is refused", found, self.root_type)
-            if self._root is not None:
-                os.close(self._root)
-            self._root = None
+    def _open_root(self) -> int:
+        """An O_PATH fd of the view's root, or Refused when the path now leads anywhere but the view's mount."""
+        if self._root is None:
+            raise Refused(errno.EPERM, "the view's root is not known")
+        path, want = self._root
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        found = mount_id(fd)
+        if found != want:
+            os.close(fd)
+            log.error("%r now leads to mount %s, not to the view's mount %s: change refused", path, found, want)
+            raise Refused(errno.EPERM, f"the mount point {path!r} no longer leads to the view")
+        return fd
 
     def _run(self) -> None:
         self.stage.tid = threading.get_native_id()
-        self._check_root()
-        try:
-            self._loop()
-        finally:
-            if self._root is not None:
-                os.close(self._root)
-                self._root = None
+        self._loop()
 
     def _loop(self) -> None:
         idle_since = None
@@ -254,12 +247,14 @@ class Poker:
 
     def _fs_fd(self, fs: str) -> int:
         """An O_PATH fd of the directory `fs` is shown at, resolved beneath the mount's root."""
-        if self._root is None:
-            raise Refused(errno.EPERM, "the view's root is not a verified mount of the view")
         prefix = self.prefix(fs)
         if prefix is None:
             raise Refused(errno.ENOENT, f"file system {fs} is not in the view")
-        return open_beneath(self._root, [p for p in prefix.split(b"/") if p])
+        root = self._open_root()
+        try:
+            return open_beneath(root, [p for p in prefix.split(b"/") if p])
+        finally:
+            os.close(root)
 
     def _dir(self, fs: str, path: bytes) -> tuple[int, bytes]:
         """An O_PATH fd of `path`'s parent, resolved beneath `fs`'s directory, and the last name (checked)."""

@@ -22,7 +22,7 @@ import trio
 from inference.events import Mutation
 from inference.view import Entry
 from mirrorfs.fuse import Stage, Staged, ViewOps
-from mirrorfs.poke import CONFINED, Poker, Refused, components, mount_fstype, open_beneath, openat2
+from mirrorfs.poke import CONFINED, Poker, Refused, components, mount_id, open_beneath, openat2
 from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree, VNode
 
 # -- openat2 itself
@@ -113,8 +113,8 @@ def _poker(mnt: Path, prefix: bytes = b"") -> tuple[Poker, list[Mutation]]:
         from mirrorfs.viewtree import Applied
         return Applied()
 
-    poker = Poker(Stage(), lambda fs: prefix, apply_direct, lambda applied, m: None, root_type=None)
-    poker.set_root(os.open(mnt, os.O_PATH | os.O_DIRECTORY))
+    poker = Poker(Stage(), lambda fs: prefix, apply_direct, lambda applied, m: None)
+    poker.set_root(mnt, _mount_id(mnt))
     return poker, direct
 
 
@@ -179,18 +179,29 @@ def test_poke_never_touches_anything_outside_its_root(tmp_path):
     assert (mnt / "sub" / "x").read_bytes() == b""
 
 
-def test_a_root_that_is_not_the_views_mount_refuses_every_change(tmp_path):
-    """The mount point's path swapped for a host directory before the root was opened: the helper checks the
-    root's mount type (by mount id, no request to the view) and refuses everything instead of writing there."""
+def _mount_id(path: Path) -> int:
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return mount_id(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_mount_point_that_leads_elsewhere_refuses_every_change(tmp_path):
+    """The mount point's path swapped (a renamed directory above it) so that it leads to a host directory: the
+    helper opens the root for each change and refuses it unless it lies on the mount recorded at mount time."""
     host = tmp_path / "host"
     host.mkdir()
-    poker = Poker(Stage(), lambda fs: b"", lambda m: pytest.fail("applied"), lambda applied, m: None)
-    poker.set_root(os.open(host, os.O_PATH | os.O_DIRECTORY))
-    assert mount_fstype(poker._root) not in (None, "fuse.mirrorfs")
-    poker._check_root()
+    poker, direct = _poker(host)
+    view_id = _mount_id(Path("/proc"))  # stands for the view's mount: any mount the path does not lead to
+    assert view_id is not None and view_id != _mount_id(host)
+    poker.set_root(host, view_id)
     for m in (_ev("create", "/PWNED"), _ev("mkdir", "/PWNED"), _ev("delete", "/x")):
         poker.poke(m)
-    assert poker.refused == 3 and list(host.iterdir()) == []
+    assert poker.refused == 3 and list(host.iterdir()) == [] and direct == []
+    poker.set_root(host, _mount_id(host))  # the same path on the recorded mount: changes go through
+    poker.poke(_ev("mkdir", "/ok"))
+    assert (host / "ok").is_dir()
 
 
 def test_poke_stays_beneath_the_file_systems_own_directory(tmp_path):
