@@ -54,8 +54,12 @@ def test_workload_operations_become_mutations(tmp_path, image):
     # both mv's landed in one transaction: either order is a valid history
     assert renames in ({("/work/a/b", "/work/renamed"), ("/work/renamed/f1", "/work/renamed/c/moved")},
                        {("/work/a/b/f1", "/work/a/b/c/moved"), ("/work/a/b", "/work/renamed")})
-    deleted = {e["path"] for e in events if e["kind"] == "delete"}
+    # the rm of f2 and f3 landed with the mv of their directory (one transaction on ext3/4; on ext2 home blocks
+    # in any order): a delete named under the directory's old path is the same history on disk (the fidelity
+    # checker's rule; seen under load on ext2)
+    deleted = {e["path"].replace("/work/a/b/", "/work/renamed/", 1) for e in events if e["kind"] == "delete"}
     assert deleted == {"/work/renamed/f2", "/work/renamed/f3", "/work/renamed/c/moved"}
+    assert by_kind["delete"] == 3
     assert [e["path"] for e in events if e["kind"] == "rmdir"] == ["/work/renamed/c"]
     big = [e for e in events if e["path"] == "/work/big" and e["kind"] == "modify"]
     assert big and big[-1]["size"] == 64 * 65536
