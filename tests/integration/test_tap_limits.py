@@ -14,7 +14,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.integration
 SIZE = 64 << 20
 U64_MAX = 2**64 - 1
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -79,6 +82,20 @@ def _simple_reply(sock: socket.socket, read_length: int = 0) -> tuple[int, int, 
     magic, error, handle = nbd.SIMPLE_REPLY.unpack(_recv_exact(sock, nbd.SIMPLE_REPLY.size))
     assert magic == nbd.SIMPLE_REPLY_MAGIC
     return error, handle, _recv_exact(sock, read_length) if read_length and not error else b""
+
+
+def _serve_while(sock: str, backend: TapBackend, client: Callable[[], T], *, timeout: float) -> T:
+    """The trio server in this process on unix:`sock` while a blocking `client` runs in a thread; its result."""
+    async def main() -> T:
+        async with trio.open_nursery() as nursery:
+            listeners = await open_listeners([f"unix:{sock}"])
+            await nursery.start(serve_nbd, listeners, {EXPORT_NAME: nbd.Export(EXPORT_NAME, SIZE)}, backend)
+            with trio.fail_after(timeout):
+                got = await trio.to_thread.run_sync(client)
+            nursery.cancel_scope.cancel()
+        return got
+
+    return trio.run(main)
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -261,16 +278,7 @@ def test_a_client_that_never_chooses_an_export_is_dropped(tmp_path, monkeypatch)
         c.close()
         return got, time.monotonic() - t0
 
-    async def main() -> tuple[bytes, float]:
-        async with trio.open_nursery() as nursery:
-            listeners = await open_listeners([f"unix:{sock}"])
-            await nursery.start(serve_nbd, listeners, {EXPORT_NAME: nbd.Export(EXPORT_NAME, SIZE)}, backend)
-            with trio.fail_after(10):
-                got = await trio.to_thread.run_sync(idle)
-            nursery.cancel_scope.cancel()
-        return got
-
-    got, waited = trio.run(main)
+    got, waited = _serve_while(sock, backend, idle, timeout=10)
     backend.replica.close()
     assert len(got) == nbd.GREETING.size and 0.4 < waited < 5
     assert backend.stats.errors == 1 and "no export chosen" in backend.stats.last_error
@@ -304,16 +312,7 @@ def test_requests_beyond_the_export_are_refused_and_the_connection_goes_on(tmp_p
         c.close()
         return got
 
-    async def main() -> list[tuple[int, int, bytes]]:
-        async with trio.open_nursery() as nursery:
-            listeners = await open_listeners([f"unix:{sock}"])
-            await nursery.start(serve_nbd, listeners, {EXPORT_NAME: nbd.Export(EXPORT_NAME, SIZE)}, backend)
-            with trio.fail_after(30):
-                got = await trio.to_thread.run_sync(client)
-            nursery.cancel_scope.cancel()
-        return got
-
-    got = trio.run(main)
+    got = _serve_while(sock, backend, client, timeout=30)
     writelog.close()
     replica.close()
     assert got == [(err, h, b"") for h, (_, err) in enumerate(hostile, 1)] + [(0, 10, b""), (0, 11, b"end")]
