@@ -42,6 +42,7 @@ class Mutation:
     target: str | None = None     # symlink target; link: the existing path linked to
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
     message: str | None = None    # error: what was wrong, and what the engine did
+    unconfirmed: bool | None = None  # True: a size shown without seeing its data written (bound or end); see reconcile
     id: str | None = None         # "SEQ-N": N-th event (from 1) of that seq, given by the EventLog; stable position
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -54,7 +55,7 @@ class Mutation:
         d: dict[str, Any] = {"id": self.id} if self.id else {}
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
         for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
-                     "links", "rdev", "ranges", "target", "xattr", "message"):
+                     "links", "rdev", "ranges", "target", "xattr", "message", "unconfirmed"):
             value = getattr(self, name)
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value

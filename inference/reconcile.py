@@ -5,10 +5,17 @@ data ranges written); this module diffs that against the shadow tree, pairs remo
 inode into renames, orders the operations so that each one is valid when it is applied (a directory
 exists before its children are created, is empty before it is removed, a name is free before it is
 reused), applies them to the tree and emits one Mutation per operation.
+
+Sizes wait for their bytes (`Reconciler._hold_sizes`): ext4 commits a larger i_size before the data it covers
+(delayed allocation: an append that ends inside an allocated block moves the on-disk size at write() time while
+the page waits ~30 s for writeback; new blocks may be unwritten extents until their I/O completes). The tree and
+the stream show a file's size only as far as its bytes are real; the rest is held until the data comes, or a
+bound passes, or the replay ends.
 """
 
 from __future__ import annotations
 
+import math
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +26,17 @@ from inference.shadow import ROOT_INO, Node, ShadowTree
 
 CREATE_KIND = {"file": "create", "dir": "mkdir", "symlink": "symlink"}
 MAX_DROPPED = 1 << 16  # deleted inodes remembered (see Reconciler.dropped); the oldest go first
+# A committed size whose bytes have not been seen written is shown anyway after this long (record time, seconds):
+# longer than ext4's writeback of a dirty page (dirty_expire 30 s, flusher every 5 s, measured ~30-35 s).
+HOLD_S = 40.0
+# ext4's writeback also commits sizes at page boundaries (i_disksize = the end of the pages it mapped, while the
+# file in memory is longer: measured, a size of 8192 inside a line of a log appended every 0.2 s). For a file that
+# is being appended to (it had a held size within HOLD_S), such a size is a resting point only once it stayed the
+# newest for ALIGNED_WAIT (record time: two jbd2 commit intervals); inside a larger size it is shown as usual.
+PAGE = 4096
+ALIGNED_WAIT = 10.0
+MAX_HELD = 1 << 16     # inodes with held sizes or data seen past their shown size; past it sizes are shown at once
+MAX_SEEN_RANGES = 256  # data ranges remembered per inode past its shown size (the farthest go first)
 
 
 @dataclass
@@ -38,6 +56,7 @@ class Change:
     data: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # byte ranges written per inode
     generations: dict[int, bool] = field(default_factory=dict)  # ino -> True if reallocated (a new file)
     parents: dict[int, int] = field(default_factory=dict)  # re-read directory -> its '..'
+    unheld: set[int] = field(default_factory=set)  # files whose data is not attributed (scope): sizes never wait
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: each operation is its own (sets stay O(1))
@@ -96,7 +115,17 @@ def _event(ctx: Context, kind: str, path: bytes | None, node: Node | None, **kw)
 
 
 class Reconciler:
-    """Turns one Change into events on one ShadowTree; remembers names it must look at again."""
+    """Turns one Change into events on one ShadowTree; remembers names it must look at again, and sizes whose
+    bytes have not come yet."""
+
+    # Class defaults: also for reconcilers unpickled from indexes made before sizes waited.
+    holds: dict[int, list[tuple[int, float]]] | None = None  # ino -> committed sizes past the shown one, ascending,
+    #                                                          each with the record time it was first committed
+    seen: dict[int, list[tuple[int, int]]] | None = None  # ino -> byte ranges past its shown size that data writes
+    #                                                       (or newly mapped blocks) brought, merged, ascending
+    hold_deadline = math.inf  # record time at which the oldest held size is released
+    appending: dict[int, float] | None = None  # ino -> record time it last had a held size (see ALIGNED_WAIT)
+    block_size = 4096         # the file system's (the handler sets it)
 
     # How long (guest-write time) a half-written directory change may wait for its other half: ext2 writes
     # dirty buffers back within dirty_expire (30 s) in any order. Past it, the names are taken as they are.
@@ -113,6 +142,7 @@ class Reconciler:
         # record is still that is a new file whose record has not come yet, not the old file (oldest first).
         self.dropped: dict[int, tuple[int, int, float]] = {}
         self.reread: set[int] = set()  # inodes whose record was re-read since the last settled point
+        self.holds, self.seen, self.appending = {}, {}, {}
 
     def apply(self, change: Change, ctx: Context, settled: bool = False) -> tuple[list[Mutation], set[int]]:
         """Events for `change`, and the directories to re-read at the next consistency point. `settled`: the
@@ -122,6 +152,7 @@ class Reconciler:
         reused numbers, entries ahead of their inodes or parents, second names, ambiguous moves, half renames.
         """
         refused = self._refuse_bad_names(change, ctx)
+        grown, unconfirmed = self._hold_sizes(change, ctx)
         self._forget_old(ctx.time)
         p = _Point(self.tree, change, ctx.time, settled)
         p.dirs = {d: self._unstale(d, entries, settled, p.retry) for d, entries in change.dirs.items()}
@@ -157,7 +188,7 @@ class Reconciler:
                 if dd == d:
                     target.setdefault(n, i)
             self._settle_dir(d, target)
-        events += self._attributes(change, ctx, created, p.reborn)
+        events += self._attributes(change, ctx, created, p.reborn, grown, unconfirmed)
         # A record re-read while its names agreed with it: at the end of the burst its ctime becomes the one
         # a later rename must move (see `_hold_unsure`); inside the burst it may still be ahead of its names.
         self.reread.update(i for i, node in change.inodes.items() if node is not None)
@@ -332,10 +363,139 @@ class Reconciler:
         return was is not None and ino not in self.tree.nodes and (node.gen, node.ctime_ns) == was[:2]
 
     def _drop(self, ino: int, now: float) -> None:
+        self._unhold(ino)
         node = self.tree.drop_node(ino)
         if node is not None:
             self.dropped.pop(ino, None)
             self.dropped[ino] = (node.gen, node.ctime_ns, now)
+
+    # -- sizes that wait for their bytes
+
+    def _hold_sizes(self, change: Change, ctx: Context) -> tuple[dict[int, int], set[int]]:
+        """Decide each touched file's shown size before anything is applied: the re-read record's size is lowered
+        to it (so creates, the tree, reads through it and every event show it), and a held size that its data or
+        the bound released is set on the tree's node (returned in `grown`, with the size shown before).
+
+        The rule, byte-exact for an append-only file written through a real kernel's page cache. Bytes past the
+        shown size up to a committed size are real when they are
+        - in a hole (no extent): they read as zeros, which is what the file holds there (a truncate up, a seek);
+        - in an initialized extent, and a data write changed them: the engine's changed span of a write record
+          (exact to the byte), attributed through the block map, past the shown size, whenever it came (data may
+          come before its size: fsync and sync write data, then commit) -- `seen`;
+        - in blocks this file's map newly maps initialized (a new file's, or _new_blocks of a re-read map), up to
+          the size committed with them and, in the block with the end of the file, to its last nonzero byte
+          (ExtHandler._mapped_data): data=ordered writes a new block's data before the commit that maps it.
+        Bytes in an unwritten (uninit) extent are not real: they read as zeros until the conversion that follows
+        their I/O (which maps them initialized: the last rule). A partial tail block written earlier is in an
+        initialized extent: its new bytes need their own data write (ext4's delalloc append).
+        The shown size is the largest committed size (a size the file had at a write()'s end) whose bytes are all
+        real: never a size inside a write. A committed size whose last byte is in a hole did not come from a
+        write() into allocated blocks (ext4 moves i_disksize at write() time only when the write ends in an
+        allocated block, and at writeback only over the blocks it maps): a truncate up or a sparse extension is
+        shown at once (one that ends inside the last allocated block cannot be told from a pending append: it
+        waits for the bound). A page-aligned size of a file being appended to may be writeback's cut inside a
+        write() (see ALIGNED_WAIT): it is not a resting point until it stayed the newest that long. A size
+        committed HOLD_S ago (record time) or more is shown whatever its bytes, and so is everything at the end
+        of a replay (deadline_passed): the modify carries "unconfirmed": true."""
+        holds = self.holds if self.holds is not None else {}
+        seen = self.seen if self.seen is not None else {}
+        appending = self.appending if self.appending is not None else {}
+        self.holds, self.seen, self.appending = holds, seen, appending
+        now, release_all = ctx.time, self.deadline_passed
+        expired = release_all or self.hold_deadline <= now
+        grown: dict[int, int] = {}
+        unconfirmed: set[int] = set()
+        cands = {ino for ino, n in change.inodes.items() if n is None or n.type == "file"} | set(change.data)
+        if expired:
+            cands |= set(holds)
+        bs = self.block_size
+        for ino in sorted(cands):
+            node = self.tree.nodes.get(ino)
+            if ino in change.inodes:
+                new = change.inodes[ino]
+                if new is None or new.type != "file":
+                    self._unhold(ino)
+                    continue
+            elif node is None:  # data for a file whose names have not come yet: kept for its create
+                self._see(ino, change.data.get(ino, ()), 0)
+                continue
+            elif node.type != "file":
+                self._unhold(ino)
+                continue
+            else:
+                new = None
+            fresh = node is None or bool(change.generations.get(ino))  # a new file: nothing of it shown yet
+            if change.generations.get(ino):
+                self._unhold(ino)
+            cur = new or node
+            shown = 0 if fresh else node.size
+            steps = holds.get(ino, [])
+            committed = new.size if new is not None else (steps[-1][0] if steps else node.size)
+            if ino in change.unheld or (ino not in holds and ino not in seen and len(holds) + len(seen) >= MAX_HELD):
+                self._unhold(ino)
+                best = committed
+            elif committed <= shown and not steps:  # nothing grows, nothing waits: the common case, cheap
+                best = committed
+                if ino in seen and committed < shown:
+                    del seen[ino]  # truncated: what was seen past the old end is gone
+                self._see(ino, change.data.get(ino, ()), shown)
+            else:
+                top = steps[-1][0] if steps else shown
+                if committed < top:  # truncated: what was seen past the new end is gone
+                    steps = [s for s in steps if s[0] < committed]
+                    if ino in seen:
+                        seen[ino] = _merge(seen[ino], committed)
+                self._see(ino, change.data.get(ino, ()), shown)
+                if committed > (steps[-1][0] if steps else shown):
+                    steps.append((committed, now))
+                end = _real_end(shown, committed, cur.extents, seen.get(ino, ()), bs)
+                best = min(shown, committed)
+                growing = now - appending.get(ino, -math.inf) < HOLD_S
+                for size, since in steps:
+                    if growing and size % PAGE == 0 and (size < steps[-1][0] or now - since < ALIGNED_WAIT):
+                        continue  # perhaps writeback's page boundary inside a write(): not a resting point
+                    if size <= end or _in_hole(size - 1, cur.extents, bs):
+                        best = max(best, size)
+                late = [size for size, since in steps if release_all or now - since >= HOLD_S]
+                if late and max(late) > best:
+                    best = max(late)
+                    unconfirmed.add(ino)
+                steps = [s for s in steps if s[0] > best]
+                if steps:
+                    holds[ino] = steps
+                    appending.pop(ino, None)  # (re-inserted: the oldest stay first, for the bound below)
+                    appending[ino] = now
+                    while len(appending) > MAX_HELD:
+                        del appending[next(iter(appending))]
+                else:
+                    holds.pop(ino, None)
+                if ino in seen:
+                    kept = [(max(a, best), b) for a, b in seen[ino] if b > best]
+                    if kept:
+                        seen[ino] = kept
+                    else:
+                        del seen[ino]
+            if new is not None:
+                new.size = best
+            elif best != node.size:
+                grown[ino] = node.size
+                node.size = best
+        self.hold_deadline = min((min(s[0][1] + HOLD_S, s[-1][1] + ALIGNED_WAIT if s[-1][0] % PAGE == 0 else math.inf)
+                                  for s in holds.values()), default=math.inf)
+        return grown, unconfirmed
+
+    def _see(self, ino: int, ranges: list[tuple[int, int]], shown: int) -> None:
+        """Remember data ranges past the shown size (bounded: the farthest ranges go first)."""
+        past = [(max(a, shown), b) for a, b in ranges if b > shown]
+        if not past or (ino not in self.seen and len(self.seen) + len(self.holds) >= MAX_HELD):
+            return
+        merged = _merge(self.seen.get(ino, []) + past, math.inf)
+        self.seen[ino] = merged[:MAX_SEEN_RANGES]
+
+    def _unhold(self, ino: int) -> None:
+        for held in (self.holds, self.seen, self.appending):
+            if held:
+                held.pop(ino, None)
 
     # -- pairing and ordering
 
@@ -513,10 +673,14 @@ class Reconciler:
 
     # -- attributes, content, xattrs
 
-    def _attributes(self, change: Change, ctx: Context, created: set[int], reborn: set[int]) -> list[Mutation]:
+    def _attributes(self, change: Change, ctx: Context, created: set[int], reborn: set[int],
+                    grown: dict[int, int], unconfirmed: set[int]) -> list[Mutation]:
+        """Content, attribute and xattr events. `grown`: files whose held size `_hold_sizes` let grow without a
+        re-read record (ino -> the size shown before); `unconfirmed`: files shown past the bytes seen written."""
         tree = self.tree
         events: list[Mutation] = []
-        touched = set(change.inodes) | set(change.data)
+        touched = set(change.inodes) | set(change.data) | set(grown)
+        flag = {"unconfirmed": True}
         for ino in sorted(touched):
             node = tree.nodes.get(ino)
             new = change.inodes.get(ino, node)
@@ -528,12 +692,13 @@ class Reconciler:
             if ino in created:
                 _update(node, new)
                 if new.type == "file" and new.size > 0:
-                    events.append(_event(ctx, "modify", path, node, ranges=[(0, new.size)]))
+                    events.append(_event(ctx, "modify", path, node, ranges=[(0, new.size)],
+                                         **(flag if ino in unconfirmed else {})))
                 if new.xattrs:
                     events.append(_event(ctx, "xattr", path, node, xattr={k: v.hex() for k, v in new.xattrs.items()}))
                 continue
             ranges = _merge(change.data.get(ino, []), new.size)
-            old_size, old = node.size, _copy(node)
+            old_size, old = grown.get(ino, node.size), _copy(node)
             _update(node, new)
             content = False
             if new.size < old_size:
@@ -542,7 +707,8 @@ class Reconciler:
             elif new.size > old_size and new.type == "file":
                 ranges = _merge(ranges + [(old_size, new.size)], new.size)
             if ranges and new.type == "file":
-                events.append(_event(ctx, "modify", path, node, ranges=ranges))
+                events.append(_event(ctx, "modify", path, node, ranges=ranges,
+                                     **(flag if ino in unconfirmed else {})))
                 content = True
             # A directory's mtime moves with its entries, and those are events of their own (the entry and
             # the directory's record may reach the disk at different points): a directory's new mtime is an
@@ -573,7 +739,37 @@ def _update(node: Node, new: Node) -> None:
             setattr(node, f, getattr(new, f))
 
 
-def _merge(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+def _real_end(start: int, end: int, extents: tuple, seen, bs: int) -> int:
+    """How far from `start` (towards `end`) the bytes are real (see Reconciler._hold_sizes): holes, and initialized
+    extents where `seen` (merged, ascending byte ranges) covers them; an unwritten extent stops it."""
+    pos, k, seen = start, 0, list(seen)
+    for lg, _, n, un in sorted(extents):
+        lo, hi = lg * bs, (lg + n) * bs
+        if hi <= pos:
+            continue
+        if lo >= end:
+            break
+        pos = max(pos, lo)  # a hole before this extent: real (zeros)
+        if un:
+            return pos
+        while pos < min(hi, end):
+            while k < len(seen) and seen[k][1] <= pos:
+                k += 1
+            if k == len(seen) or seen[k][0] > pos:
+                return pos
+            pos = min(seen[k][1], hi)
+        if pos >= end:
+            return end
+    return end
+
+
+def _in_hole(byte: int, extents: tuple, bs: int) -> bool:
+    """Is this byte of the file in no extent (a hole)?"""
+    block = byte // bs
+    return not any(lg <= block < lg + n for lg, _, n, _ in extents)
+
+
+def _merge(ranges: list[tuple[int, int]], size: float) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for a, b in sorted((max(a, 0), min(b, size)) for a, b in ranges):
         if a >= b:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from inference.engine import Engine
+from inference.errors import CorruptMetadata
 from inference.ext import layout as L
 from inference.ext import reader as R
 from inference.shadow import ROOT_INO, Node
@@ -103,12 +104,19 @@ class EngineView:
         return None if node is None else _entry(b"", node)
 
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
-        """File content as the replica holds it now (holes and unwritten extents read as zeros)."""
+        """File content as the replica holds it now (holes and unwritten extents read as zeros, as the guest's
+        kernel reads them). Shorter than asked where the engine's file ends: the caller decides what that means
+        (the FUSE view answers EIO, never padding). Inline-data files (ext4 inline_data) read the bytes kept in
+        the inode, from the committed metadata."""
         handler = self._handler(fs)
         node = handler.tree.nodes.get(ino)
         if node is None or node.type != "file" or offset >= node.size or size <= 0:
             return b""
         size = min(size, node.size - offset, MAX_READ)
+        if not node.extents and handler.geo.inline_data and node.size <= handler.geo.block_size:
+            inline = self._inline(handler, ino, node.size)
+            if inline is not None:
+                return inline[offset:offset + size]
         bs = handler.geo.block_size
         out = bytearray(size)
         first, last = offset // bs, (offset + size - 1) // bs
@@ -122,6 +130,25 @@ class EngineView:
             if a < b:
                 out[a:b] = data[a - start:b - start]
         return bytes(out)
+
+    @staticmethod
+    def _inline(handler, ino: int, size: int) -> bytes | None:
+        """An INLINE_DATA_FL inode's bytes up to `size` (past the inline bytes zeros, as ext4_readpage_inline
+        reads them); None if the inode keeps no inline data, b"" if its record cannot be read now."""
+        try:
+            inode = handler.reader.inode(ino)
+            if not inode.flags & L.INLINE_DATA_FL:
+                return None
+            return R.inline_data(inode, handler.geo)[:size].ljust(size, b"\0")
+        except CorruptMetadata:
+            return b""  # a torn or hostile record: a short read, so the view answers EIO
+
+    def writing(self, fs: str, ino: int, start: int, end: int) -> bool:
+        """Has the engine taken data writes to [start, end) of the file that no event has reported yet? Their
+        bytes are in the replica already, so a reader at the view's point must wait for that event."""
+        entry = self.engine.filesystems.get(fs)
+        ranges = entry.handler.pending_data.get(ino) if entry is not None else None
+        return bool(ranges) and any(lo < end and hi > start for lo, hi in ranges)
 
     def resolve(self, fs: str, path: bytes) -> int | None:
         """The inode at `path` now (no symlink followed), or None."""

@@ -66,6 +66,8 @@ class Staged:
     applied: bool = False
     error: str | None = None
     scope: Scope | None = None  # taken from the tree at the first request, before anything is applied
+    resized: bool = False       # applied, and it changed its file's size: the kernel drops the file's pages
+    # when the helper's syscall returns, and waits for every page being read to do so (mirrorfs.reads)
 
 
 class Stage:
@@ -97,11 +99,15 @@ class ViewOps(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: ViewTree, stage: Stage, read: Callable[[str, int, int, int], bytes],
-                 statfs: Callable[[], pyfuse3.StatvfsData]) -> None:
+    def __init__(self, tree: ViewTree, stage: Stage, read: Callable[[int, int, int], bytes],
+                 statfs: Callable[[], pyfuse3.StatvfsData],
+                 on_applied: Callable[[Mutation], None] | None = None) -> None:
+        """`read(node id, offset, size)` runs in a worker thread: the bytes, fewer only at the node's end, or
+        OSError (mirrorfs.reads.PointReads.read). `on_applied` hears of every mutation the tree has taken."""
         super().__init__()
         self.tree, self.stage = tree, stage
         self._read, self._statfs = read, statfs
+        self.on_applied = on_applied
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self.applied = 0
@@ -190,12 +196,19 @@ class ViewOps(pyfuse3.Operations):
         if staged.applied or op != APPLIES.get(kind):
             return None
         staged.applied = True
+        changed = self.tree.nodes.get(scope.inode) if scope.inode is not None else None
+        size = changed.size if changed is not None else None
         try:
             self.tree.apply(staged.mutation)
             self.applied += 1
         except ViewError as exc:
             staged.error = str(exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            staged.resized = changed is not None and changed.size != size
+            if self.on_applied is not None:
+                self.on_applied(staged.mutation)  # before the reply: a read waiting for it must not hold the
+                # kernel's truncate of the page cache that follows this request (it waits on the read's pages)
         return staged
 
     def _refuse(self, op: str, entry: object, old: object, inode: object, staged: Staged | None, why: str):
@@ -268,12 +281,14 @@ class ViewOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh, off, size):
-        node = self._node(fh)
-        end = min(node.size, off + size)
-        if off >= end:
-            return b""
-        data = await trio.to_thread.run_sync(self._read, node.fs, node.ino, off, end - off)
-        return data.ljust(end - off, b"\0")
+        """Bytes of the view's own point (mirrorfs.reads), up to the node's size; EIO where they cannot be had,
+        never padding: a reader must never take made-up bytes for the guest's."""
+        if off >= self._node(fh).size:
+            return b""  # at the end as the view shows it (tail -f asks once a second): no thread, no lock
+        try:
+            return await trio.to_thread.run_sync(self._read, fh, off, size)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     async def release(self, fh):
         pass

@@ -50,6 +50,7 @@ class EngineMetrics:
         self._recent: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
         self.subscribers: Callable[[], dict[str, int]] | None = None
+        self.reads = None  # the mounted view's mirrorfs.reads.PointReads (attach --mount), else None
         self.started = time.time()
 
     def observe(self, events: Iterable) -> None:
@@ -117,6 +118,17 @@ class EngineMetrics:
             "# TYPE mirrorfs_engine_skipped_data_total counter",
             f"mirrorfs_engine_skipped_data_total {sum(s.skipped_data for s in stats)}",
         ]
+        if self.reads is not None:
+            errors, waits = dict(self.reads.errors), self.reads.waits
+            out += ["# HELP mirrorfs_view_read_errors_total Reads of the mounted view answered EIO instead of bytes "
+                    "(short: the engine lacks bytes the view shows; behind: the view never reached the engine's "
+                    "version). Never padded.",
+                    "# TYPE mirrorfs_view_read_errors_total counter",
+                    *(f'mirrorfs_view_read_errors_total{{reason="{k}"}} {errors.get(k, 0)}'
+                      for k in sorted({"short", "behind", *errors})),
+                    "# HELP mirrorfs_view_read_waits_total Reads of the mounted view that waited for the view to "
+                    "apply their file's events (the engine was ahead).",
+                    "# TYPE mirrorfs_view_read_waits_total counter", f"mirrorfs_view_read_waits_total {waits}"]
         if self.subscribers is not None:
             subs = self.subscribers()
             out += ["# HELP mirrorfs_subscribers Connected subscribers of the event socket.",

@@ -32,6 +32,7 @@ from inference.view import EngineView
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker, mount_id
+from mirrorfs.reads import PointReads
 from mirrorfs.viewtree import Applied, ViewError, ViewTree
 from tap.writelog import Gap
 
@@ -174,6 +175,9 @@ class EngineLoop:
     def __init__(self, engine, follower, lock: threading.Lock, sinks: list[Callable[[list[Mutation]], None]],
                  follow: bool, finished: Callable[[], bool] | None = None) -> None:
         self.engine, self.follower, self.lock, self.sinks, self.follow = engine, follower, lock, sinks, follow
+        # called with the lock still held, after every engine step (events or none): who must know what the
+        # engine emitted before anyone can act on it (mirrorfs.reads.PointReads.noted)
+        self.locked: list[Callable[[list[Mutation]], None]] = []
         self.finished = finished or (lambda: False)  # the attach has detached: drain, finish, unmount, exit
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -189,7 +193,12 @@ class EngineLoop:
         """Records through the engine; a write-log Gap (lost seqs) becomes its error event."""
         if type(batch[0]) is Gap:
             return [gap_event(batch[0], vm=self.engine.vm, time_ns=self.engine.last_time_ns)]
-        return self.engine.process(batch)
+        return self._noted(self.engine.process(batch))
+
+    def _noted(self, events: list[Mutation]) -> list[Mutation]:
+        for hook in self.locked:
+            hook(events)
+        return events
 
     def catch_up(self) -> None:
         """Everything logged so far, before the view is built from the engine's tree."""
@@ -204,7 +213,7 @@ class EngineLoop:
                     if self.finished():
                         break
                     with self.lock:
-                        events = self.engine.tick(time.time_ns())
+                        events = self._noted(self.engine.tick(time.time_ns()))
                     self._emit(events)
                     self.stop.wait(0.05)
                     continue
@@ -217,7 +226,7 @@ class EngineLoop:
                     events = self._process(batch)
                 self._emit(events)
             with self.lock:
-                events = self.engine.finish()
+                events = self._noted(self.engine.finish())
             self._emit(events)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
@@ -228,6 +237,42 @@ class EngineLoop:
 
 
 # -- serving
+
+
+class PageDropper:
+    """Drops the kernel's cached pages (and attributes) of files whose content changed, in a thread of its own.
+
+    Why not in the poke helper: the kernel's invalidation waits for every page being read, and a read of the
+    view may be waiting for the helper to apply the file's next event (mirrorfs.reads): done by the helper
+    itself, that would deadlock. Here it waits only for that read, which the helper releases."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, None] = {}  # queued node ids, in order, each once
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="mirrorfs-pages", daemon=True)
+        self.thread.start()
+
+    def drop(self, nid: int) -> None:
+        with self.cond:
+            self.nodes[nid] = None
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.nodes or self.stopping)
+                if not self.nodes:
+                    return
+                nid = next(iter(self.nodes))
+                del self.nodes[nid]
+            _quiet(pyfuse3.invalidate_inode, nid, False)
+
+    def stop(self, timeout: float = 10) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
 
 
 FSTAB = b"/etc/fstab"
@@ -270,7 +315,8 @@ def build_tree(view: EngineView, filesystems: list[str], assemble: bool) -> tupl
 
 
 def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, allow_other: bool = False,
-          fsname: str = "mirrorfs", assemble: bool = False, group: int | None = None) -> None:
+          fsname: str = "mirrorfs", assemble: bool = False, group: int | None = None,
+          on_reads: Callable[[PointReads], None] | None = None) -> None:
     """Build the view from the engine's tree now, mount it, serve until SIGINT/SIGTERM (or the engine ends
     after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations.
     Who may read it: root only (FUSE's default without allow_other); with `group`, root and that group's
@@ -289,10 +335,6 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         print(f"mirrorfs: {note}", file=sys.stderr)
     shown = [fs for fs in tree.filesystems if tree.fs_prefix(fs) is not None]
 
-    def read(fs: str, ino: int, off: int, size: int) -> bytes:
-        with lock:
-            return view.read(fs, ino, off, size)
-
     def statfs() -> pyfuse3.StatvfsData:
         with lock:
             totals = [view.statfs(fs) for fs in shown]
@@ -308,7 +350,20 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         return s
 
     stage = Stage()
-    ops = (group_ops(group) if group is not None and not allow_other else ViewOps)(tree, stage, read, statfs)
+
+    def stuck(fs: str, ino: int) -> bool:
+        staged = stage.current
+        return staged is not None and staged.resized and (staged.mutation.fs, staged.mutation.ino) == (fs, ino)
+
+    reads = PointReads(lock, view, tree.nodes.get, stuck=stuck)
+    if loop is not None:
+        with lock:  # from the next engine step on; what came before is in the snapshot the tree was built from
+            loop.locked.append(reads.noted)
+    if on_reads is not None:
+        on_reads(reads)
+    dropper = PageDropper()
+    ops = (group_ops(group) if group is not None and not allow_other else ViewOps)(tree, stage, reads.read, statfs,
+                                                                                    reads.applied)
     token_box: list[trio.lowlevel.TrioToken] = []
 
     def in_trio(fn: Callable):
@@ -321,6 +376,8 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
             except ViewError as exc:
                 log.warning("mutation does not fit the view: %s", exc)
                 return Applied()
+            finally:
+                reads.applied(m)
         return in_trio(apply)
 
     def invalidate(applied: Applied, content: Mutation | None) -> None:
@@ -330,7 +387,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         for nid in dict.fromkeys(applied.nodes):
             _quiet(pyfuse3.invalidate_inode, nid, True)
         if content is not None and content.fs in tree.fs_root:
-            _quiet(pyfuse3.invalidate_inode, tree.nid(content.fs, content.ino), False)
+            dropper.drop(tree.nid(content.fs, content.ino))
 
     seen = [-1, -1]
 
@@ -354,6 +411,17 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
                                                           and tree.hidden(m.fs, path_bytes(m.old_path)))
 
     poker = Poker(stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden)
+    poke = poker.poke
+
+    def poke_and_release(m: Mutation) -> None:
+        """Whatever became of `m` (applied by the handler or directly, refused, failed), the view is done with
+        it: reads of its file stop waiting for it."""
+        try:
+            poke(m)
+        finally:
+            reads.applied(m)
+
+    poker.poke = poke_and_release
     if loop is not None:
         loop.sinks.append(poker.submit)
 
@@ -383,6 +451,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
                 loop.stop.set()
                 await trio.to_thread.run_sync(loop.thread.join)
             await trio.to_thread.run_sync(poker.stop)
+            await trio.to_thread.run_sync(dropper.stop)
             pyfuse3.terminate()
             nursery.cancel_scope.cancel()
 
@@ -403,8 +472,10 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
     if loop is not None and loop.error is not None:
         raise loop.error
     refused = poker.refused + ops.refused  # paths and requests outside the mount / the staged change
+    eio = sum(reads.errors.values())
     print(f"mirrorfs: unmounted {mnt} ({poker.done} mutations poked, {poker.fallbacks} applied directly"
-          f"{f', {refused} refused' if refused else ''})", file=sys.stderr)
+          f"{f', {refused} refused' if refused else ''}{f', {eio} reads answered EIO' if eio else ''})",
+          file=sys.stderr)
 
 
 def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False, assemble: bool = False,
@@ -423,8 +494,10 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
             loop.catch_up()
             if not follow:
                 loop._emit(engine.finish())
+            metrics = getattr(services, "metrics", None)  # the view's read errors join the engine's metrics
             serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other, assemble=assemble,
-                  fsname=f"mirrorfs:{engine.vm or state.path.name}", group=group)
+                  fsname=f"mirrorfs:{engine.vm or state.path.name}", group=group,
+                  on_reads=(lambda r: setattr(metrics, "reads", r)) if metrics is not None else None)
         finally:
             if services is not None:
                 services.close()

@@ -239,9 +239,12 @@ class Poker:
             log.info("poke %s %s: %s; applying directly", m.kind, m.path, error or "no request reached the view")
             if not staged.applied:
                 self.invalidate(self.apply_direct(m), m if m.kind in ("modify", "truncate") else None)
-            return
+                return
         if m.kind in ("modify", "truncate"):
-            self.invalidate(Applied(), m)  # the ftruncate kept the cached pages that changed in place
+            # the ftruncate kept the cached pages that changed in place (and a syscall that failed after the
+            # handler applied the change left them too): drop them, and the attributes, so that a reader with
+            # the file open (tail -f, less +F, an mmap) gets the new bytes and size on its next read
+            self.invalidate(Applied(), m)
 
     # -- syscalls
 

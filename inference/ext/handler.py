@@ -99,6 +99,7 @@ class ExtHandler:
         self.meta_owner: dict[int, int] = {}         # extent-tree / indirect block -> inode
         self.xattr_owners: dict[int, set[int]] = {}  # shared xattr block -> inodes
         self.reconciler = Reconciler(self.tree)
+        self.reconciler.block_size = geo.block_size
         self.dirty = _Dirty()
         self.retry_dirs: set[int] = set()
         self.broken: dict[int, float] = {}  # inode -> time it was first unreadable
@@ -123,6 +124,7 @@ class ExtHandler:
     def attach(self, read: ReadFn) -> None:
         """Point a loaded (unpickled) handler at the disk it describes."""
         self._read_home = read
+        self.reconciler.block_size = self.geo.block_size
 
     def set_scope(self, scope: Callable[[int], bool] | None) -> None:
         self.scope, self._scope_cache = scope, None
@@ -334,6 +336,9 @@ class ExtHandler:
         bs = self.geo.block_size
         first, end = offset // bs, -(-(offset + length) // bs)
         events = self.tick(time_ns)
+        if time_ns / 1e9 >= self.reconciler.hold_deadline:
+            # a held size whose wait is over (reconcile.HOLD_S, ALIGNED_WAIT; record time) is decided at this record
+            events += self.evaluate(seq, time_ns)
         jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
         self.last_seq, self.last_ns, self._quiet_done = seq, time_ns, False
         if not jblocks or self.journal is None:
@@ -502,6 +507,8 @@ class ExtHandler:
             errors += self._map_notes
             self._map_notes = None
         change.data, self.pending_data = self.pending_data, {}
+        if self.scope is not None:  # data not attributed: its sizes cannot wait for it
+            change.unheld = {ino for ino in change.inodes.keys() | change.data.keys() if not self.in_scope(ino)}
         if self.journal is None and not settled and not self.reconciler.deadline_passed:
             # Without a journal a data block may come before the record that says whose it is now (a deleted
             # file's block reused by a new one): it counts once its inode's record came in this burst too, or
@@ -652,12 +659,35 @@ class ExtHandler:
         if node.type == "dir" and (old is None or reborn or old.extents != node.extents or old.size != node.size):
             dirty.dirs.add(ino)
         self._own(node, old)
-        if old is not None and not reborn and node.type == "file" and self.in_scope(ino):
-            bs = self.geo.block_size
-            for lo, hi in _new_blocks(old.extents, node.extents):
-                change.data.setdefault(ino, []).append((lo * bs, hi * bs))
+        if node.type == "file" and self.in_scope(ino):
+            fresh = old is None or reborn  # a new file: all its initialized blocks are newly mapped
+            new = _new_blocks((), node.extents) if fresh else _new_blocks(old.extents, node.extents)
+            if new:
+                change.data.setdefault(ino, []).extend(self._mapped_data(node, new))
         if change.data.get(ino):
             self.pending_data.setdefault(ino, []).extend(change.data.pop(ino))
+
+    def _mapped_data(self, node: Node, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The file's bytes that newly mapped initialized blocks hold (reconcile.Reconciler._hold_sizes counts them
+        as written): data=ordered writes a new block's data before the commit that maps it, so its bytes are real,
+        but only up to the size committed with it, and in the block holding the end of the file only up to its
+        last nonzero byte: ext4 sets the size after it submits the block, and a write() in between is in the
+        size and not in the block (seen: 460 bytes). Those bytes need a data write of their own."""
+        bs, size = self.geo.block_size, node.size
+        out: list[tuple[int, int]] = []
+        for lo, hi in blocks:
+            a, b = lo * bs, min(hi * bs, size)
+            if a >= b:
+                continue
+            if b == size and size % bs:
+                eof = size // bs
+                phys = next((p + eof - lg for lg, p, n, un in node.extents if lg <= eof < lg + n and not un), None)
+                if phys is not None:
+                    tail = self.read_home(phys * bs, size - eof * bs)
+                    b = eof * bs + len(tail.rstrip(b"\0"))
+            if a < b:
+                out.append((a, b))
+        return out
 
     def _load_detached(self, inode: R.Inode, change: Change | None = None, *, shared_ok: bool = False) -> Node:
         """An inode's Node (mapping, xattrs, link target), without touching the block maps.
