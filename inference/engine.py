@@ -9,6 +9,7 @@ partition table or LVM metadata. Swap and unknown volumes are ignored.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -223,10 +224,15 @@ class Engine:
                                                    f"the disk's {self.size} bytes: left out"))
                     continue  # the tap refuses such writes: only a damaged or forged log holds one
                 if rec.kind == KIND_WRITE:
-                    span = changed_span(self.replica.read(rec.offset, rec.length), rec.payload, rec.length)
+                    old = self.replica.read(rec.offset, rec.length)
+                    span = changed_span(old, rec.payload, rec.length)
+                    if span is not None:
+                        self._before_write(rec.offset + span[0], span[1] - span[0], old, rec.offset)
                     self.replica.write(rec.offset, rec.payload)
                 else:  # any length (NBD allows 4 GiB): never read or allocate it whole
                     span = zeroed_span(self.replica, rec.offset, rec.length)
+                    if span is not None:
+                        self._before_write(rec.offset + span[0], span[1] - span[0])
                     self.replica.zero(rec.offset, rec.length)
                 if span is None:
                     continue  # rewriting the same bytes changes nothing: no event can come of it
@@ -251,6 +257,21 @@ class Engine:
                 rescan = False
                 events += self._rescan()
         return events
+
+    def _before_write(self, offset: int, length: int, old: bytes | None = None, old_at: int = 0) -> None:
+        """Let each file system keep the file data a write is about to replace (ExtHandler.before_write)."""
+        if self.waiting_for_copy:
+            return
+        for vol, vol_off, disk_off, piece in self.volumes.locate(offset, length):
+            fs = self.filesystems.get(vol.name)
+            if fs is not None:
+                a = disk_off - old_at
+                fs.handler.before_write(vol_off, piece, old[a:a + piece] if old is not None else None)
+
+    def deadline_ns(self) -> float:
+        """The record time at which `tick` would next decide something with no new record (inf: never): a
+        follower with no records sleeps until then, or until records come."""
+        return min((fs.handler.deadline_ns() for fs in self.filesystems.values()), default=math.inf)
 
     def _refused_names(self, time_ns: int) -> list[Mutation]:
         """Entries the name policy refused while a file system was indexed (a base, an index, a file system made

@@ -30,11 +30,11 @@ MAX_DROPPED = 1 << 16  # deleted inodes remembered (see Reconciler.dropped); the
 # longer than ext4's writeback of a dirty page (dirty_expire 30 s, flusher every 5 s, measured ~30-35 s).
 HOLD_S = 40.0
 # ext4's writeback also commits sizes at page boundaries (i_disksize = the end of the pages it mapped, while the
-# file in memory is longer: measured, a size of 8192 inside a line of a log appended every 0.2 s). For a file that
-# is being appended to (it had a held size within HOLD_S), such a size is a resting point only once it stayed the
-# newest for ALIGNED_WAIT (record time: two jbd2 commit intervals); inside a larger size it is shown as usual.
+# file in memory is longer: measured, a size of 8192 inside a line of a log appended every 0.2 s). The rest of that
+# page reaches the disk only at the inode's next writeback (dirty_expire, ~30 s later). For a file that is being
+# appended to (it had a held size within HOLD_S), such a size is a resting point only once it stayed the newest for
+# HOLD_S too; a larger size with its bytes supersedes it, and inside a larger size it is shown as usual.
 PAGE = 4096
-ALIGNED_WAIT = 10.0
 MAX_HELD = 1 << 16     # inodes with held sizes or data seen past their shown size; past it sizes are shown at once
 MAX_SEEN_RANGES = 256  # data ranges remembered per inode past its shown size (the farthest go first)
 
@@ -124,7 +124,7 @@ class Reconciler:
     seen: dict[int, list[tuple[int, int]]] | None = None  # ino -> byte ranges past its shown size that data writes
     #                                                       (or newly mapped blocks) brought, merged, ascending
     hold_deadline = math.inf  # record time at which the oldest held size is released
-    appending: dict[int, float] | None = None  # ino -> record time it last had a held size (see ALIGNED_WAIT)
+    appending: dict[int, float] | None = None  # ino -> record time it last had a held size (see PAGE)
     block_size = 4096         # the file system's (the handler sets it)
 
     # How long (guest-write time) a half-written directory change may wait for its other half: ext2 writes
@@ -394,7 +394,7 @@ class Reconciler:
         allocated block, and at writeback only over the blocks it maps): a truncate up or a sparse extension is
         shown at once (one that ends inside the last allocated block cannot be told from a pending append: it
         waits for the bound). A page-aligned size of a file being appended to may be writeback's cut inside a
-        write() (see ALIGNED_WAIT): it is not a resting point until it stayed the newest that long. A size
+        write() (see PAGE): it is not a resting point until it stayed the newest that long. A size
         committed HOLD_S ago (record time) or more is shown whatever its bytes, and so is everything at the end
         of a replay (deadline_passed): the modify carries "unconfirmed": true."""
         holds = self.holds if self.holds is not None else {}
@@ -452,7 +452,7 @@ class Reconciler:
                 best = min(shown, committed)
                 growing = now - appending.get(ino, -math.inf) < HOLD_S
                 for size, since in steps:
-                    if growing and size % PAGE == 0 and (size < steps[-1][0] or now - since < ALIGNED_WAIT):
+                    if growing and size % PAGE == 0 and (size < steps[-1][0] or now - since < HOLD_S):
                         continue  # perhaps writeback's page boundary inside a write(): not a resting point
                     if size <= end or _in_hole(size - 1, cur.extents, bs):
                         best = max(best, size)
@@ -480,8 +480,7 @@ class Reconciler:
             elif best != node.size:
                 grown[ino] = node.size
                 node.size = best
-        self.hold_deadline = min((min(s[0][1] + HOLD_S, s[-1][1] + ALIGNED_WAIT if s[-1][0] % PAGE == 0 else math.inf)
-                                  for s in holds.values()), default=math.inf)
+        self.hold_deadline = min((s[0][1] + HOLD_S for s in holds.values()), default=math.inf)
         return grown, unconfirmed
 
     def _see(self, ino: int, ranges: list[tuple[int, int]], shown: int) -> None:

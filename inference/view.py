@@ -124,7 +124,7 @@ class EngineView:
             lo, hi = max(first, logical), min(last + 1, logical + length)
             if lo >= hi or uninit:
                 continue
-            data = handler.read_home((physical + lo - logical) * bs, (hi - lo) * bs)
+            data = handler.read_data((physical + lo - logical) * bs, (hi - lo) * bs)
             start = lo * bs - offset
             a, b = max(start, 0), min(start + len(data), size)
             if a < b:
@@ -147,6 +147,8 @@ class EngineView:
         """Has the engine taken data writes to [start, end) of the file that no event has reported yet? Their
         bytes are in the replica already, so a reader at the view's point must wait for that event."""
         entry = self.engine.filesystems.get(fs)
+        if entry is not None and entry.handler.journal is not None:
+            return False  # the replaced bytes are kept until the point (ExtHandler.read_data)
         ranges = entry.handler.pending_data.get(ino) if entry is not None else None
         return bool(ranges) and any(lo < end and hi > start for lo, hi in ranges)
 

@@ -14,6 +14,7 @@ changed content when its allocation commits.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable
@@ -37,6 +38,14 @@ QUIET_NS = 0  # per record: ext2 names wait for their inodes in Reconciler, half
 # without its inode's record, which ctime a later rename must move). Gaps inside one burst measured here are
 # mostly under 2 ms, between two syncs of a busy guest 20 ms and more.
 SETTLE_NS = 10_000_000
+# With a journal, data that came with no commit after it (writeback of a rewrite in place; the rest of a sync whose
+# commit is still on its way) waits this long (record time) for a commit before it is a consistency point of its
+# own: a sync's commit follows its data by tens of ms, so the new bytes, the new size and the new mtime are shown
+# as one version. Meanwhile reads get the bytes of the last point (ExtHandler.read_data).
+DATA_WAIT_NS = 1_000_000_000
+# The bytes a data write replaced are kept until their point (ExtHandler.preimage), at most this many per file
+# system; past it the point comes at once.
+MAX_PREIMAGE = 64 << 20
 MAX_ERRORS_PER_POINT = 20
 MAX_DIR_ROUNDS = 64  # bound on directory levels discovered at one consistency point (the rest waits)
 MAX_RETRY_ROUNDS = 8  # bound on re-reading waiting directories within one point
@@ -104,6 +113,7 @@ class ExtHandler:
         self.retry_dirs: set[int] = set()
         self.broken: dict[int, float] = {}  # inode -> time it was first unreadable
         self.pending_data: dict[int, list[tuple[int, int]]] = {}
+        self._clear_preimage()
         self.last_seq = self.last_ns = 0
         self._quiet_done = True
         self._layout()
@@ -117,6 +127,7 @@ class ExtHandler:
         """For the index file: everything but the function that reads the disk (see attach)."""
         state = self.__dict__.copy()
         state["_read_home"] = None
+        state["preimage"], state["preimage_bytes"], state["data_since"] = {}, 0, None
         state.pop("scope", None)      # a live setting, not part of the index
         state.pop("_scope_cache", None)
         return state
@@ -125,6 +136,8 @@ class ExtHandler:
         """Point a loaded (unpickled) handler at the disk it describes."""
         self._read_home = read
         self.reconciler.block_size = self.geo.block_size
+        if not hasattr(self, "preimage"):
+            self._clear_preimage()
 
     def set_scope(self, scope: Callable[[int], bool] | None) -> None:
         self.scope, self._scope_cache = scope, None
@@ -145,6 +158,55 @@ class ExtHandler:
     def read_home(self, offset: int, length: int) -> bytes:
         """The file system's bytes as the replica holds them (file data lives here)."""
         return self._read_home(offset, length)
+
+    def read_data(self, offset: int, length: int) -> bytes:
+        """File data as of the last consistency point: the replica, with the bytes of data writes that no point
+        has taken yet put back (a reader of the view must not see a version the tree does not show)."""
+        data = self._read_home(offset, length)
+        if not self.preimage:
+            return data
+        bs = self.geo.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        if last - first + 1 > len(self.preimage):
+            blocks = sorted(b for b in self.preimage if first <= b <= last)
+        else:
+            blocks = [b for b in range(first, last + 1) if b in self.preimage]
+        if not blocks:
+            return data
+        out = bytearray(data)
+        for b in blocks:
+            old, lo = self.preimage[b], b * bs
+            a, z = max(lo, offset), min(lo + bs, offset + length)
+            out[a - offset:z - offset] = old[a - lo:z - lo]
+        return bytes(out)
+
+    def before_write(self, offset: int, length: int, old: bytes | None = None) -> None:
+        """A write of [offset, offset+length) is about to reach the replica (`old`: its bytes now, if the caller
+        has them): keep what it replaces in files' data blocks until the consistency point that takes it."""
+        if self.journal is None or self.preimage_bytes >= MAX_PREIMAGE:
+            return
+        bs = self.geo.block_size
+        first, count = offset // bs, -(-(offset + length) // bs) - offset // bs
+        for phys, n, ino, _logical in self.blocks.owners(first, count):
+            if self.scope is not None and not self.in_scope(ino):
+                continue
+            for b in range(phys, phys + n):
+                if b in self.preimage:
+                    continue
+                lo = b * bs
+                if old is not None and offset <= lo and lo + bs <= offset + len(old):
+                    block = old[lo - offset:lo - offset + bs]
+                else:  # a partial block, or a write of zeroes: read what the replica holds still
+                    block = self._read_home(lo, bs)
+                self.preimage[b] = block
+                self.preimage_bytes += bs
+                if self.preimage_bytes >= MAX_PREIMAGE:
+                    return
+
+    def _clear_preimage(self) -> None:
+        self.preimage: dict[int, bytes] = {}  # data block -> its bytes at the last consistency point
+        self.preimage_bytes = 0
+        self.data_since: int | None = None    # record time of the oldest data write no point has taken
 
     def read_view(self, offset: int, length: int) -> bytes:
         """Metadata as of the last commit: home locations overlaid with committed journal blocks."""
@@ -335,12 +397,16 @@ class ExtHandler:
         self.stats.writes += 1
         bs = self.geo.block_size
         first, end = offset // bs, -(-(offset + length) // bs)
-        events = self.tick(time_ns)
+        events = self.tick(time_ns, idle=False)
         if time_ns / 1e9 >= self.reconciler.hold_deadline:
-            # a held size whose wait is over (reconcile.HOLD_S, ALIGNED_WAIT; record time) is decided at this record
+            # a held size whose wait is over (reconcile.HOLD_S; record time) is decided at this record
             events += self.evaluate(seq, time_ns)
         jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
         self.last_seq, self.last_ns, self._quiet_done = seq, time_ns, False
+        if self.pending_data and self.data_since is None:
+            self.data_since = time_ns
+        if self.preimage_bytes >= MAX_PREIMAGE:
+            events += self.evaluate(seq, time_ns)  # no room to keep the last point's bytes: this is a point
         if not jblocks or self.journal is None:
             return events
         for tx in self.journal.on_write(jblocks):
@@ -421,21 +487,45 @@ class ExtHandler:
 
     # -- consistency points
 
-    def tick(self, now_ns: int) -> list[Mutation]:
-        """Home-location changes (ext2's only truth; for ext3/4 a checkpoint or a reconciliation) and data with
-        no commit after them become events once the file system has been quiet for QUIET_NS: writeback
-        comes in bursts, in any order, and is consistent only once a burst is over. Judged by record time,
-        so a live run and a replay of the same log stop at the same records; the live loop also calls this
-        when the log is idle, stamping the events with the last record."""
+    def tick(self, now_ns: int, idle: bool = True) -> list[Mutation]:
+        """What waits for quiet becomes events once the file system has been quiet long enough: home-location
+        changes (ext2's only truth, QUIET_NS; for ext3/4 a checkpoint or a reconciliation, SETTLE_NS), data with
+        no commit after it (DATA_WAIT_NS with a journal). Writeback comes in bursts, in any order, and is
+        consistent only once a burst is over. Judged by record time, so a live run and a replay of the same log
+        stop at the same records; the live loop also calls this when the log is idle (`idle`), stamping the
+        events with the last record, and then also releases held sizes whose bound is up (reconcile.HOLD_S)."""
         events: list[Mutation] = []
-        if now_ns - self.last_ns >= QUIET_NS and not self._quiet_done:
+        # With a journal every change of metadata is a commit, a point at once (on_write). Data with no commit
+        # after it waits DATA_WAIT_NS for one, and checkpoints a burst (SETTLE_NS): a file rewritten in place
+        # is shown as one version, its bytes, size and mtime together.
+        journal = self.journal is not None
+        if now_ns - self.last_ns >= (SETTLE_NS if journal else QUIET_NS) and not self._quiet_done:
             self._quiet_done = True
-            if self.dirty or self.pending_data or self.retry_dirs or self.broken or self._map_notes:
+            if self.dirty or self.retry_dirs or self.broken or self._map_notes or \
+                    (self.pending_data and not journal):
                 events += self.evaluate(self.last_seq, self.last_ns)
-        if (self.reconciler.stale or self.reconciler.reread or self.pending_data) and \
+        if journal and self.data_since is not None and now_ns - self.data_since >= DATA_WAIT_NS:
+            events += self.evaluate(self.last_seq, self.last_ns)
+        if idle and now_ns / 1e9 >= self.reconciler.hold_deadline:  # a live, idle guest: a held size's bound
+            events += self.evaluate(self.last_seq, now_ns)                # is up (a record decides it in on_write)
+        if (self.reconciler.stale or self.reconciler.reread or (self.pending_data and not journal)) and \
                 now_ns - self.last_ns >= SETTLE_NS:
             events += self.evaluate(self.last_seq, self.last_ns, settled=True)
         return events
+
+    def deadline_ns(self) -> float:
+        """The record time at which a tick would decide something, if no record comes before (inf: none)."""
+        due = math.inf
+        journal = self.journal is not None
+        if not self._quiet_done:
+            due = self.last_ns + (SETTLE_NS if journal else QUIET_NS)
+        if journal and self.data_since is not None:
+            due = min(due, self.data_since + DATA_WAIT_NS)
+        if self.reconciler.stale or self.reconciler.reread or (self.pending_data and not journal):
+            due = min(due, self.last_ns + SETTLE_NS)
+        if self.reconciler.hold_deadline < math.inf:
+            due = min(due, self.reconciler.hold_deadline * 1e9)
+        return due
 
     def finish(self, seq: int, time_ns: int) -> list[Mutation]:
         """End of a replay or a detach: what is dirty, waiting or pending becomes events now."""
@@ -507,6 +597,7 @@ class ExtHandler:
             errors += self._map_notes
             self._map_notes = None
         change.data, self.pending_data = self.pending_data, {}
+        self._clear_preimage()
         if self.scope is not None:  # data not attributed: its sizes cannot wait for it
             change.unheld = {ino for ino in change.inodes.keys() | change.data.keys() if not self.in_scope(ino)}
         if self.journal is None and not settled and not self.reconciler.deadline_passed:

@@ -128,8 +128,10 @@ def test_log_appended_without_sync_reads_whole_lines(tmp_path: Path) -> None:
 
     assert not reader.errors, reader.errors[:5]
     assert reader.reads and reader.reads[-1] == final, f"the view never reached the file:\n{out_text[-3000:]}"
-    # The view was live while the writer ran: ext4's writeback (~30 s) brought lines before the final sync.
-    assert during > DURATION / READ_EVERY / 3 and len(sizes_during) >= 3, sorted(sizes_during)
+    # The view was live while the writer ran: ext4's writeback (~30 s after the first dirty page; the next one
+    # ~30 s later may fall just past DURATION) brought lines before the final sync.
+    assert during > DURATION / READ_EVERY / 3, during
+    assert any(len(first) < s < len(final) for s in sizes_during), sorted(sizes_during)
     # Every whole-file read: a prefix of the final file that ends at a line's end (no NULs, no half line).
     bad = [r for r in reader.reads if not final.startswith(r) or (r and not r.endswith(b"\n"))]
     assert not bad, (f"{len(bad)} of {len(reader.reads)} reads are not whole-line prefixes of the file; first: "

@@ -161,12 +161,10 @@ class Reader(threading.Thread):
                 os.close(fd)
 
 
-# "changing" (each version its own size) is open (issue 10, the engine's part): a sync of a file rewritten in place
-# to a new size reaches the disk in several records (the overwritten blocks, the commit of the new size, the new
-# tail), in either order, and the engine makes each record a consistency point, so for a few milliseconds the view
-# shows the new bytes at the old size, or the new size with the old head. The engine must show one writeback burst
-# as one point; add "changing" here when it does (it failed 5 of 5 runs before).
-@pytest.mark.parametrize("sizes", ["same"])
+# "changing": each version its own size. A sync of a file rewritten in place to a new size reaches the disk in
+# several records (the overwritten blocks, the commit of the new size, the new tail), in either order; the engine
+# shows one writeback burst as one consistency point (ExtHandler.tick), so no read mixes two versions.
+@pytest.mark.parametrize("sizes", ["same", "changing"])
 def test_a_file_rewritten_in_place_every_read_is_exactly_one_version(view, sizes):
     """Each version has its number on every line (and, `changing`, its own size); written in place with sync
     between versions. Readers by path, by an open descriptor, and an mmap of a same-size file kept for the whole

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from inference.engine import Engine
+from inference.ext.handler import DATA_WAIT_NS
 from tap.writelog import KIND_WRITE, Record
 from tests.support import require_tools
 
@@ -82,14 +83,14 @@ def test_data_outside_the_scope_is_not_attributed_and_a_rename_into_it_is(tmp_pa
         inside, _ = _block(engines["all"], b"/small/file00.bin")
         # 1. data writes: one outside the scope, one inside
         records = disk.write(readme, b"changed outside\n") + disk.write(inside + 100, b"changed inside")
-        got = {k: e.process(records) + e.tick(records[-1].time_ns + 1) for k, e in engines.items()}
+        got = {k: e.process(records) + e.tick(records[-1].time_ns + DATA_WAIT_NS) for k, e in engines.items()}
         assert _modified(got["all"]) == {"/README", "/small/file00.bin"}
         assert _modified(got["scoped"]) == {"/small/file00.bin"}
         assert engines["scoped"].filesystems["disk"].handler.stats.skipped_data >= 1
         # 2. a rename from outside into the scope: reported exactly, and the file's data counts from then on
         records = disk.debugfs("link /README /small/README", "unlink /README",  # a rename, as a checkpoint
                                "set_inode_field /small/README ctime 20260101000000", block_size=bs)
-        got = {k: e.process(records) + e.tick(records[-1].time_ns + 1) for k, e in engines.items()}
+        got = {k: e.process(records) + e.tick(records[-1].time_ns + DATA_WAIT_NS) for k, e in engines.items()}
         for events in got.values():
             renames = [(e.old_path, e.path) for e in events if e.kind == "rename"]
             assert renames == [("/README", "/small/README")], events
