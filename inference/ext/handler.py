@@ -162,7 +162,7 @@ class ExtHandler:
     def read_data(self, offset: int, length: int) -> bytes:
         """File data as of the last consistency point: the replica, with the bytes of data writes that no point
         has taken yet put back (a reader of the view must not see a version the tree does not show)."""
-        data = self._read_home(offset, length)
+        data = self._read_view(offset, length)  # data=journal: a committed block not yet at home is in the overlay
         if not self.preimage:
             return data
         bs = self.geo.block_size
@@ -191,8 +191,8 @@ class ExtHandler:
             if self.scope is not None and not self.in_scope(ino):
                 continue
             for b in range(phys, phys + n):
-                if b in self.preimage:
-                    continue
+                if b in self.preimage or b in self.overlay:
+                    continue  # in the overlay: read_data gives the committed copy until the home write
                 lo = b * bs
                 if old is not None and offset <= lo and lo + bs <= offset + len(old):
                     block = old[lo - offset:lo - offset + bs]
@@ -432,13 +432,14 @@ class ExtHandler:
             lo, hi = max(first, start), min(end, start + n)
             if lo < hi:
                 jblocks.extend(range(logical + lo - start, logical + hi - start))
+        checkpointed: set[int] = set()
         if home and self.overlay:
-            if count < len(self.overlay):
-                for b in range(first, end):
-                    self.overlay.pop(b, None)
-            else:
-                for b in [b for b in self.overlay if first <= b < end]:
-                    del self.overlay[b]
+            bs = self.geo.block_size
+            for b in range(first, end) if count < len(self.overlay) else \
+                    [b for b in self.overlay if first <= b < end]:
+                kept = self.overlay.pop(b, None)
+                if kept is not None and self._read_home(b * bs, bs) == kept:
+                    checkpointed.add(b)  # a commit's own bytes reaching home (data=journal): not a change
         dirty = self.dirty
         if first <= self.sb_block < end:
             pass  # counters and state flags; a resize would need a re-index
@@ -479,9 +480,10 @@ class ExtHandler:
             if self.scope is not None and not self.in_scope(ino):
                 self.stats.skipped_data += 1
                 continue
-            lo = max(offset, phys * bs) - phys * bs + logical * bs
-            hi = min(offset + length, (phys + n) * bs) - phys * bs + logical * bs
-            self.pending_data.setdefault(ino, []).append((lo, hi))
+            for p0, pn in _runs_without(phys, n, checkpointed) if checkpointed else ((phys, n),):
+                lo = max(offset, p0 * bs) - phys * bs + logical * bs
+                hi = min(offset + length, (p0 + pn) * bs) - phys * bs + logical * bs
+                self.pending_data.setdefault(ino, []).append((lo, hi))
         self.stats.unowned_blocks += max(count - owned - len(jblocks), 0) if home else 0
         return jblocks
 
@@ -774,7 +776,7 @@ class ExtHandler:
                 eof = size // bs
                 phys = next((p + eof - lg for lg, p, n, un in node.extents if lg <= eof < lg + n and not un), None)
                 if phys is not None:
-                    tail = self.read_home(phys * bs, size - eof * bs)
+                    tail = self.read_view(phys * bs, size - eof * bs)  # data=journal: in the overlay
                     b = eof * bs + len(tail.rstrip(b"\0"))
             if a < b:
                 out.append((a, b))
@@ -889,3 +891,17 @@ def _new_blocks(old: tuple, new: tuple) -> list[tuple[int, int]]:
         if pos < end:
             out.append((pos, end))
     return out
+
+
+def _runs_without(start: int, n: int, skip: set[int]) -> list[tuple[int, int]]:
+    """The runs of blocks [start, start+n) that are not in `skip`, as (first, count)."""
+    runs: list[tuple[int, int]] = []
+    b, end = start, start + n
+    while b < end:
+        a = b
+        while b < end and b not in skip:
+            b += 1
+        if b > a:
+            runs.append((a, b - a))
+        b += 1
+    return runs
