@@ -762,22 +762,23 @@ class ExtHandler:
 
     def _mapped_data(self, node: Node, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The file's bytes that newly mapped initialized blocks hold (reconcile.Reconciler._hold_sizes counts them
-        as written): data=ordered writes a new block's data before the commit that maps it, so its bytes are real,
-        but only up to the size committed with it, and in the block holding the end of the file only up to its
-        last nonzero byte: ext4 sets the size after it submits the block, and a write() in between is in the
-        size and not in the block (seen: 460 bytes). Those bytes need a data write of their own."""
+        as written): data=ordered writes a new block's data before the commit that maps it, so its bytes are real
+        up to the size committed with it, and in the block holding the end of the file up to its last nonzero
+        byte, which may lie past that size: ext4 sets the size after it submits the block, so a write() in
+        between is in the size and not in the block (seen: 460 bytes; those bytes need a data write of their
+        own), while bytes the block holds past the size were written with it (writeback zeroes a page past
+        i_size; seen: `>` then `dd` at offset 11 of one file, the block's rest committed with the smaller size)
+        and count once a later size covers them."""
         bs, size = self.geo.block_size, node.size
+        eof = size // bs if size % bs else None  # the block holding the file's last byte, if it is partial
         out: list[tuple[int, int]] = []
         for lo, hi in blocks:
             a, b = lo * bs, min(hi * bs, size)
-            if a >= b:
-                continue
-            if b == size and size % bs:
-                eof = size // bs
+            if eof is not None and lo <= eof < hi:
                 phys = next((p + eof - lg for lg, p, n, un in node.extents if lg <= eof < lg + n and not un), None)
                 if phys is not None:
-                    tail = self.read_view(phys * bs, size - eof * bs)  # data=journal: in the overlay
-                    b = eof * bs + len(tail.rstrip(b"\0"))
+                    block = self.read_view(phys * bs, bs)  # data=journal: in the overlay
+                    b = eof * bs + len(block.rstrip(b"\0"))
             if a < b:
                 out.append((a, b))
         return out

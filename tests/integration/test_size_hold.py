@@ -130,3 +130,4 @@ def test_size_waits_for_its_data_then_the_bound_releases_it(tmp_path: Path) -> N
     rest_events = engine.process(late[1:]) + engine.finish()
     assert not [e for e in _log_events(rest_events) if e.unconfirmed], "released once"
     engine.close()
+
