@@ -121,6 +121,7 @@ class OnPty:
         return [piece for line in plain.split(b"\n") for piece in line.split(b"\r") if piece]
 
     def stop(self) -> None:
+        """End it (SIGTERM, then SIGKILL) and close the terminal; again does nothing."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -129,7 +130,9 @@ class OnPty:
                 self.proc.kill()
                 self.proc.wait(10)
         self._pump.join(5)
-        os.close(self.master)
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
 
 
 _ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]"   # CSI: cursor, erase, attributes, modes
