@@ -4,13 +4,15 @@ Boots the test guest paused with a workload that appends a log line every second
 and deletes files for DEMO_SECONDS, then powers off; attaches mirrorfs with the live engine and the
 read-only mount (`--cont` resumes the guest once the mirror is ready, so nothing is missed); shows the
 mutation events, `inotifywait -m -r` and `tail -F` on the mount as they happen; then detaches, and
-checks that the replica rebuilt from the write log equals the guest's final disk byte for byte.
+checks that tail printed every heartbeat, whole, in order, with no NUL, and that the replica rebuilt from the
+write log equals the guest's final disk byte for byte (the exit status says whether both hold).
 Ctrl-C ends early (detaching cleanly; the comparison is skipped since the guest was still writing).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import signal
 import subprocess
@@ -44,17 +46,58 @@ def say(msg: str) -> None:
     print(f"\033[1mdemo:\033[0m {msg}" if sys.stdout.isatty() else f"demo: {msg}", flush=True)
 
 
-def show(prefix: str, cmd: list[str]) -> subprocess.Popen:
-    """Run a watcher and print its lines with a prefix (a thread per watcher: they share the terminal)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True)
+class Printed:
+    """The lines a watcher printed, for the demo's own check; `wait` wakes on each new line."""
 
-    def pump() -> None:
-        for line in proc.stdout:
-            print(f"{prefix:<9}| {line.rstrip()}", flush=True)
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
 
-    threading.Thread(target=pump, daemon=True).start()
+    def add(self, line: str) -> None:
+        with self.cond:
+            self.lines.append(line)
+            self.cond.notify_all()
+
+    def wait(self, count: int, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.lines) >= count, timeout)
+
+
+def show(prefix: str, cmd: list[str], keep: Printed | None = None) -> subprocess.Popen:
+    """Run a watcher and print its lines with a prefix (a thread per stream: they share the terminal); with
+    `keep`, its standard output's lines are kept there too (not its messages on stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if keep is None else subprocess.PIPE,
+                            text=True, errors="replace", start_new_session=True)
+
+    def pump(stream, into: Printed | None) -> None:
+        for line in stream:
+            print(f"{prefix:<9}| {line.rstrip(chr(10))}", flush=True)
+            if into is not None:
+                into.add(line.rstrip("\n"))
+
+    threading.Thread(target=pump, args=(proc.stdout, keep), daemon=True).start()
+    if keep is not None:
+        threading.Thread(target=pump, args=(proc.stderr, None), daemon=True).start()
     return proc
+
+
+HEARTBEAT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d demo\[\d+\]: heartbeat (\d+)")
+
+
+def check_tail(lines: list[str], count: int) -> str | None:
+    """What is wrong with tail's output, if anything: it must be the log's heartbeats 1..count, each whole, in
+    order, no NUL (the mount never shows bytes the guest has not written)."""
+    if any("\0" in x for x in lines):
+        return f"{sum(x.count(chr(0)) for x in lines)} NUL bytes in tail's output"
+    numbers = []
+    for x in lines:
+        m = HEARTBEAT.fullmatch(x)
+        if m is None:
+            return f"tail printed {x!r}, not a heartbeat line"
+        numbers.append(int(m.group(1)))
+    if numbers != list(range(1, count + 1)):
+        return f"tail printed heartbeats {numbers}, not 1..{count} in order"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                "earlier)")
     ap.add_argument("--mode", choices=["exact", "async"], default="exact", help="mirror copy mode")
     ap.add_argument("--keep", action="store_true", help="keep the demo directory (disk, state dir) afterwards")
+    ap.add_argument("--workdir", type=Path, help="where to make the demo directory (default: the image cache)")
     args = ap.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="demo-", dir=cache_dir()))
+    work = Path(tempfile.mkdtemp(prefix="demo-", dir=args.workdir or cache_dir()))
     base, disk, state, mnt = work / "base.raw", work / "vm1.raw", work / "state", work / "mnt"
     mnt.mkdir()
     say(f"preparing the demo VM in {work}")
@@ -76,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     attach = None
     watchers: list[subprocess.Popen] = []
     interrupted = False
+    heartbeats = max(int(args.seconds), 1)
+    tail = Printed()
+    tail_wrong: str | None = "not checked"
     try:
-        workload = WORKLOAD.replace("SECONDS", str(max(int(args.seconds), 1)))
+        workload = WORKLOAD.replace("SECONDS", str(heartbeats))
         with Guest(disk, workload, work / "vm", paused=True) as guest:
             say(f"guest QEMU pid {guest.pid} started paused; attaching mirrorfs ({args.mode} mode), "
                 f"live view on {mnt}")
@@ -97,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             watchers.append(show("inotify", ["inotifywait", "-m", "-r", "-q", "-e", "create,modify,close_write,delete,"
                                              "moved_from,moved_to,attrib", str(mnt)]))
             watchers.append(show("tail", ["tail", "-F", "--max-unchanged-stats=1", "-n", "+1",
-                                          str(mnt / "var/log/demo.log")]))
+                                          str(mnt / "var/log/demo.log")], tail))
             try:
                 guest.wait_for("reboot: Power down", timeout=args.seconds * 3 + 120)
-                time.sleep(2)  # the last commit's events, then the view
+                tail.wait(heartbeats, 60)  # the guest's last sync reaches the view, then tail (polling each 1 s)
+                tail_wrong = check_tail(tail.lines, heartbeats)
             except KeyboardInterrupt:
                 interrupted = True
                 print()
@@ -122,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         same = subprocess.run(["cmp", "-s", str(replica), str(disk)]).returncode == 0
         say(f"{records} write records, {events} mutation events; replica {'==' if same else '!='} guest disk "
             "(byte for byte)")
-        return 0 if same else 1
+        say(f"tail -F printed heartbeats 1..{heartbeats} in order, whole, no NUL" if tail_wrong is None
+            else f"tail -F's output is wrong: {tail_wrong}")
+        return 0 if same and tail_wrong is None else 1
     except KeyboardInterrupt:
         interrupted = True
         return 130

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import struct
 import subprocess
+import termios
 import threading
 import time
 from pathlib import Path
@@ -78,3 +83,64 @@ class Inotify:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class OnPty:
+    """A program on its own pseudo-terminal (its controlling tty, ROWS x COLS), everything it prints kept: for
+    tools that need a terminal, such as `less +F`."""
+
+    def __init__(self, argv: list[str], rows: int = 24, cols: int = 250) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = dict(os.environ, TERM="xterm", LESS="", LESSHISTFILE="-", LESSSECURE="1")
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     start_new_session=True,  # then the pty becomes its controlling terminal:
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.master = master
+        self.out = bytearray()
+        self.chunks: list[tuple[float, int]] = []  # (CLOCK_MONOTONIC, offset in out) of each chunk read
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not chunk:
+                break
+            self.chunks.append((time.monotonic(), len(self.out)))
+            self.out.extend(chunk)
+
+    def text_lines(self) -> list[bytes]:
+        """What it printed as lines of text: terminal escapes removed, each carriage return starting a new piece
+        (a pager redraws its prompt line with CR), empty pieces dropped."""
+        plain = strip_terminal(bytes(self.out))
+        return [piece for line in plain.split(b"\n") for piece in line.split(b"\r") if piece]
+
+    def stop(self) -> None:
+        """End it (SIGTERM, then SIGKILL) and close the terminal; again does nothing."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._pump.join(5)
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+_ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]"   # CSI: cursor, erase, attributes, modes
+                      rb"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC: titles
+                      rb"|\x1b[()*+][0-9A-Za-z]"     # character sets
+                      rb"|\x1b[=>78cDEHMNO]")        # keypad modes, save/restore, index
+
+
+def strip_terminal(data: bytes) -> bytes:
+    """The text of a terminal stream: escape sequences removed (control characters such as CR are kept)."""
+    return _ESCAPES.sub(b"", data)
