@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from inference.events import Mutation, format_id, parse_id
+from inference.wake import DirWake
 from tap.writelog import Gap
 
 
@@ -136,11 +137,12 @@ class EventTail:
             self._f = None
 
 
-def read_events(path: Path, since: int = 0, *, follow: bool = False, interval: float = 0.1,
+def read_events(path: Path, since: int = 0, *, follow: bool = False, interval: float = 1.0,
                 after: tuple[int, int] = (0, 0)) -> Iterator[Mutation]:
     """Events with seq >= since and position > after; with `follow`, keep waiting for more (until the caller
-    stops)."""
+    stops), woken by each append (inotify on the log's directory; `interval` only bounds a missed wake-up)."""
     tail = EventTail(path)
+    wake = DirWake(Path(path).parent) if follow else None
     try:
         while True:
             lines = tail.poll()
@@ -150,11 +152,13 @@ def read_events(path: Path, since: int = 0, *, follow: bool = False, interval: f
                     yield ev
             if lines:
                 continue
-            if not follow:
+            if wake is None:
                 return
-            time.sleep(interval)
+            wake.wait(interval)
     finally:
         tail.close()
+        if wake is not None:
+            wake.close()
 
 
 def gap_event(gap: Gap, *, vm: str = "", time_ns: int = 0) -> Mutation:

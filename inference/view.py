@@ -118,8 +118,11 @@ class EngineView:
             if inline is not None:
                 return inline[offset:offset + size]
         bs = handler.geo.block_size
-        out = bytearray(size)
         first, last = offset // bs, (offset + size - 1) // bs
+        for logical, physical, length, uninit in node.extents:
+            if logical <= first and last < logical + length and not uninit:  # one written extent: one pread
+                return handler.read_home((physical + first - logical) * bs + offset % bs, size)
+        out = bytearray(size)
         for logical, physical, length, uninit in node.extents:
             lo, hi = max(first, logical), min(last + 1, logical + length)
             if lo >= hi or uninit:

@@ -334,7 +334,9 @@ def cmd_log(args: argparse.Namespace) -> None:
         for r in read_records(state.log, since=args.since, until=args.until):
             out.write(format_record(r, args.json) + "\n")
         return
-    with LogFollower(state.log, since=args.since) as follower:
+    from inference.wake import DirWake
+
+    with LogFollower(state.log, since=args.since) as follower, DirWake(state.log) as wake:
         while True:
             batch = follower.poll()
             for r in batch:
@@ -343,7 +345,7 @@ def cmd_log(args: argparse.Namespace) -> None:
                 out.write(format_record(r, args.json) + "\n")
             out.flush()
             if not batch:
-                time.sleep(0.05)
+                wake.wait(1.0)  # woken by the next record; the timeout only bounds a missed wake-up
 
 
 def cmd_replica(args: argparse.Namespace) -> None:
@@ -472,9 +474,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
         return
     end = last_seq(state.log)
     bar = Progress("replay", unit=" rec")
-    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+    from inference.wake import IDLE_TICKS, IN_MOVED_TO, DirWake
+
+    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower, \
+            DirWake(state.log) as wake:
+        wake.add(state.path, IN_MOVED_TO)  # attach.json, replaced by a rename, says when the attach detached
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
         from_subscribers = args.follow and getattr(args, "scope_from_subscribers", False)
+        idle = 0
         while True:
             if from_subscribers:
                 engine.set_scope(live.scope)   # layered filtering at the engine: what subscribers can match
@@ -483,11 +490,13 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 events.append(engine.process(batch) if type(batch[0]) is not Gap else  # lost seqs: an error event
                               [gap_event(batch[0], vm=engine.vm, time_ns=engine.last_time_ns)])
                 bar(batch[-1].seq, max(end, batch[-1].seq))
+                idle = 0
                 continue
             if not args.follow or stop or attach_finished(state):
                 break
             events.append(engine.tick(time.time_ns()))
-            time.sleep(0.02)
+            wake.wait(IDLE_TICKS[min(idle, len(IDLE_TICKS) - 1)])  # a new record wakes it at once
+            idle += 1
         events.append(engine.finish())
         live.close()
         bar.close()

@@ -5,7 +5,8 @@ poke helper's thread (`ctx.pid` is the caller's thread id). The helper's request
 the helper stages a Mutation and issues the matching syscall on the mount; the handler applies the staged
 mutation to the tree and answers with the real attributes, so the kernel raises the inotify events itself
 (FINDINGS "FUSE": invalidation alone raises none). Handlers never make a syscall on the mount and never
-wait on the engine in the trio thread (content and statfs go through trio.to_thread).
+wait on the engine in the trio thread (statfs, and content reads that must wait, go through trio.to_thread; a
+read with nothing to wait for is answered in place, a pread of the replica).
 
 Even the helper may change only what is staged: a request must name the staged mutation's own parent inode and
 name (both pairs for a rename; the source inode and the new pair for a link) or its own inode; anything else is
@@ -41,6 +42,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 S64, U32, U64 = (1 << 63) - 1, (1 << 32) - 1, (1 << 64) - 1
 LIMITS = {"st_size": (0, S64), "st_nlink": (0, U32), "st_uid": (0, U32), "st_gid": (0, U32), "st_rdev": (0, U64),
           "st_mtime_ns": (-(1 << 63) * 10**9, S64 * 10**9), "st_ctime_ns": (-(1 << 63) * 10**9, S64 * 10**9)}
+TIME_MIN, TIME_MAX = LIMITS["st_mtime_ns"]
 MAX_CLAMP_LOGS = 1000  # nodes named in the log; beyond that only the count grows
 
 # which requests of the helper apply which kind of staged mutation (the first one that arrives applies it;
@@ -101,12 +103,14 @@ class ViewOps(pyfuse3.Operations):
 
     def __init__(self, tree: ViewTree, stage: Stage, read: Callable[[int, int, int], bytes],
                  statfs: Callable[[], pyfuse3.StatvfsData],
-                 on_applied: Callable[[Mutation], None] | None = None) -> None:
+                 on_applied: Callable[[Mutation], None] | None = None,
+                 try_read: Callable[[int, int, int], bytes | None] | None = None) -> None:
         """`read(node id, offset, size)` runs in a worker thread: the bytes, fewer only at the node's end, or
-        OSError (mirrorfs.reads.PointReads.read). `on_applied` hears of every mutation the tree has taken."""
+        OSError (mirrorfs.reads.PointReads.read). `try_read`, in the trio thread, answers at once or None
+        (PointReads.try_read). `on_applied` hears of every mutation the tree has taken."""
         super().__init__()
         self.tree, self.stage = tree, stage
-        self._read, self._statfs = read, statfs
+        self._read, self._statfs, self._try_read = read, statfs, try_read
         self.on_applied = on_applied
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
@@ -133,14 +137,24 @@ class ViewOps(pyfuse3.Operations):
         fmt = IFMT.get(node.type, stat.S_IFMT(node.mode))  # the type is the node's, whatever the mode bits say
         a.st_mode = (fmt if fmt in IFMT.values() else stat.S_IFREG) | stat.S_IMODE(node.mode)
         size = node.size if node.type in ("file", "dir", "symlink") else 0
-        values = {"st_size": size, "st_nlink": node.links, "st_uid": node.uid, "st_gid": node.gid,
-                  "st_rdev": node.rdev, "st_mtime_ns": node.mtime_ns, "st_ctime_ns": node.ctime_ns}
-        for field, value in values.items():
-            lo, hi = LIMITS[field]
-            if not isinstance(value, int) or not lo <= value <= hi:
-                value = self._clamp(node, field, value, lo, hi)
-            setattr(a, field, value)
-        a.st_atime_ns = a.st_mtime_ns
+        links, uid, gid, rdev, mtime, ctime = node.links, node.uid, node.gid, node.rdev, node.mtime_ns, node.ctime_ns
+        if (type(size) is int and type(links) is int and type(uid) is int and type(gid) is int  # noqa: E721
+                and type(rdev) is int and type(mtime) is int and type(ctime) is int  # noqa: E721
+                and 0 <= size <= S64 and 0 <= links <= U32 and 0 <= uid <= U32 and 0 <= gid <= U32
+                and 0 <= rdev <= U64 and TIME_MIN <= mtime <= TIME_MAX and TIME_MIN <= ctime <= TIME_MAX):
+            # the common case, once per entry of a `find -ls` or `ls -l`: every value fits, nothing to clamp
+            a.st_size, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev = size, links, uid, gid, rdev
+            a.st_mtime_ns = a.st_atime_ns = mtime
+            a.st_ctime_ns = ctime
+        else:
+            values = {"st_size": size, "st_nlink": links, "st_uid": uid, "st_gid": gid, "st_rdev": rdev,
+                      "st_mtime_ns": mtime, "st_ctime_ns": ctime}
+            for field, value in values.items():
+                lo, hi = LIMITS[field]
+                if not isinstance(value, int) or not lo <= value <= hi:
+                    value = self._clamp(node, field, value, lo, hi)
+                setattr(a, field, value)
+            a.st_atime_ns = a.st_mtime_ns
         a.st_blksize = 4096
         a.st_blocks = (a.st_size + 511) // 512
         return a
@@ -285,6 +299,10 @@ class ViewOps(pyfuse3.Operations):
         never padding: a reader must never take made-up bytes for the guest's."""
         if off >= self._node(fh).size:
             return b""  # at the end as the view shows it (tail -f asks once a second): no thread, no lock
+        if self._try_read is not None:
+            data = self._try_read(fh, off, size)  # nothing to wait for: here, without a thread round trip
+            if data is not None:
+                return data
         try:
             return await trio.to_thread.run_sync(self._read, fh, off, size)
         except OSError as exc:

@@ -29,6 +29,7 @@ import trio
 from inference.eventlog import gap_event
 from inference.events import Mutation, path_bytes
 from inference.view import EngineView
+from inference.wake import IDLE_TICKS, IN_MOVED_TO, DirWake
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker, mount_id
@@ -39,6 +40,7 @@ from tap.writelog import Gap
 log = logging.getLogger("mirrorfs.mount")
 
 CHUNK = 64
+READAHEAD_KB = 4096  # the view's readahead window (set_readahead)
 FSTYPE = "fuse.mirrorfs"
 
 
@@ -98,6 +100,46 @@ def unmount(mnt: Path, *, lazy: bool = False) -> bool:
         if mount_type(mnt) is None:
             return True
     return mount_type(mnt) is None
+
+
+def mount_device(target: str) -> str | None:
+    """"major:minor" of the file system mounted exactly at `target` (a resolved path; the top mount), from
+    mountinfo: no request reaches the file system (resolving the path of a FUSE mount whose loop is not running
+    yet would hang)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ")[0].split()
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                found = fields[2]
+    return found
+
+
+def set_readahead(mnt: str, kib: int = READAHEAD_KB) -> bool:
+    """Raise the view's readahead window (its bdi's read_ahead_kb; FUSE starts at 128 KiB): a sequential read is
+    then asked of us in requests of up to 1 MiB (libfuse's max_pages), with more of them in flight, instead of
+    128 KiB ones, each of which costs a Python round trip. Root only; False if it could not be set."""
+    dev = mount_device(mnt)
+    if dev is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+        return True
+    except OSError as exc:
+        log.info("readahead of %s left as it is: %s", mnt, exc)
+        return False
+
+
+def readahead_after_init(target: str) -> None:
+    """set_readahead once the kernel has taken FUSE's INIT reply, which lowers the window to what libfuse was
+    offered at mount time (128 KiB): a request answered (this stat, from a worker thread, never the trio
+    thread) means INIT is done."""
+    try:
+        os.stat(target)
+    except OSError:
+        return
+    set_readahead(target)
 
 
 def prepare_mountpoint(mnt: Path) -> None:
@@ -183,6 +225,8 @@ class EngineLoop:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="mirrorfs-engine", daemon=True)
         self.on_exit: Callable[[], None] | None = None
+        self.watch: list[Path] = []  # directories whose renamed-in files may end the follow (the state dir)
+        self.wake: DirWake | None = None
 
     def _emit(self, events: list[Mutation]) -> None:
         if events:
@@ -205,8 +249,30 @@ class EngineLoop:
         while batch := self.follower.poll():
             self._emit(self._process(batch))
 
+    def halt(self) -> None:
+        """Stop following (any thread): the loop drains what is logged, finishes and exits."""
+        self.stop.set()
+        if self.wake is not None:
+            self.wake.wake()
+
+    def _idle_wait(self, idle: int) -> None:
+        """Sleep until the tap appends a record (inotify on the log directory) or the attach changes its
+        attach.json (a detach), or until the next idle tick: IDLE_TICKS[idle], the last one repeating. The first
+        comes just after the handler's settle time (SETTLE_NS after the last record), the rest for what is judged
+        by the clock (held sizes, a guest gone quiet)."""
+        timeout = IDLE_TICKS[min(idle, len(IDLE_TICKS) - 1)]
+        if self.wake is None:
+            self.stop.wait(timeout)
+        else:
+            self.wake.wait(timeout)
+
     def _run(self) -> None:
         try:
+            if self.follow:
+                self.wake = DirWake(self.follower.directory)
+                for d in self.watch:
+                    self.wake.add(d, IN_MOVED_TO)  # attach.json is replaced by a rename
+            idle = 0
             while self.follow and not self.stop.is_set():
                 batch = self.follower.poll()
                 if not batch:
@@ -215,8 +281,10 @@ class EngineLoop:
                     with self.lock:
                         events = self._noted(self.engine.tick(time.time_ns()))
                     self._emit(events)
-                    self.stop.wait(0.05)
+                    self._idle_wait(idle)
+                    idle += 1
                     continue
+                idle = 0
                 for i in range(0, len(batch), CHUNK):
                     with self.lock:
                         events = self._process(batch[i:i + CHUNK])
@@ -232,6 +300,8 @@ class EngineLoop:
             self.error = exc
             log.exception("inference engine failed")
         finally:
+            if self.wake is not None:
+                self.wake.close()
             if self.on_exit is not None:
                 self.on_exit()
 
@@ -363,7 +433,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         on_reads(reads)
     dropper = PageDropper()
     ops = (group_ops(group) if group is not None and not allow_other else ViewOps)(tree, stage, reads.read, statfs,
-                                                                                    reads.applied)
+                                                                                    reads.applied, reads.try_read)
     token_box: list[trio.lowlevel.TrioToken] = []
 
     def in_trio(fn: Callable):
@@ -436,6 +506,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
                 done.set()  # unmounted from outside (mirrorfs umount, fusermount3 -u)
             nursery.start_soon(fuse_loop)
             poker.start()
+            nursery.start_soon(trio.to_thread.run_sync, readahead_after_init, target)
             if loop is not None:
                 loop.thread.start()
             where = ", ".join(f"{fs} at /{tree.fs_prefix(fs).decode('utf-8', 'replace')}" for fs in shown)
@@ -448,7 +519,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
                 nursery.start_soon(on_signal)
                 await done.wait()
             if loop is not None:
-                loop.stop.set()
+                loop.halt()
                 await trio.to_thread.run_sync(loop.thread.join)
             await trio.to_thread.run_sync(poker.stop)
             await trio.to_thread.run_sync(dropper.stop)
@@ -456,6 +527,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
             nursery.cancel_scope.cancel()
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is each thread stuck?
+    target = os.path.realpath(mnt)  # now: once mounted, resolving the path asks the view, which is not served yet
     pyfuse3.init(ops, str(mnt), mount_options(fsname, allow_other or group is not None))
     # the view's mount id, taken now: later, a renamed directory above MNT could aim the path elsewhere
     root = os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -490,6 +562,7 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         services = live(follower, events) if live is not None and follow else None  # issue 5's socket, metrics
         loop = EngineLoop(engine, follower, lock, [events.append], follow=follow, finished=finished)
+        loop.watch.append(state.path)
         try:
             loop.catch_up()
             if not follow:

@@ -41,9 +41,12 @@ log = logging.getLogger("mirrorfs.poke")
 
 # After a new directory appears, recursive watchers (inotifywait -r, watchdog) need a moment to add a watch on
 # it before its content appears, or they miss those events (20 ms was seen to be too short while a TCG guest
-# loads both cores). The guest was slower than our replay of a burst; we pause only when the next queued
-# mutation is inside the new directory.
+# loads both cores). The guest was slower than our replay of a burst. So when the next queued mutation is inside
+# the new directory and some inotify instance watches its parent, the helper waits, at most MKDIR_PAUSE, until
+# every instance watching the parent watches the new directory too (/proc/*/fdinfo; no event says so, hence
+# WATCH_CHECK). Nobody watching the parent: nobody can be about to watch the new directory, so no wait at all.
 MKDIR_PAUSE = 0.1
+WATCH_CHECK = 0.002
 
 Invalidate = Callable[[Applied, "Mutation | None"], None]  # (what changed, the content-changing mutation)
 
@@ -74,6 +77,33 @@ def mount_id(fd: int) -> int | None:
             return next((int(line.split()[1]) for line in f if line.startswith("mnt_id:")), None)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def inotify_watchers(dev: int, ino: int) -> set[tuple[int, int]]:
+    """(pid, fd) of every inotify instance on the host that watches inode `ino` of device `dev` (st_dev), from
+    /proc/PID/fdinfo; processes that come and go meanwhile are skipped."""
+    want = (f"ino:{ino:x}", f"sdev:{(os.major(dev) << 20) | os.minor(dev):x}")  # the kernel's own dev_t
+    found: set[tuple[int, int]] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        parts = line.split()
+                        if parts[:1] == ["inotify"] and want[0] in parts and want[1] in parts:
+                            found.add((int(pid), int(fd)))
+                            break
+            except OSError:
+                continue
+    return found
 
 
 class Refused(OSError):
@@ -132,6 +162,7 @@ class Poker:
         self.fallbacks = 0
         self.refused = 0
         self._root: tuple[bytes, int] | None = None  # the mount point and its mount id (set_root)
+        self._made_dir: tuple[int, int, int] | None = None  # (st_dev, parent's st_ino, st_ino) of the last mkdir
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -204,8 +235,20 @@ class Poker:
             except Exception:  # noqa: BLE001
                 log.exception("poke of %s %s failed", m.kind, m.path)
             self.done += 1
-            if m.kind == "mkdir" and MKDIR_PAUSE and self._next_inside(m):
-                time.sleep(MKDIR_PAUSE)
+            made, self._made_dir = self._made_dir, None
+            if made is not None and MKDIR_PAUSE and self._next_inside(m):
+                self._let_watchers_follow(*made)
+
+    def _let_watchers_follow(self, dev: int, parent: int, made: int) -> None:
+        """Wait (at most MKDIR_PAUSE) until every inotify instance watching `parent` watches `made` too."""
+        watchers = inotify_watchers(dev, parent)
+        if not watchers:
+            return
+        deadline = time.monotonic() + MKDIR_PAUSE
+        while time.monotonic() < deadline:
+            if watchers <= inotify_watchers(dev, made):
+                return
+            time.sleep(WATCH_CHECK)
 
     def _next_inside(self, m: Mutation) -> bool:
         try:
@@ -284,6 +327,11 @@ class Poker:
                 os.close(openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
             elif kind == "mkdir":
                 os.mkdir(name, 0o700, dir_fd=fd)
+                try:  # for _let_watchers_follow: the kernel's numbers of the parent and the new directory
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    self._made_dir = (st.st_dev, os.fstat(fd).st_ino, st.st_ino)
+                except OSError:
+                    self._made_dir = None
             elif kind == "symlink":
                 target = path_bytes(m.target or "")
                 if b"\0" in target:

@@ -168,6 +168,32 @@ class PointReads:
         except Exception as exc:  # noqa: BLE001 - whatever kept the engine from giving the bytes: not padding
             self._error("short", f"node {nid}: {exc!r}")
 
+    def try_read(self, nid: int, off: int, size: int) -> bytes | None:
+        """read() when it can be answered at once, for the trio thread (which must never wait): the engine lock
+        free, the range clear of unapplied events and unreported writes, the engine holding every byte. None
+        otherwise: the caller then calls read() from a worker thread, which waits or answers EIO. The tree
+        changes only in the trio thread, so the node cannot change under this call there."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            node = self.node(nid)
+            if node is None:
+                return None
+            end = min(node.size, off + size)
+            if off >= end:
+                return b""
+            with self.cond:
+                if self._behind(node.fs, node.ino, off, end):
+                    return None
+            if self.view.writing(node.fs, node.ino, off, end):
+                return None
+            data = self.view.read(node.fs, node.ino, off, end - off)
+            return data if len(data) == end - off else None
+        except Exception:  # noqa: BLE001 - read() will say what it is
+            return None
+        finally:
+            self.lock.release()
+
     def _error(self, reason: str, message: str) -> None:
         self.errors[reason] += 1
         if self.errors[reason] <= 100:

@@ -11,7 +11,8 @@ memory (3: RSS per tracked inode at 100k and 1M files), synclat (4: guest sync -
 Event-stream benchmark: stream (events/s event log -> publisher -> Redis -> collector, and bytes on the network
 per 1,000 mutations with and without host-side filtering).
 Mount benchmarks: views (sequential read and `find -ls` on the mirrorfs mount, a loop mount and guestmount --ro of
-one 100k-file image), inotify (guest mutation -> inotify event on the live mount).
+one 100k-file image), inotify (guest mutation -> inotify event on the live mount), live (the live view of a
+disk the host kernel writes vs a loop mount of a copy: reads, `find -ls`, writer sync -> inotify event).
 Their inputs (recorded logs, many-file images, the 1M-file index) are built once into .cache/bench/engine/
 (`python -m tests.bench.enginedata` builds them ahead). Speeds are ratios against a baseline measured in the
 same run, in interleaved rounds; tables give the median of the per-round values and their range (min-max).
@@ -36,7 +37,7 @@ from tests.support import CACHE, REPO
 TAP_NAMES = ("ingest", "overhead", "latency")
 ENGINE_NAMES = ("replay", "index", "memory", "synclat")
 STREAM_NAMES = ("stream",)
-MOUNT_NAMES = ("views", "inotify")
+MOUNT_NAMES = ("views", "inotify", "live")
 NAMES = TAP_NAMES + ENGINE_NAMES + STREAM_NAMES + MOUNT_NAMES
 GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES},
          **{n: "stream" for n in STREAM_NAMES}, **{n: "mount" for n in MOUNT_NAMES}}
@@ -55,6 +56,7 @@ TITLES = {
     "stream": "1. Events/s end to end and bytes on the network per 1,000 mutations (publisher → Redis → collector)",
     "views": "1. Sequential read and `find -ls`: mirrorfs mount vs loop mount vs guestmount --ro (100k-file image)",
     "inotify": "2. Delay from a guest mutation to its inotify event on the live mount (TCG guest)",
+    "live": "3. The live view vs a loop mount of a copy of the same disk, host kernel as the writer (issue 10)",
 }
 
 METHODS = {
@@ -156,6 +158,21 @@ CREATE for a create, MODIFY for a modify, MOVED_FROM for a rename); delay = that
 `time` (host time at which the tap received the record that completed the change). So it covers the engine
 (log polling, journal parsing), the poke helper's syscall and inotifywait, not the guest's own flush delay
 (engine benchmark 4 measures guest sync → event).""",
+    "live": """\
+The host kernel writes through qemu-storage-daemon (`images/hostwriter.py`) to a fresh sparse 1 GiB ext4
+(`mke2fs -t ext4 -b 4096`) under `mirrorfs attach --base PRISTINE --mount MNT` (exact mode): first a 256 MiB file
+of random bytes and 20,000 small files in 200 directories, then `syncfs`, and the view is waited for. sync →
+inotify: N times, the writer creates `lat/sNNNN` (a few bytes) and calls syncfs(2) on its mount (`sync -f`);
+`inotifywait -m` on the view's `lat` directory (`tests/mountharness.py`) stamps each line as it reads it; delay =
+the CREATE line's stamp − the moment syncfs returned (so it covers the tap, the engine's wake-up and journal
+parsing, the poke helper's syscall and inotifywait), 0.1 s between samples. Then the writer unmounts, the disk is
+copied (`cp --sparse=always`) and the copy mounted `-o ro,loop`; the view stays live. After a `sha256sum` of
+`/big` on both (must agree) and one unmeasured `find -ls` on each, each round, view by view: read `/big` in 1 MiB
+`read`s after `fdatasync` + `posix_fadvise(DONTNEED)` of the backing file (the engine's replica
+`state/engine/disk.img`, or the copy) and DONTNEED on `/big` itself (cold first read: from the host's disk);
+again after DONTNEED on `/big` only (first read: the view's own pages dropped, the backing bytes in the host page
+cache); again without dropping anything (second read: the view's page cache); then `find MNT -ls` (output counted,
+must agree). Ratios are mirrorfs / loop speed within each round.""",
     "stream": """\
 A redis-server started on loopback for the run (`tests/redisfixture.py`, AOF turned off with CONFIG SET: Redis's
 disk is not what is measured), the real `mirrorfs publish` and `mirrorfs collect` processes. Events are synthetic
@@ -273,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.bench import mountbench as mb
     from tests.bench.guestbench import bench_latency, bench_overhead, latency_table, overhead_table
     from tests.bench.ingest import bench_ingest, ingest_table
+    from tests.bench.livebench import bench_live, live_table
     from tests.bench.streambench import bench_stream, stream_table
     from tests.bench.synclat import bench_synclat, synclat_table
 
@@ -299,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 res, table = bench_stream(ws, args.quick), stream_table
             elif name == "views":
                 res, table = mb.bench_views(ws, args.quick), mb.views_table
+            elif name == "live":
+                res, table = bench_live(ws, args.quick), live_table
             elif name == "inotify":
                 res, table = mb.bench_inotify(ws, pristine, args.quick), mb.inotify_table
             else:
