@@ -268,6 +268,15 @@ class Engine:
                 a = disk_off - old_at
                 fs.handler.before_write(vol_off, piece, old[a:a + piece] if old is not None else None)
 
+    def idle_wait_s(self, now_ns: int) -> float | None:
+        """How long a follower with no new records may sleep before `tick(now)` has something to decide: until
+        the earliest clock-judged decision (a burst's settle time, data waiting for its commit, a held size's
+        bound); None: nothing is waiting, sleep until records come."""
+        if self.names_refused:
+            return 0.0
+        due = self.deadline_ns()
+        return None if due == math.inf else max(due - now_ns, 0) / 1e9
+
     def deadline_ns(self) -> float:
         """The record time at which `tick` would next decide something with no new record (inf: never): a
         follower with no records sleeps until then, or until records come."""

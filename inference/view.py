@@ -121,7 +121,7 @@ class EngineView:
         first, last = offset // bs, (offset + size - 1) // bs
         for logical, physical, length, uninit in node.extents:
             if logical <= first and last < logical + length and not uninit:  # one written extent: one pread
-                return handler.read_home((physical + first - logical) * bs + offset % bs, size)
+                return handler.read_data((physical + first - logical) * bs + offset % bs, size)
         out = bytearray(size)
         for logical, physical, length, uninit in node.extents:
             lo, hi = max(first, logical), min(last + 1, logical + length)

@@ -28,11 +28,6 @@ CHANGES = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
-# Seconds an idle follower sleeps between ticks when nothing wakes it: the first just past the ext handler's
-# SETTLE_NS (10 ms after the last record: a writeback burst is judged over), then rarer for what is judged by the
-# clock (held sizes, a guest gone quiet); the last one repeats while the log stays idle.
-IDLE_TICKS = (0.012, 0.05, 0.25)
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -67,16 +62,17 @@ class DirWake:
         except (BlockingIOError, OSError):
             pass  # a wake-up is pending already, or we are closed
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a change (drained, so the next wait blocks again), a wake(), or `timeout` seconds."""
+    def wait(self, timeout: float | None) -> bool:
+        """Block until a change (drained, so the next wait blocks again), a wake(), or `timeout` seconds (None:
+        no timeout)."""
         if self._pipe[0] < 0:
-            time.sleep(max(timeout, 0))  # closed
+            time.sleep(max(timeout or 0, 0))  # closed
             return False
         p = select.poll()
         if self._fd >= 0:
             p.register(self._fd, select.POLLIN)
         p.register(self._pipe[0], select.POLLIN)
-        ready = p.poll(max(timeout, 0) * 1000)
+        ready = p.poll(None if timeout is None else max(timeout, 0) * 1000)
         for fd, _ in ready:
             _drain(fd)
         return bool(ready)

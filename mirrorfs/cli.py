@@ -474,14 +474,15 @@ def cmd_replay(args: argparse.Namespace) -> None:
         return
     end = last_seq(state.log)
     bar = Progress("replay", unit=" rec")
-    from inference.wake import IDLE_TICKS, IN_MOVED_TO, DirWake
+    from inference.wake import IN_MOVED_TO, DirWake
 
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower, \
             DirWake(state.log) as wake:
         wake.add(state.path, IN_MOVED_TO)  # attach.json, replaced by a rename, says when the attach detached
+        for sig in (signal.SIGINT, signal.SIGTERM):  # and a signal ends the wait too
+            signal.signal(sig, lambda *_: (stop.append(1), wake.wake()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
         from_subscribers = args.follow and getattr(args, "scope_from_subscribers", False)
-        idle = 0
         while True:
             if from_subscribers:
                 engine.set_scope(live.scope)   # layered filtering at the engine: what subscribers can match
@@ -490,13 +491,11 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 events.append(engine.process(batch) if type(batch[0]) is not Gap else  # lost seqs: an error event
                               [gap_event(batch[0], vm=engine.vm, time_ns=engine.last_time_ns)])
                 bar(batch[-1].seq, max(end, batch[-1].seq))
-                idle = 0
                 continue
             if not args.follow or stop or attach_finished(state):
                 break
             events.append(engine.tick(time.time_ns()))
-            wake.wait(IDLE_TICKS[min(idle, len(IDLE_TICKS) - 1)])  # a new record wakes it at once
-            idle += 1
+            wake.wait(engine.idle_wait_s(time.time_ns()))  # a new record, a detach or a signal wakes it at once
         events.append(engine.finish())
         live.close()
         bar.close()

@@ -29,7 +29,7 @@ import trio
 from inference.eventlog import gap_event
 from inference.events import Mutation, path_bytes
 from inference.view import EngineView
-from inference.wake import IDLE_TICKS, IN_MOVED_TO, DirWake
+from inference.wake import IN_MOVED_TO, DirWake
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker, mount_id
@@ -255,12 +255,10 @@ class EngineLoop:
         if self.wake is not None:
             self.wake.wake()
 
-    def _idle_wait(self, idle: int) -> None:
-        """Sleep until the tap appends a record (inotify on the log directory) or the attach changes its
-        attach.json (a detach), or until the next idle tick: IDLE_TICKS[idle], the last one repeating. The first
-        comes just after the handler's settle time (SETTLE_NS after the last record), the rest for what is judged
-        by the clock (held sizes, a guest gone quiet)."""
-        timeout = IDLE_TICKS[min(idle, len(IDLE_TICKS) - 1)]
+    def _idle_wait(self) -> None:
+        """Sleep until the tap appends a record (inotify on the log directory), the attach changes its attach.json
+        (a detach), halt(), or the engine's next clock-judged decision is due (Engine.idle_wait_s)."""
+        timeout = self.engine.idle_wait_s(time.time_ns())
         if self.wake is None:
             self.stop.wait(timeout)
         else:
@@ -272,7 +270,6 @@ class EngineLoop:
                 self.wake = DirWake(self.follower.directory)
                 for d in self.watch:
                     self.wake.add(d, IN_MOVED_TO)  # attach.json is replaced by a rename
-            idle = 0
             while self.follow and not self.stop.is_set():
                 batch = self.follower.poll()
                 if not batch:
@@ -281,10 +278,8 @@ class EngineLoop:
                     with self.lock:
                         events = self._noted(self.engine.tick(time.time_ns()))
                     self._emit(events)
-                    self._idle_wait(idle)
-                    idle += 1
+                    self._idle_wait()
                     continue
-                idle = 0
                 for i in range(0, len(batch), CHUNK):
                     with self.lock:
                         events = self._process(batch[i:i + CHUNK])

@@ -116,6 +116,7 @@ class ExtHandler:
         self._clear_preimage()
         self.last_seq = self.last_ns = 0
         self._quiet_done = True
+        self._settled_done = False
         self._layout()
         self.journal: JournalTracker | None = None
         self.jmap: list[tuple[int, int, int]] = []  # (fs start, length, journal start)
@@ -402,7 +403,7 @@ class ExtHandler:
             # a held size whose wait is over (reconcile.HOLD_S; record time) is decided at this record
             events += self.evaluate(seq, time_ns)
         jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
-        self.last_seq, self.last_ns, self._quiet_done = seq, time_ns, False
+        self.last_seq, self.last_ns, self._quiet_done, self._settled_done = seq, time_ns, False, False
         if self.pending_data and self.data_since is None:
             self.data_since = time_ns
         if self.preimage_bytes >= MAX_PREIMAGE:
@@ -510,10 +511,14 @@ class ExtHandler:
             events += self.evaluate(self.last_seq, self.last_ns)
         if idle and now_ns / 1e9 >= self.reconciler.hold_deadline:  # a live, idle guest: a held size's bound
             events += self.evaluate(self.last_seq, now_ns)                # is up (a record decides it in on_write)
-        if (self.reconciler.stale or self.reconciler.reread or (self.pending_data and not journal)) and \
-                now_ns - self.last_ns >= SETTLE_NS:
+        if self._settle_waits() and now_ns - self.last_ns >= SETTLE_NS:
+            self._settled_done = True  # once per quiet spell: only a new record can change what it decides
             events += self.evaluate(self.last_seq, self.last_ns, settled=True)
         return events
+
+    def _settle_waits(self) -> bool:
+        return (not getattr(self, "_settled_done", False) and
+                bool(self.reconciler.stale or self.reconciler.reread or (self.pending_data and self.journal is None)))
 
     def deadline_ns(self) -> float:
         """The record time at which a tick would decide something, if no record comes before (inf: none)."""
@@ -523,7 +528,7 @@ class ExtHandler:
             due = self.last_ns + (SETTLE_NS if journal else QUIET_NS)
         if journal and self.data_since is not None:
             due = min(due, self.data_since + DATA_WAIT_NS)
-        if self.reconciler.stale or self.reconciler.reread or (self.pending_data and not journal):
+        if self._settle_waits():
             due = min(due, self.last_ns + SETTLE_NS)
         if self.reconciler.hold_deadline < math.inf:
             due = min(due, self.reconciler.hold_deadline * 1e9)

@@ -41,10 +41,14 @@ def test_data_waits_for_its_commit_and_reads_get_the_last_points_bytes(tmp_path)
     assert view.read(fs, ino, 0, size) == before, "a read before the point gets the last point's bytes"
     assert not view.writing(fs, ino, 0, size), "so it need not wait"
     assert engine.deadline_ns() == records[0].time_ns + DATA_WAIT_NS
+    # an idle follower sleeps exactly until then (no polling), and not at all once it is due
+    assert engine.idle_wait_s(records[0].time_ns) == DATA_WAIT_NS / 1e9
+    assert engine.idle_wait_s(records[0].time_ns + 2 * DATA_WAIT_NS) == 0
     events = engine.tick(records[0].time_ns + DATA_WAIT_NS)
     assert [(e.kind, e.path, e.ranges) for e in events] == [("modify", "/README", [(0, 9)])]
     assert view.read(fs, ino, 0, size) == b"NEW BYTES" + before[9:]
     assert handler.preimage == {} and engine.deadline_ns() == float("inf")
+    assert engine.idle_wait_s(records[0].time_ns) is None, "nothing waits: sleep until records come"
     engine.close()
 
 

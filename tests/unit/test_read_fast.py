@@ -39,12 +39,12 @@ def test_one_extent_read_is_one_pread_and_equals_the_walk():
     bs, data = 1024, bytes(range(256)) * 64               # 16 KiB of "disk" at physical block 0
     reads_done = []
 
-    def read_home(off: int, n: int) -> bytes:
+    def read_data(off: int, n: int) -> bytes:
         reads_done.append((off, n))
         return data[off:off + n]
 
     node = SimpleNamespace(type="file", size=6 * bs, extents=[(0, 4, 6, False)])
-    handler = SimpleNamespace(tree=SimpleNamespace(nodes={5: node}), read_home=read_home,
+    handler = SimpleNamespace(tree=SimpleNamespace(nodes={5: node}), read_data=read_data,
                               geo=SimpleNamespace(block_size=bs, inline_data=False))
     view = EngineView(SimpleNamespace(filesystems={"disk": SimpleNamespace(handler=handler)}))
     got = view.read("disk", 5, 1500, 3000)
