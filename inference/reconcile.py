@@ -32,8 +32,10 @@ HOLD_S = 40.0
 # ext4's writeback also commits sizes at page boundaries (i_disksize = the end of the pages it mapped, while the
 # file in memory is longer: measured, a size of 8192 inside a line of a log appended every 0.2 s). The rest of that
 # page reaches the disk only at the inode's next writeback (dirty_expire, ~30 s later). For a file that is being
-# appended to (it had a held size within HOLD_S), such a size is a resting point only once it stayed the newest for
-# HOLD_S too; a larger size with its bytes supersedes it, and inside a larger size it is shown as usual.
+# appended to (it had a held size that is not page-aligned within HOLD_S: a write() of a log ended there; a large
+# file written and synced has only page-aligned sizes waiting for unwritten extents), such a size is a resting
+# point only once it stayed the newest for HOLD_S too; a larger size with its bytes supersedes it, and inside a
+# larger size it is shown as usual.
 PAGE = 4096
 MAX_HELD = 1 << 16     # inodes with held sizes or data seen past their shown size; past it sizes are shown at once
 MAX_SEEN_RANGES = 256  # data ranges remembered per inode past its shown size (the farthest go first)
@@ -463,12 +465,13 @@ class Reconciler:
                 steps = [s for s in steps if s[0] > best]
                 if steps:
                     holds[ino] = steps
+                else:
+                    holds.pop(ino, None)
+                if any(size % PAGE for size, _ in steps):  # a log's write() ends: not a large file's last page
                     appending.pop(ino, None)  # (re-inserted: the oldest stay first, for the bound below)
                     appending[ino] = now
                     while len(appending) > MAX_HELD:
                         del appending[next(iter(appending))]
-                else:
-                    holds.pop(ino, None)
                 if ino in seen:
                     kept = [(max(a, best), b) for a, b in seen[ino] if b > best]
                     if kept:

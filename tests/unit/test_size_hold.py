@@ -142,3 +142,15 @@ def test_a_page_aligned_end_of_a_growing_file_shows_after_a_while() -> None:
     assert r.hold_deadline == 2.0 + HOLD_S
     assert point(r, 2.0 + 12.0) == []  # longer than two jbd2 commits: still perhaps a cut inside a write()
     assert shown(point(r, 2.0 + HOLD_S)) == [("modify", 8192, [(8100, 8192)], None)]
+
+
+def test_a_large_file_waiting_for_its_unwritten_extents_is_shown_at_their_conversion() -> None:
+    """A file written and synced: its page-aligned size waits only for the conversion of its last extents, not
+    for the page-boundary rule of an appended log (seen: a 256 MiB file held until the bound)."""
+    r = setup(size=0, extents=())
+    big = 64 * BS
+    part = ((0, 100, 56, False), (56, 156, 8, True))
+    assert point(r, 1.0, size=big, extents=part, data=[(0, 56 * BS)]) == []
+    done = ((0, 100, 64, False),)
+    assert shown(point(r, 1.1, size=big, extents=done, data=[(56 * BS, big)])) == \
+        [("modify", big, [(0, big)], None)]
