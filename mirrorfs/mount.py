@@ -41,6 +41,7 @@ log = logging.getLogger("mirrorfs.mount")
 
 CHUNK = 64
 READAHEAD_KB = 4096  # the view's readahead window (set_readahead)
+PRE_DROP_WAIT = 0.05  # seconds the poke helper waits for a file's pages to drop before it grows the file
 FSTYPE = "fuse.mirrorfs"
 
 
@@ -312,16 +313,18 @@ class PageDropper:
     itself, that would deadlock. Here it waits only for that read, which the helper releases."""
 
     def __init__(self) -> None:
-        self.nodes: dict[int, None] = {}  # queued node ids, in order, each once
+        self.nodes: dict[int, threading.Event] = {}  # queued node ids, in order, each once, and who waits
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mirrorfs-pages", daemon=True)
         self.thread.start()
 
-    def drop(self, nid: int) -> None:
+    def drop(self, nid: int) -> threading.Event:
+        """Queue a drop of the node's pages; the returned event is set once it is done."""
         with self.cond:
-            self.nodes[nid] = None
+            done = self.nodes.setdefault(nid, threading.Event())
             self.cond.notify()
+            return done
 
     def _run(self) -> None:
         while True:
@@ -330,8 +333,9 @@ class PageDropper:
                 if not self.nodes:
                     return
                 nid = next(iter(self.nodes))
-                del self.nodes[nid]
+                done = self.nodes.pop(nid)
             _quiet(pyfuse3.invalidate_inode, nid, False)
+            done.set()
 
     def stop(self, timeout: float = 10) -> None:
         with self.cond:
@@ -454,6 +458,17 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         if content is not None and content.fs in tree.fs_root:
             dropper.drop(tree.nid(content.fs, content.ino))
 
+    def before_growth(m: Mutation) -> None:
+        """The poke thread is about to grow a file: drop its cached pages first. The kernel publishes the new
+        size before it drops the old partial last page, whose zero tail a reader (less +F) would read meanwhile;
+        a page dropped now is one fewer to race. Bounded: a read the drop waits for may itself wait for this
+        very event (mirrorfs.reads), so the helper goes on after PRE_DROP_WAIT whatever became of it."""
+        if m.fs in tree.fs_root:
+            nid = tree.nid(m.fs, m.ino)
+            node = tree.nodes.get(nid)
+            if node is not None and (m.size or 0) > node.size:
+                dropper.drop(nid).wait(PRE_DROP_WAIT)
+
     seen = [-1, -1]
 
     def reconcile_dirs() -> None:
@@ -475,7 +490,8 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
         return tree.hidden(m.fs, path_bytes(m.path)) or (m.old_path is not None
                                                           and tree.hidden(m.fs, path_bytes(m.old_path)))
 
-    poker = Poker(stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden)
+    poker = Poker(stage, tree.fs_prefix, apply_direct, invalidate, on_idle=reconcile_dirs, hidden=hidden,
+                  before_growth=before_growth)
     poke = poker.poke
 
     def poke_and_release(m: Mutation) -> None:

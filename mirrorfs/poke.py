@@ -150,8 +150,10 @@ class Poker:
     def __init__(self, stage: Stage, prefix: Callable[[str], bytes | None],
                  apply_direct: Callable[[Mutation], Applied], invalidate: Invalidate,
                  on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None,
-                 ) -> None:
+                 before_growth: Callable[[Mutation], None] | None = None) -> None:
+        """`before_growth(m)`: called before the ftruncate of a modify or truncate (the view's page drop)."""
         self.stage, self.prefix = stage, prefix
+        self.before_growth = before_growth
         self.apply_direct, self.invalidate, self.on_idle = apply_direct, invalidate, on_idle
         self.hidden = hidden or (lambda m: False)  # not visible in the view (covered by a mount, not shown)
         self.unseen = 0
@@ -358,6 +360,8 @@ class Poker:
                     os.close(sfd)
             elif kind in ("modify", "truncate"):
                 f = openat2(fd, name, os.O_WRONLY | os.O_NOFOLLOW)
+                if self.before_growth is not None:
+                    self.before_growth(m)
                 try:
                     os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
                 finally:
