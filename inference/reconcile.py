@@ -32,8 +32,8 @@ HOLD_S = 40.0
 # ext4's writeback also commits sizes at page boundaries (i_disksize = the end of the pages it mapped, while the
 # file in memory is longer: measured, a size of 8192 inside a line of a log appended every 0.2 s). The rest of that
 # page reaches the disk only at the inode's next writeback (dirty_expire, ~30 s later). For a file that is being
-# appended to (it had a held size that is not page-aligned within HOLD_S: a write() of a log ended there; a large
-# file written and synced has only page-aligned sizes waiting for unwritten extents), such a size is a resting
+# appended to (the size shown, or a held size within HOLD_S, is not page-aligned: a write() of a log ended there;
+# a large file written and synced has only page-aligned sizes waiting for unwritten extents), such a size is a resting
 # point only once it stayed the newest for HOLD_S too; a larger size with its bytes supersedes it, and inside a
 # larger size it is shown as usual.
 PAGE = 4096
@@ -452,7 +452,10 @@ class Reconciler:
                     steps.append((committed, now))
                 end = _real_end(shown, committed, cur.extents, seen.get(ino, ()), bs)
                 best = min(shown, committed)
-                growing = now - appending.get(ino, -math.inf) < HOLD_S
+                # being appended to: the end shown is inside a page (a write() ended there) and nothing before it
+                # changes (a rewrite writes or maps its head anew), or a held size was inside a page lately
+                growing = (shown % PAGE != 0 and all(a >= shown for a, _ in change.data.get(ino, ()))) or \
+                    now - appending.get(ino, -math.inf) < HOLD_S
                 for size, since in steps:
                     if growing and size % PAGE == 0 and (size < steps[-1][0] or now - since < HOLD_S):
                         continue  # perhaps writeback's page boundary inside a write(): not a resting point

@@ -154,3 +154,20 @@ def test_a_large_file_waiting_for_its_unwritten_extents_is_shown_at_their_conver
     done = ((0, 100, 64, False),)
     assert shown(point(r, 1.1, size=big, extents=done, data=[(56 * BS, big)])) == \
         [("modify", big, [(0, big)], None)]
+
+
+def test_a_logs_first_page_boundary_waits_even_with_no_held_size_before() -> None:
+    """Seen with a TCG guest: the first size after the base's 2660 was writeback's cut at 4096 (a line runs on);
+    the size shown ends inside a page, so the file is being appended to and the cut is not a resting point."""
+    r = setup(size=2660, extents=((0, 100, 1, False),))
+    two = ((0, 100, 1, False), (1, 101, 1, False))
+    assert point(r, 1.0, size=4096, data=[(2660, 4096)]) == []
+    assert shown(point(r, 6.0, size=5444, extents=two, data=[(4096, 5444)])) == \
+        [("modify", 5444, [(2660, 5444)], None)]
+
+
+def test_a_file_rewritten_to_a_page_aligned_size_is_shown_at_once() -> None:
+    """Not an append: its head is written anew (`cp`, `>`), so its page-aligned size is no cut inside a write()."""
+    r = setup(size=2660, extents=((0, 100, 1, False),))
+    new = ((0, 200, 2, False),)
+    assert shown(point(r, 1.0, size=8192, extents=new, data=[(0, 8192)])) == [("modify", 8192, [(0, 8192)], None)]
