@@ -171,3 +171,14 @@ def test_a_file_rewritten_to_a_page_aligned_size_is_shown_at_once() -> None:
     r = setup(size=2660, extents=((0, 100, 1, False),))
     new = ((0, 200, 2, False),)
     assert shown(point(r, 1.0, size=8192, extents=new, data=[(0, 8192)])) == [("modify", 8192, [(0, 8192)], None)]
+
+
+def test_bytes_seen_past_a_committed_size_count_when_a_later_size_covers_them() -> None:
+    """The file's first block came with the size 100 and bytes up to 4096 (its newly mapped block held them:
+    ExtHandler._mapped_data); the next commit grows the size to 6010 with a second block: shown at once."""
+    r = setup(size=0, extents=())
+    one = ((0, 100, 1, False),)
+    assert shown(point(r, 1.0, size=100, extents=one, data=[(0, 4096)])) == [("modify", 100, [(0, 100)], None)]
+    two = ((0, 100, 1, False), (1, 200, 1, False))
+    assert shown(point(r, 2.0, size=6010, extents=two, data=[(4096, 6010)])) == \
+        [("modify", 6010, [(100, 6010)], None)]
