@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from inference.errors import CorruptMetadata
-from inference.ext.reader import ExtReader, MapTooBig, file_map, gdt_blocks, iter_inode_table
+from inference.ext import layout as L
+from inference.ext.reader import ExtReader, Inode, MapTooBig, file_map, gdt_blocks, iter_inode_table
 from inference.volume.map import Volume, VolumeMap
 
 ReadFn = Callable[[int, int], bytes]
@@ -36,6 +37,14 @@ def _to_disk(vol: Volume, off: int, length: int) -> Iterator[tuple[int, int]]:
         lo, hi = max(off, vol_off), min(off + length, vol_off + seg_len)
         if lo < hi:
             yield disk_off + lo - vol_off, hi - lo
+
+
+def _has_map_blocks(inode: Inode) -> bool:
+    """Whether an inode's block map has blocks of its own: an extent tree deeper than the inode, or indirect
+    blocks (i_block slots 12-14)."""
+    if inode.flags & L.EXTENTS_FL:
+        return int.from_bytes(inode.i_block[6:8], "little") > 0
+    return inode.i_block[48:60] != bytes(12)
 
 
 def _ext_regions(vol: Volume, read: ReadFn) -> Iterator[tuple[int, int, str]]:
@@ -59,6 +68,9 @@ def _ext_regions(vol: Volume, read: ReadFn) -> Iterator[tuple[int, int, str]]:
                     continue
                 if inode.file_acl:
                     yield inode.file_acl * bs, bs, f"xattr block of inode {inode.ino}"
+                listed = inode.type == "dir" or inode.ino == geo.journal_inum
+                if not listed and not _has_map_blocks(inode):
+                    continue  # its whole map is in the inode (compared with the inode table): skip the parse
                 try:
                     extents, meta = file_map(inode, geo, fs.read_block, verify=False)
                 except MapTooBig as exc:

@@ -14,7 +14,7 @@ import shutil
 import signal
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -239,14 +239,16 @@ class Attachment:
                         status = await qmp.execute("query-status")
                         if not status.get("running"):
                             await qmp.execute("cont")
-                    self.ready = True
-                    self.state.write_attach(self.info())
-                    announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
-                             f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
-                    if on_ready is not None:
-                        on_ready()
-                    nursery.start_soon(self._keep_info_current)
-                    reason = await self._wait_for_end(qmp)
+                    # caught from before attach.json says ready: a script's SIGINT right then still detaches
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        self.ready = True
+                        self.state.write_attach(self.info())
+                        announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
+                                 f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
+                        if on_ready is not None:
+                            on_ready()
+                        nursery.start_soon(self._keep_info_current)
+                        reason = await self._wait_for_end(qmp, signals)
                     if reason:
                         raise AttachError(reason)
                     await self._detach(qmp)
@@ -292,6 +294,7 @@ class Attachment:
             return
         assert self.drive is not None and backend.tracker is not None
         self.state.write_attach(self.info(verifying=cfg.verify))
+        t0 = trio.current_time()
         if cfg.verify == "full":
             regions: Sequence[Region] = [(0, self.drive.size, "disk")]
         else:
@@ -313,6 +316,7 @@ class Attachment:
                 repair_into.checkpoint()
                 repair_into.close()
                 repair_into.seq_path.unlink(missing_ok=True)  # a plain image, as any --base
+        out.seconds = trio.current_time() - t0  # listing the regions and setting up the export included
         self.verified = {"mode": cfg.verify, "regions": out.regions, "bytes": out.compared,
                          "seconds": round(out.seconds, 3), "writes_during": out.writes_during,
                          "carried_bytes": out.carried, "repaired_bytes": out.repaired,
@@ -385,33 +389,32 @@ class Attachment:
             await self._drop_node(qmp)
             raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
 
-    async def _wait_for_end(self, qmp: QMPClient) -> str:
+    async def _wait_for_end(self, qmp: QMPClient, signals: AsyncIterator[int]) -> str:
         """Block until a signal (→ '') or the job/QEMU ends on its own (→ the reason)."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                result = [""]
+        async with trio.open_nursery() as nursery:
+            result = [""]
 
-                async def on_signal() -> None:
-                    async for _ in signals:
+            async def on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def on_event() -> None:
+                while (ev := await qmp.next_event()) is not None:
+                    if ev.data.get("device") != self.job_id:
+                        continue
+                    if ev.name == "BLOCK_JOB_ERROR":
+                        log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
+                                    ev.data.get("operation"))
+                    elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                        result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
                         nursery.cancel_scope.cancel()
                         return
+                result[0] = f"lost QEMU: {qmp.close_reason}"
+                nursery.cancel_scope.cancel()
 
-                async def on_event() -> None:
-                    while (ev := await qmp.next_event()) is not None:
-                        if ev.data.get("device") != self.job_id:
-                            continue
-                        if ev.name == "BLOCK_JOB_ERROR":
-                            log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
-                                        ev.data.get("operation"))
-                        elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-                            result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
-                            nursery.cancel_scope.cancel()
-                            return
-                    result[0] = f"lost QEMU: {qmp.close_reason}"
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_event)
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_event)
         return result[0]
 
     async def _detach(self, qmp: QMPClient) -> None:

@@ -23,8 +23,9 @@ import errno
 import logging
 import os
 import struct
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class NBDReader:
         self._stream = stream
         self._buf = bytearray()
         self._handle = 0
+        self._asked: dict[int, tuple[int, int]] = {}  # handle -> (offset, length) of READs not answered yet
         self.size = 0
 
     async def _recv(self, n: int) -> bytes:
@@ -152,17 +154,44 @@ class NBDReader:
             elif rep & (1 << 31):
                 raise VerifyError(f"QEMU's NBD server refused export {name!r}: {body[4:].decode(errors='replace')}")
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def _request(self, offset: int, length: int) -> int:
         self._handle += 1
+        self._asked[self._handle] = (offset, length)
         await self._stream.send_all(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, self._handle,
                                                 offset, length))
+        return self._handle
+
+    async def _reply(self) -> tuple[int, bytes]:
         magic, error, handle = struct.unpack(">IIQ", await self._recv(16))
-        if magic != nbd.SIMPLE_REPLY_MAGIC or handle != self._handle:
+        if magic != nbd.SIMPLE_REPLY_MAGIC or handle not in self._asked:
             raise VerifyError("unexpected reply on the verification NBD connection")
+        offset, length = self._asked.pop(handle)
         if error:
             raise VerifyError(f"QEMU could not read bytes {offset}-{offset + length} of the disk: "
                               f"{os.strerror(error)}")
-        return await self._recv(length)
+        return handle, await self._recv(length)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        want = await self._request(offset, length)
+        handle, data = await self._reply()
+        assert handle == want
+        return data
+
+    async def read_ahead(self, ranges: Iterable[tuple[int, int]], window: int = 8) -> AsyncIterator[bytes]:
+        """The bytes of each (offset, length) in order, with up to `window` READs in flight (QEMU may answer
+        them in any order)."""
+        it = iter(ranges)
+        order: deque[int] = deque()
+        done: dict[int, bytes] = {}
+        while True:
+            while len(order) < window and (r := next(it, None)) is not None:
+                order.append(await self._request(*r))
+            if not order:
+                return
+            while order[0] not in done:
+                handle, data = await self._reply()
+                done[handle] = data
+            yield done.pop(order.popleft())
 
 
 @asynccontextmanager
@@ -284,17 +313,19 @@ class Verifier:
         total = sum(r[1] for r in regions)
         suspects: list[Region] = []
         done = 0
-        for lo, hi, members in _batches(regions):
-            disk = await self.reader.read(lo, hi - lo)
-            mine = self.replica.read(lo, hi - lo)
-            if disk != mine:
-                for off, length, what in members:
-                    a, b = disk[off - lo: off - lo + length], mine[off - lo: off - lo + length]
-                    suspects += [(o, n, what) for o, n in _diff_runs(a, b, off, PIECE)]
-            done += sum(m[1] for m in members)
-            self.outcome.compared = done
-            if self.progress is not None:
-                self.progress(done, total)
+        batches = list(_batches(regions))
+        async with aclosing(self.reader.read_ahead((lo, hi - lo) for lo, hi, _ in batches)) as stream:
+            for lo, hi, members in batches:
+                disk = await anext(stream)
+                mine = self.replica.read(lo, hi - lo)
+                if disk != mine:
+                    for off, length, what in members:
+                        a, b = disk[off - lo: off - lo + length], mine[off - lo: off - lo + length]
+                        suspects += [(o, n, what) for o, n in _diff_runs(a, b, off, PIECE)]
+                done += sum(m[1] for m in members)
+                self.outcome.compared = done
+                if self.progress is not None:
+                    self.progress(done, total)
         self.outcome.regions = len(regions)
         await self._settle(sorted(set(suspects)))
         self.outcome.mismatches.sort()

@@ -155,7 +155,9 @@ def test_one_inode_table_block_is_caught_then_a_correct_base_is_accepted_under_w
                 subprocess.run(["fsfreeze", "-u", str(hw.mnt)], check=False)
         verified = attach.info()["verify"]
         assert verified["differing"] == 0 and verified["writes_during"] > 0, verified
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while len(os.listdir(hw.mnt / "live")) < len(before) + 15 and time.monotonic() < deadline:
+            time.sleep(0.05)  # some files after the check too
         n = _stop_writer(hw, writer)
         hw.unmount()
         attach.detach()
@@ -181,7 +183,7 @@ def test_running_guest_stale_base_refused_guest_unharmed(tmp_path):
     shutil.copyfile(artifact("ext4.img"), base)
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
-    workload = ('cd "$MNT"; mkdir -p g; i=0; while [ $i -lt 150 ]; do '
+    workload = ('cd "$MNT"; mkdir -p g; i=0; while [ $i -lt 250 ]; do '
                 'echo $i > g/f$i; i=$((i+1)); if [ $((i % 25)) = 0 ]; then echo "TICK $i"; fi; sleep 0.1; done; sync')
     with Guest(disk, workload, tmp_path / "vm", paused=False) as guest:
         guest.wait_for("TICK 25", timeout=180)
@@ -191,6 +193,7 @@ def test_running_guest_stale_base_refused_guest_unharmed(tmp_path):
         seen = guest.console().count("TICK")
         with Attach(guest.qmp, tmp_path / "st2", "--base", str(base), "--repair-base", "--verify", "full",
                     "--no-engine") as attach:
+            assert guest.running() and seen < 10, guest.console()[-500:]
             guest.wait_for(f"TICK {(seen + 1) * 25}", timeout=120)  # still writing after the refusal
             guest.wait_for(DONE + " rc=0", timeout=240)
             guest.wait_for("reboot: Power down", timeout=30)
