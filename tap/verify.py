@@ -44,6 +44,7 @@ READ_MAX = 1 << 20  # bytes per NBD read
 MERGE_GAP = 64 << 10  # regions closer than this are read in one request
 CONFIRM_S = {"exact": 1.0, "async": 5.0}  # how long a difference must last, uncovered, to be the base's
 SETTLE_MAX_S = 60.0
+REFUSE_LOOKS = 16  # differences followed at once when one is enough (no repair)
 EXPORT_NAME = "mirrorfs-verify"
 
 Region = tuple[int, int, str]  # (disk offset, length, what)
@@ -355,7 +356,9 @@ class Verifier:
         while pending:
             now = trio.current_time()
             still: list[Region] = []
-            for off, length, what in pending:
+            # refusing needs one lasting difference: look at the first few only, the next ones if those settle
+            active, rest = (pending, []) if self.repair else (pending[:REFUSE_LOOKS], pending[REFUSE_LOOKS:])
+            for off, length, what in active:
                 self.tracker.mark()
                 before = self.replica.read(off, length)
                 disk = await self.reader.read(off, length)
@@ -372,7 +375,7 @@ class Verifier:
                             return  # one real difference is enough to refuse
                     else:
                         still.append(key)
-            pending = still
+            pending = still + rest
             if pending:
                 await self.tracker.wait(min(0.25, self.confirm_s / 4))
 

@@ -199,3 +199,24 @@ def test_running_guest_stale_base_refused_guest_unharmed(tmp_path):
             guest.wait_for("reboot: Power down", timeout=30)
             attach.detach()
     assert same_bytes(tmp_path / "st2" / "replica.img", disk)
+
+
+def test_paused_guest_check_is_skipped_only_with_cont(tmp_path):
+    """QEMU -S: a guest that never ran cannot have written, so `--cont` skips the check; without --cont the
+    check runs (the guest is paused, not proven unwritten); --verify none says what it risks."""
+    require_tools("qemu-system-x86_64")
+    from images.build import artifact
+    from images.guest import Guest
+
+    base = tmp_path / "base.raw"
+    shutil.copyfile(artifact("ext4.img"), base)
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(base, disk)
+    with Guest(disk, "true", tmp_path / "vm", paused=True) as guest:
+        a = Attach(guest.qmp, tmp_path / "s1", "--base", str(base), "--no-engine").start()
+        assert "the base is the disk" in a.detach()
+        a = Attach(guest.qmp, tmp_path / "s2", "--base", str(base), "--no-engine", "--verify", "none").start()
+        assert "--verify none" in a.detach() and "wrong from the start" in a.output()
+        a = Attach(guest.qmp, tmp_path / "s3", "--base", str(base), "--no-engine", "--cont").start()
+        out = a.detach()
+        assert "has not run since QEMU started" in out and "the base is the disk" not in out
