@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from inference.errors import CorruptMetadata
 from inference.ext import layout as L
 from inference.ext.reader import ExtReader, Inode, MapTooBig, file_map, gdt_blocks, iter_inode_table
-from inference.volume.map import Volume, VolumeMap
+from inference.volume.map import SIGNATURE_SPAN, Volume, VolumeMap
 
 ReadFn = Callable[[int, int], bytes]
 SCAN_CHUNK = 4 << 20  # inode tables are read in pieces of this size to find directories and mapping blocks
@@ -92,6 +92,9 @@ def metadata_regions(read: ReadFn, size: int) -> list[Region]:
     vmap.scan()
     layout = [Region(start, end - start, "partition table, LVM metadata or volume signature")
               for start, end in vmap.layout_regions()]
+    # where the disk's own partition table or whole-disk file system would begin, even if the base has neither:
+    # a blank base must not pass against a disk that holds a file system
+    layout.append(Region(0, min(SIGNATURE_SPAN, size), "partition table or whole-disk file system signature"))
     out: list[Region] = []
     for vol in vmap.volumes:
         if vol.kind != "ext":

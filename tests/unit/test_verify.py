@@ -139,3 +139,10 @@ def test_metadata_regions_through_partitions_and_lvm(image):
         regions = metadata_regions(lambda off, n: os.pread(f.fileno(), n, off), path.stat().st_size)
     assert regions[0].offset == 0 and "partition table" in regions[0].what
     assert sum(r.what.startswith("inode table") for r in regions) >= 2  # more than one file system
+
+
+def test_blank_base_still_compares_where_a_whole_disk_file_system_begins():
+    from inference.regions import metadata_regions
+
+    regions = metadata_regions(lambda off, n: bytes(n), 64 << 20)  # no table, no file system on the base
+    assert any(r.offset <= 1024 and r.offset + r.length >= 2048 for r in regions)  # the disk's superblock
