@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
   mirrorfs attach --qmp vm1.qmp --state st/vm1                      # exact copy, from now on
   mirrorfs attach --qmp vm1.qmp --state st/vm1 --mode async         # lowest guest overhead
   mirrorfs attach --qmp vm1.qmp --state st/vm1 --sync full          # also copy the whole disk first
+  mirrorfs attach --qmp vm1.qmp --state st/vm1 --base vm1.raw       # base checked against the disk first
   qemu-system-x86_64 -S ... ; mirrorfs attach --qmp vm1.qmp --state st/vm1 --cont   # miss nothing
 """)
     p.add_argument("--qmp", required=True, type=Path, metavar="SOCKET", help="QEMU's QMP unix socket")
@@ -99,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts the inference engine live (events in DIR/events.jsonl)")
     p.add_argument("--index", type=Path, metavar="INDEX",
                    help="like --base, from a pre-index made by `mirrorfs index` (faster start)")
+    p.add_argument("--verify", choices=["metadata", "full", "none"], default="metadata",
+                   help="is the base the disk? Compared through QEMU's read-only NBD export while the guest runs "
+                        "and its writes are logged: metadata (default) compares what the engine trusts (partition "
+                        "tables, LVM metadata, superblocks, group descriptors, bitmaps, inode tables, directories, "
+                        "the journal); full compares every block; none trusts the base unchecked. Skipped when "
+                        "QEMU was started with -S and --cont is given (the guest never ran)")
+    p.add_argument("--repair-base", action="store_true",
+                   help="where the base differs from the disk, copy the disk's blocks into the replica and into "
+                        "DIR/base.img (the base the engine then uses) instead of refusing")
+    p.add_argument("--verify-nbd", type=Path, metavar="SOCKET",
+                   help="unix socket of the NBD server QEMU already runs (nbd-server-start, or "
+                        "qemu-storage-daemon --nbd-server): the check adds its read-only export there")
     p.add_argument("--no-engine", action="store_true",
                    help="record only: no inference engine even with --base/--index/--sync full")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
@@ -252,6 +265,12 @@ def scope_prefixes(globs: Sequence[str]) -> tuple[str, ...] | None:
         raise CLIError(f"--scope: {exc}") from None
 
 
+def _trusted_regions(read, size: int) -> list[tuple[int, int, str]]:
+    """What `attach --verify metadata` compares: the inference engine's list (tap knows no file systems)."""
+    from inference.regions import metadata_regions
+    return [(r.offset, r.length, r.what) for r in metadata_regions(read, size)]
+
+
 def cmd_attach(args: argparse.Namespace) -> None:
     import subprocess
 
@@ -264,9 +283,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
     if args.index is not None and base is None:
         from inference.engine import load_index
         base = Path(load_index(args.index)["base"])
+    if args.repair_base and (args.sync != "none" or base is None or args.verify == "none"):
+        raise CLIError("--repair-base repairs a base: give --base (or --index) with --sync none and --verify "
+                       "metadata or full")
     cfg = AttachConfig(qmp=args.qmp, state=args.state, device=args.device, mode=args.mode, sync=args.sync,
                        cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
-                       base=base, listen=tuple(args.listen), tls_creds=args.tls_creds)
+                       base=base, listen=tuple(args.listen), tls_creds=args.tls_creds, verify=args.verify,
+                       repair_base=args.repair_base, verify_nbd=args.verify_nbd)
+    attachment = Attachment(cfg, regions=_trusted_regions, progress=Progress("verify", unit=" B"))
     engine: list[subprocess.Popen] = []
     wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
     if args.mount is not None and not wants_engine:
@@ -274,10 +298,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
     def start_engine() -> None:
         """The engine runs in its own process, following the log: it never slows the ack path."""
+        attachment.progress.close()
         if not wants_engine:
             return
         cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
-        cmd += ["--index", str(args.index)] if args.index else ["--base", str(args.base)] if args.base else []
+        if attachment.base is not None and attachment.base != base:  # repaired: the index is of the old base
+            cmd += ["--base", str(attachment.base)]
+        else:
+            cmd += ["--index", str(args.index)] if args.index else ["--base", str(args.base)] if args.base else []
         cmd += ["--metrics", args.metrics] if args.metrics else []
         cmd += [a for g in args.scope for a in ("--scope", g)]
         cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
@@ -290,7 +318,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
               flush=True)
 
     try:
-        trio.run(lambda: Attachment(cfg).run(on_ready=start_engine))
+        trio.run(lambda: attachment.run(on_ready=start_engine))
     finally:
         for proc in engine:  # it sees the detach in attach.json, drains the log, reports what is pending, exits
             try:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,13 +25,16 @@ import trio
 from tap import nbd
 from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
 from tap.replica import BlockReplica
-from tap.server import TapBackend, TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
-from tap.state import EXPORT_NAME, StateDir, access, remove_socket, warn_unreachable
+from tap.server import TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
+from tap.state import EXPORT_NAME, StateDir, access, remove_socket, socket_path, warn_unreachable
+from tap.verify import Region, TrackingBackend, Verifier, VerifyError, WriteTracker, qemu_export, repaired_base
 from tap.writelog import WriteLog
 
 log = logging.getLogger("mirrorfs.attach")
 
 COPY_MODES = {"exact": "write-blocking", "async": "background"}
+VERIFY_MODES = ("metadata", "full", "none")
+RegionsFn = Callable[[Callable[[int, int], bytes], int], Sequence[Region]]
 DETACH_TIMEOUT = 120.0
 
 
@@ -50,6 +55,9 @@ class AttachConfig:
     base: Path | None = None
     listen: tuple[str, ...] = ()
     tls_creds: Path | None = None  # x509 directory for the --listen listeners (QEMU's own socket stays plain)
+    verify: str = "metadata"  # is --base the disk? metadata | full | none (issue 16)
+    repair_base: bool = False  # copy what differs into the state's replica and DIR/base.img instead of refusing
+    verify_nbd: Path | None = None  # the unix socket of an NBD server QEMU already runs
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Drive:
     device: str  # what blockdev-mirror's `device` takes: a drive id or a node name
     size: int
     description: str
+    node: str = ""  # the block node under the drive (block-export-add takes it; QEMU's '#block..' names too)
 
 
 def _drive_names(entry: dict[str, Any]) -> list[str]:
@@ -77,7 +86,7 @@ async def find_drive(qmp: QMPClient, wanted: str | None) -> Drive:
         if not names or not isinstance(size, int):
             continue
         device = entry.get("device") or inserted.get("node-name")
-        d = Drive(device, size, " / ".join(names))
+        d = Drive(device, size, " / ".join(names), inserted.get("node-name") or device)
         if wanted in names or (wanted is None and not inserted.get("ro")):
             candidates.append(d)  # by default only writable drives: read-only ones never change
     if wanted is not None and not candidates:
@@ -85,7 +94,7 @@ async def find_drive(qmp: QMPClient, wanted: str | None) -> Drive:
             if node.get("node-name") == wanted:
                 size = (node.get("image") or {}).get("virtual-size")
                 if isinstance(size, int):
-                    candidates.append(Drive(wanted, size, wanted))
+                    candidates.append(Drive(wanted, size, wanted, wanted))
                 break
     if len(candidates) == 1:
         return candidates[0]
@@ -129,14 +138,20 @@ async def _job(qmp: QMPClient, job_id: str) -> dict[str, Any] | None:
 class Attachment:
     """One attach run: the state dir, the log, the replica, the NBD server and the mirror job."""
 
-    def __init__(self, cfg: AttachConfig) -> None:
+    def __init__(self, cfg: AttachConfig, *, regions: RegionsFn | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """`regions(read, size)` lists what `--verify metadata` compares (the caller's layer knows file systems);
+        `progress(done, total)` draws `--verify full`'s bar."""
         self.cfg = cfg
+        self.regions_fn, self.progress = regions, progress
+        self.base: Path | None = cfg.base  # the base the engine must start from: DIR/base.img once repaired
+        self.verified: dict[str, Any] | None = None
         self.state = StateDir(cfg.state)
         self.drive: Drive | None = None
         self.job_id = self.node = ""
         self.ready = False
         self.started = time.time()
-        self.backend: TapBackend | None = None
+        self.backend: TrackingBackend | None = None
         self.tls: ssl.SSLContext | None = None
 
     def info(self, **extra: Any) -> dict[str, Any]:
@@ -148,6 +163,7 @@ class Attachment:
             "last_seq": b.writelog.last_seq if b and b.writelog else 0,
             "writes": b.stats.writes if b else 0, "bytes": b.stats.bytes if b else 0,
             "nbd_socket": str(self.state.nbd_socket), "started": self.started, "updated": time.time(),
+            "base": str(self.base) if self.base else None, "verify": self.verified,
             **extra,
         }
 
@@ -158,6 +174,10 @@ class Attachment:
             raise AttachError(f"unknown --mode {cfg.mode!r}: use exact or async")
         if cfg.sync not in ("none", "full"):
             raise AttachError(f"unknown --sync {cfg.sync!r}: use none or full")
+        if cfg.verify not in VERIFY_MODES:
+            raise AttachError(f"unknown --verify {cfg.verify!r}: use metadata, full or none")
+        if cfg.verify == "metadata" and self.regions_fn is None and self._checks_base():
+            raise AttachError("--verify metadata needs the list of trusted regions: use --verify full or none")
         try:
             # A live guest disk over tcp only with TLS and client certificates, whatever the export's mode.
             check_listen(cfg.listen, tls=cfg.tls_creds is not None, read_only=False,
@@ -178,12 +198,16 @@ class Attachment:
         cfg = self.cfg
         self.drive = drive = await find_drive(qmp, cfg.device)
         self.job_id, self.node = job_names(drive.device, self.state.path)
+        fresh = self.state.read_state() is None  # a refused base leaves no state behind in a new directory
         self.state.init_state(drive.size, drive.device)
         writelog = WriteLog(self.state.log, fsync=cfg.fsync)
+        fresh = fresh and writelog.last_seq == 0
+        refused = False
         try:
             replica = BlockReplica(self.state.replica, drive.size, base=cfg.base)
             replica.catch_up(self.state.log)
-            self.backend = backend = TapBackend(replica=replica, writelog=writelog)
+            self.backend = backend = TrackingBackend(replica=replica, writelog=writelog,
+                                                     tracker=WriteTracker() if self._checks_base() else None)
             sock = self.state.nbd_socket
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
             # the writable export: root's (0600), or --qemu-group's too (0660), never --group's
@@ -201,18 +225,30 @@ class Attachment:
                     await nursery.start(partial(serve_nbd, readers, reader_exports, backend, tls=self.tls))
                 try:
                     await self._start_job(qmp, sock)
+                    try:
+                        await self._verify_base(qmp, backend)
+                    except BaseException as exc:  # Ctrl-C or a broken QMP too: no job is left behind
+                        refused = isinstance(exc, AttachError)
+                        with trio.CancelScope(shield=True):
+                            try:
+                                await self._detach(qmp)
+                            except (AttachError, QMPError, QMPConnectError) as why:
+                                log.warning("detaching after the base check: %s", why)
+                        raise
                     if cfg.cont:
                         status = await qmp.execute("query-status")
                         if not status.get("running"):
                             await qmp.execute("cont")
-                    self.ready = True
-                    self.state.write_attach(self.info())
-                    announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
-                             f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
-                    if on_ready is not None:
-                        on_ready()
-                    nursery.start_soon(self._keep_info_current)
-                    reason = await self._wait_for_end(qmp)
+                    # caught from before attach.json says ready: a script's SIGINT right then still detaches
+                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        self.ready = True
+                        self.state.write_attach(self.info())
+                        announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
+                                 f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
+                        if on_ready is not None:
+                            on_ready()
+                        nursery.start_soon(self._keep_info_current)
+                        reason = await self._wait_for_end(qmp, signals)
                     if reason:
                         raise AttachError(reason)
                     await self._detach(qmp)
@@ -225,8 +261,96 @@ class Attachment:
                 self.backend.replica.close()
             writelog.close()
             self.ready = False
+            if refused and fresh:
+                self._discard()
             self.state.write_attach(self.info(detached=time.time()))
             remove_socket(self.state.nbd_socket)
+
+    def _checks_base(self) -> bool:
+        return self.cfg.sync == "none" and self.cfg.base is not None and self.cfg.verify != "none"
+
+    def _discard(self) -> None:
+        """Forget what a refused attach recorded into a new state directory, so a later `--sync full` (or a fresh
+        base) starts clean: a log that began before the engine's full copy would mislead it."""
+        shutil.rmtree(self.state.log, ignore_errors=True)
+        for p in (self.state.replica, self.state.replica.with_name("replica.img.seq"), self.state.state_file,
+                  self.state.path / "base.img", self.state.path / "base.img.seq"):
+            p.unlink(missing_ok=True)
+
+    async def _verify_base(self, qmp: QMPClient, backend: TrackingBackend) -> None:
+        """Is the base the disk? Compared while the job already logs every write; a mismatch detaches and refuses
+        (or, with --repair-base, is copied into the replica and DIR/base.img). See tap.verify."""
+        cfg = self.cfg
+        if cfg.sync != "none" or cfg.base is None:
+            return
+        if cfg.verify == "none":
+            log.warning("--verify none: %s is trusted unchecked; if it is not what the disk holds now, the replica, "
+                        "every event and every view are wrong from the start, silently", cfg.base)
+            return
+        if cfg.cont and (await qmp.execute("query-status")).get("status") == "prelaunch":
+            print("mirrorfs: the guest has not run since QEMU started (-S): the base is not compared; it must be the "
+                  "disk as QEMU opened it", flush=True)
+            backend.tracker = None
+            return
+        assert self.drive is not None and backend.tracker is not None
+        self.state.write_attach(self.info(verifying=cfg.verify))
+        t0 = trio.current_time()
+        if cfg.verify == "full":
+            regions: Sequence[Region] = [(0, self.drive.size, "disk")]
+        else:
+            assert self.regions_fn is not None
+            regions = await trio.to_thread.run_sync(self.regions_fn, backend.replica.read, self.drive.size)
+        repair_into = None
+        try:
+            if cfg.repair_base:
+                repair_into = repaired_base(cfg.base, self.state.path / "base.img", self.drive.size)
+            async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
+                                   server=cfg.verify_nbd, tag=self.job_id) as reader:
+                out = await Verifier(reader, backend.replica, backend.tracker, mode=cfg.mode, repair=cfg.repair_base,
+                                     repair_into=repair_into, progress=self.progress).run(regions)
+        except VerifyError as exc:
+            raise AttachError(str(exc)) from None
+        finally:
+            backend.tracker = None
+            if repair_into is not None:
+                repair_into.checkpoint()
+                repair_into.close()
+                repair_into.seq_path.unlink(missing_ok=True)  # a plain image, as any --base
+        out.seconds = trio.current_time() - t0  # listing the regions and setting up the export included
+        self.verified = {"mode": cfg.verify, "regions": out.regions, "bytes": out.compared,
+                         "seconds": round(out.seconds, 3), "writes_during": out.writes_during,
+                         "carried_bytes": out.carried, "repaired_bytes": out.repaired,
+                         "differing": len(out.mismatches)}
+        if out.mismatches and cfg.verify == "full" and self.regions_fn is not None:
+            out.mismatches[0] = await self._name(out.mismatches[0], backend)
+        if out.mismatches and not cfg.repair_base:
+            off, length, what = out.mismatches[0]
+            raise AttachError(
+                f"the base {cfg.base} is not the disk: the {what} differs at bytes {off}-{off + length - 1}; "
+                "nothing was attached. Attach with --sync full (no base), make a fresh base while the guest is "
+                "paused (QEMU -S, then --cont), or give --repair-base to copy what differs")
+        if out.mismatches:
+            self.base = self.state.path / "base.img"
+            print(f"mirrorfs: the base differed from the disk in {len(out.mismatches)} place(s) ({out.repaired} "
+                  f"bytes, first: {out.mismatches[0][2]}); repaired into the replica and {self.base}, which replays "
+                  "of this state must use as --base", flush=True)
+        else:
+            (self.state.path / "base.img").unlink(missing_ok=True)
+            print(f"mirrorfs: the base is the disk: {out.compared} bytes in {out.regions} regions compared in "
+                  f"{out.seconds:.2f} s ({cfg.verify}); {out.writes_during} writes meanwhile are in the log",
+                  flush=True)
+
+    async def _name(self, diff: Region, backend: TrackingBackend) -> Region:
+        """A difference found by --verify full, named by the narrowest trusted region holding it, or a data block."""
+        off, length, _ = diff
+        assert self.regions_fn is not None and self.drive is not None
+        try:
+            regions = await trio.to_thread.run_sync(self.regions_fn, backend.replica.read, self.drive.size)
+        except Exception as exc:  # naming is a courtesy: the base is refused either way
+            log.debug("naming the difference: %s", exc)
+            regions = []
+        holders = [r for r in regions if r[0] <= off < r[0] + r[1]]
+        return (off, length, min(holders, key=lambda r: r[1])[2] if holders else "data (no metadata the engine reads)")
 
     async def _start_job(self, qmp: QMPClient, sock: Path) -> None:
         cfg = self.cfg
@@ -265,33 +389,32 @@ class Attachment:
             await self._drop_node(qmp)
             raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
 
-    async def _wait_for_end(self, qmp: QMPClient) -> str:
+    async def _wait_for_end(self, qmp: QMPClient, signals: AsyncIterator[int]) -> str:
         """Block until a signal (→ '') or the job/QEMU ends on its own (→ the reason)."""
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                result = [""]
+        async with trio.open_nursery() as nursery:
+            result = [""]
 
-                async def on_signal() -> None:
-                    async for _ in signals:
+            async def on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def on_event() -> None:
+                while (ev := await qmp.next_event()) is not None:
+                    if ev.data.get("device") != self.job_id:
+                        continue
+                    if ev.name == "BLOCK_JOB_ERROR":
+                        log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
+                                    ev.data.get("operation"))
+                    elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                        result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
                         nursery.cancel_scope.cancel()
                         return
+                result[0] = f"lost QEMU: {qmp.close_reason}"
+                nursery.cancel_scope.cancel()
 
-                async def on_event() -> None:
-                    while (ev := await qmp.next_event()) is not None:
-                        if ev.data.get("device") != self.job_id:
-                            continue
-                        if ev.name == "BLOCK_JOB_ERROR":
-                            log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
-                                        ev.data.get("operation"))
-                        elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-                            result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
-                            nursery.cancel_scope.cancel()
-                            return
-                    result[0] = f"lost QEMU: {qmp.close_reason}"
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_event)
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_event)
         return result[0]
 
     async def _detach(self, qmp: QMPClient) -> None:

@@ -31,12 +31,25 @@ class Attach:
     def __init__(self, qmp: Path, state: Path, *extra: str, log: Path | None = None) -> None:
         self.state = state
         self.log_path = log or state.parent / f"attach-{state.name}.log"
+        # qemu-storage-daemon of images.hostwriter runs its NBD server already (--nbd-server): the base check adds
+        # its read-only export there, as a user of such a daemon would say with --verify-nbd
+        export = Path(qmp).parent / "export.sock"
+        if "--verify-nbd" not in extra and export.is_socket():
+            extra = (*extra, "--verify-nbd", str(export))
         self.args = [*MIRRORFS, "attach", "--qmp", str(qmp), "--state", str(state), *extra]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Attach:
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> Attach:
+        """Start the process without waiting (a test acts while it checks its base, say)."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> Attach:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.info()
