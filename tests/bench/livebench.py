@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.bench.common import MiB, Workspace, log, median, percentile, run, spread
+from tests.bench.mountbench import find_ls
 
 BIG = 256 * MiB
 CHUNK = 1 << 20
@@ -62,15 +63,6 @@ def read_all(path: Path, drop: bool, backing: Path | None = None) -> float:
     if n != BIG:
         raise RuntimeError(f"{path}: read {n} bytes, expected {BIG}")
     return n / dt / 1e6
-
-
-def find_ls(root: Path) -> tuple[float, int]:
-    t0 = time.monotonic()
-    p = subprocess.run(["find", str(root), "-ls"], capture_output=True, text=True)
-    dt = time.monotonic() - t0
-    if p.returncode:
-        raise RuntimeError(f"find -ls {root} failed: {p.stderr[-2000:]}")
-    return dt, p.stdout.count("\n")
 
 
 def _wait(pred, what: str, timeout: float = 300, detail=lambda: "", nudge=lambda: None) -> None:
