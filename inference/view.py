@@ -37,6 +37,9 @@ class Entry:
     rdev: int
     target: bytes | None
     xattrs: dict[str, bytes] | None
+    atime_ns: int = 0
+    blocks: int = 0      # st_blocks (i_blocks in 512-byte units)
+    flags: int = 0       # i_flags (FS_IOC_GETFLAGS values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,4 +229,5 @@ class EngineView:
 def _entry(path: bytes, node: Node) -> Entry:
     return Entry(path=path, ino=node.ino, type=node.type, mode=node.mode or stat.S_IFDIR, uid=node.uid, gid=node.gid,
                  size=node.size, mtime_ns=node.mtime_ns, ctime_ns=node.ctime_ns, links=node.links, rdev=node.rdev,
-                 target=node.target, xattrs=dict(node.xattrs) if node.xattrs else None)
+                 target=node.target, xattrs=dict(node.xattrs) if node.xattrs else None, atime_ns=node.atime_ns,
+                 blocks=node.blocks, flags=node.flags)

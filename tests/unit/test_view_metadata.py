@@ -1,0 +1,91 @@
+"""Issue 17 without FUSE: every stat field the view answers is the guest inode's (blocks, atime, directory
+sizes), listxattr lists only the guest's names, and inode flags travel in events by name."""
+
+from __future__ import annotations
+
+import stat
+import threading
+
+import pyfuse3
+import trio
+
+from inference.events import CHATTR_MASK, INODE_FLAGS, Mutation, flag_bits, flag_names
+from inference.view import Entry
+from mirrorfs.fuse import Stage, ViewOps
+from mirrorfs.viewtree import ViewTree
+
+IMMUTABLE, APPEND, EXTENTS = INODE_FLAGS["immutable"][0], INODE_FLAGS["append"][0], INODE_FLAGS["extents"][0]
+
+
+def _entry(path: bytes, ino: int, type_: str = "file", **kw) -> Entry:
+    ifmt = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}[type_]
+    base = dict(uid=0, gid=0, size=0, mtime_ns=1, ctime_ns=1, links=2 if type_ == "dir" else 1, rdev=0,
+                target=None, xattrs=None)
+    base.update(kw)
+    return Entry(path=path, ino=ino, type=type_, mode=ifmt | 0o644, **base)
+
+
+def _ops() -> ViewOps:
+    tree = ViewTree(["disk"])
+    tree.load("disk", [
+        _entry(b"/", 2, "dir", size=1024, blocks=2),
+        _entry(b"/sparse", 12, size=3 << 20, blocks=400, atime_ns=1_577_836_800_123_456_789,
+               mtime_ns=1_700_000_000_000_000_001, ctime_ns=1_700_000_000_000_000_002, flags=EXTENTS,
+               xattrs={"user.k": b"v", "system.posix_acl_access": b"\x02\0\0\0"}),
+        _entry(b"/fast", 13, "symlink", size=3, blocks=0, target=b"abc"),
+    ])
+    stage = Stage()
+    stage.tid = threading.get_native_id()
+    return ViewOps(tree, stage, lambda *a: b"", lambda: pyfuse3.StatvfsData())
+
+
+def _ev(kind: str, path: str, **kw) -> Mutation:
+    return Mutation(seq=9, time=2.0, kind=kind, path=path, fs="disk", **kw)
+
+
+def test_stat_fields_are_the_inodes():
+    ops = _ops()
+    a = ops.attrs(ops.tree.nodes[12])
+    assert a.st_blocks == 400 and a.st_size == 3 << 20               # i_blocks, not (size + 511) // 512
+    assert a.st_atime_ns == 1_577_836_800_123_456_789                 # atime, not mtime
+    assert (a.st_mtime_ns, a.st_ctime_ns) == (1_700_000_000_000_000_001, 1_700_000_000_000_000_002)
+    assert ops.attrs(ops.tree.nodes[13]).st_blocks == 0               # a fast symlink has no block
+    assert ops.attrs(ops.tree.nodes[1]).st_size == 1024
+
+
+def test_listxattr_lists_only_the_guests_names_and_own_facts_stay_readable_by_name():
+    ops = _ops()
+    names = trio.run(ops.listxattr, 12, None)
+    assert sorted(names) == [b"system.posix_acl_access", b"user.k"]
+    assert trio.run(ops.getxattr, 12, b"user.mirrorfs.ino", None) == b"12"
+    assert trio.run(ops.getxattr, 12, b"user.mirrorfs.blocks", None) == b"400"
+    assert trio.run(ops.getxattr, 12, b"user.mirrorfs.flags", None) == b"0x0"  # chattr's only (not extents)
+    ops.tree.nodes[12].xattrs["user.mirrorfs.ino"] = b"guest's"       # the guest's own xattr of that name wins
+    assert trio.run(ops.getxattr, 12, b"user.mirrorfs.ino", None) == b"guest's"
+
+
+def test_events_carry_blocks_atime_and_flags_to_the_view():
+    t = _ops().tree
+    t.apply(_ev("attrib", "/sparse", flags=["immutable", "append"], old_flags=[], atime_ns=5, blocks=402))
+    node = t.nodes[12]
+    assert node.flags == IMMUTABLE | APPEND | EXTENTS and node.atime_ns == 5 and node.blocks == 402
+    t.apply(_ev("attrib", "/sparse", flags=["append"], old_flags=["immutable", "append"]))
+    assert node.flags == APPEND | EXTENTS                              # the file system's own flags stay
+    t.apply(_ev("modify", "/sparse", size=10, ranges=[(0, 10)]))      # no flags named: they stay as they were
+    assert node.flags == APPEND | EXTENTS
+
+
+def test_directory_size_follows_the_engine():
+    t = _ops().tree
+    grown = _entry(b"", 2, "dir", size=6144, blocks=12)
+    assert t.set_attrs(1, grown) and t.nodes[1].size == 6144 and t.nodes[1].blocks == 12
+    assert not t.set_attrs(1, grown)
+
+
+def test_flag_names():
+    assert flag_names(IMMUTABLE | EXTENTS) == ["immutable"]          # extents is the file system's, not chattr's
+    assert flag_names(IMMUTABLE | EXTENTS, mask=~0) == ["immutable", "extents"]
+    assert flag_bits(["immutable", "append", "nonsense"]) == IMMUTABLE | APPEND
+    assert not EXTENTS & CHATTR_MASK
+    assert Mutation.from_json(_ev("attrib", "/x", flags=[], old_flags=["immutable"]).to_json()).old_flags == \
+        ["immutable"]
