@@ -222,9 +222,9 @@ def test_view_metadata_is_the_disks(tmp_path, block_size, features):
 
     import json
     appended, fast = (json.loads(x) for x in stat_out)
+    assert aide.returncode == 0 and "NO differences" in aide.stdout, aide.stdout[-4000:]
     assert appended["flags"] == ["append"] and appended["ino"] == view_stat["appended"][1]
     assert fast["flags"] is None and fast["blocks"] == 0
-    assert aide.returncode == 0 and "NO differences" in aide.stdout, aide.stdout[-4000:]
     diffs = {p: (v, snap_stat.get(p)) for p, v in view_stat.items() if snap_stat.get(p) != v}
     assert not diffs and view_stat.keys() == snap_stat.keys(), (FIELDS, diffs)
     assert view_du == snap_du
