@@ -6,6 +6,7 @@ only for file content, link targets, xattrs and file-system totals, by (file sys
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import uuid
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ class Entry:
     atime_ns: int = 0
     blocks: int = 0      # st_blocks (i_blocks in 512-byte units)
     flags: int = 0       # i_flags (FS_IOC_GETFLAGS values)
+    blksize: int = 0     # the root's entry only: the file system's block size (st_blksize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ class EngineView:
         tree = self._handler(fs).tree
         queue = [(ROOT_INO, b"/")]
         seen = {ROOT_INO}
-        yield _entry(b"/", tree.nodes[ROOT_INO])
+        yield dataclasses.replace(_entry(b"/", tree.nodes[ROOT_INO]), blksize=self._handler(fs).geo.block_size)
         while queue:
             d, path = queue.pop(0)
             for name, ino in sorted(tree.children.get(d, {}).items()):

@@ -157,7 +157,7 @@ class ViewOps(pyfuse3.Operations):
                 if not isinstance(value, int) or not lo <= value <= hi:
                     value = self._clamp(node, field, value, lo, hi)
                 setattr(a, field, value)
-        a.st_blksize = 4096
+        a.st_blksize = self.tree.blksize.get(node.fs, 4096)
         return a
 
     def _clamp(self, node: VNode, field: str, value: object, lo: int, hi: int) -> int:

@@ -101,6 +101,7 @@ class ViewTree:
         self.fs_root: dict[str, int] = {}
         self.prefixes: dict[str, bytes] = {}      # where each visible file system's root is, below the mount point
         self.covered: dict[int, int] = {}         # a directory mounted over -> the root of what is mounted there
+        self.blksize: dict[str, int] = {}         # st_blksize of each file system, as the guest's stat gives it
         self._generation = 0
         others = [fs for fs in self.filesystems if fs != root]
         self._k = {fs: k for k, fs in enumerate(others, start=1)}
@@ -240,6 +241,7 @@ class ViewTree:
         count = skipped = 0
         for e in entries:
             if e.path == b"/":
+                self.blksize[fs] = getattr(e, "blksize", 0) or 4096
                 nid = self.fs_root[fs]
                 self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
                 self.nodes[nid].children = {}

@@ -62,7 +62,7 @@ FLAG_STEPS = (("chattr +i flagged", "/flagged", ["immutable"], []),
               ("chattr +a appended", "/appended", ["append"], []),
               ("chattr -i flagged", "/flagged", [], ["immutable"]))
 FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_rdev", "st_atime_ns",
-          "st_mtime_ns", "st_ctime_ns")
+          "st_mtime_ns", "st_ctime_ns", "st_blksize")
 
 
 @contextmanager
@@ -196,6 +196,8 @@ def test_view_metadata_is_the_disks(tmp_path, block_size, features):
                              f"{script}: {want}")
             assert ev["ino"] == os.lstat(mnt / path.lstrip("/")).st_ino
         stat_out = mirrorfs("stat", "--json", mnt / "appended", mnt / "fast").stdout.splitlines()
+        text = mirrorfs("stat", mnt / "appended").stdout
+        assert " flags: append " in text and f"guest inode: {os.lstat(mnt / 'appended').st_ino}" in text, text
         lsattr = subprocess.run(["lsattr", "-d", mnt / "appended"], capture_output=True, text=True)
         assert lsattr.returncode != 0, "lsattr works on the view now: say so in mirrorfs-mount(1)"
         hw.unmount()  # the guest's disk is clean and final

@@ -28,7 +28,7 @@ def _entry(path: bytes, ino: int, type_: str = "file", **kw) -> Entry:
 def _ops() -> ViewOps:
     tree = ViewTree(["disk"])
     tree.load("disk", [
-        _entry(b"/", 2, "dir", size=1024, blocks=2),
+        _entry(b"/", 2, "dir", size=1024, blocks=2, blksize=1024),
         _entry(b"/sparse", 12, size=3 << 20, blocks=400, atime_ns=1_577_836_800_123_456_789,
                mtime_ns=1_700_000_000_000_000_001, ctime_ns=1_700_000_000_000_000_002, flags=EXTENTS,
                xattrs={"user.k": b"v", "system.posix_acl_access": b"\x02\0\0\0"}),
@@ -51,6 +51,7 @@ def test_stat_fields_are_the_inodes():
     assert (a.st_mtime_ns, a.st_ctime_ns) == (1_700_000_000_000_000_001, 1_700_000_000_000_000_002)
     assert ops.attrs(ops.tree.nodes[13]).st_blocks == 0               # a fast symlink has no block
     assert ops.attrs(ops.tree.nodes[1]).st_size == 1024
+    assert a.st_blksize == 1024                                       # the file system's block size
 
 
 def test_listxattr_lists_only_the_guests_names_and_own_facts_stay_readable_by_name():
