@@ -90,3 +90,40 @@ def test_flag_names():
     assert not EXTENTS & CHATTR_MASK
     assert Mutation.from_json(_ev("attrib", "/x", flags=[], old_flags=["immutable"]).to_json()).old_flags == \
         ["immutable"]
+
+
+def _reconciler():
+    from inference.reconcile import Reconciler
+    from inference.shadow import ROOT_INO, Node, ShadowTree
+
+    tree = ShadowTree()
+    tree.add_node(Node(ino=ROOT_INO, type="dir", mode=0o40755, links=2))
+    tree.add_node(Node(ino=12, type="file", mode=0o100644, links=1, size=5, mtime_ns=10, ctime_ns=10, atime_ns=10,
+                       blocks=8, flags=EXTENTS))
+    tree.add_name(ROOT_INO, b"f", 12)
+    return Reconciler(tree)
+
+
+def _point(r, seq: int, **changed) -> list[Mutation]:
+    from dataclasses import replace
+
+    from inference.reconcile import Change, Context
+
+    node = r.tree.nodes[12]
+    events, _ = r.apply(Change(inodes={12: replace(node, names=[], **changed)}), Context(seq=seq, time=float(seq)),
+                        settled=True)
+    return events
+
+
+def test_chattr_flags_are_attrib_events_by_name_and_a_read_is_none():
+    r = _reconciler()
+    (ev,) = _point(r, 1, flags=EXTENTS | IMMUTABLE, ctime_ns=11)            # chattr +i
+    assert (ev.kind, ev.flags, ev.old_flags, ev.blocks) == ("attrib", ["immutable"], [], 8)
+    (ev,) = _point(r, 2, flags=EXTENTS | IMMUTABLE | APPEND, ctime_ns=12)   # chattr +a
+    assert (ev.flags, ev.old_flags) == (["immutable", "append"], ["immutable"])
+    (ev,) = _point(r, 3, flags=EXTENTS | APPEND, ctime_ns=13)               # chattr -i
+    assert (ev.flags, ev.old_flags) == (["append"], ["immutable", "append"])
+    assert _point(r, 4, flags=APPEND) == []                                 # the file system's own flag: no event
+    assert _point(r, 5, atime_ns=99) == []                                  # a read moves atime alone: no event
+    (ev,) = _point(r, 6, atime_ns=7, ctime_ns=14)                           # touch -a: an attrib event
+    assert (ev.kind, ev.atime_ns, ev.flags, ev.old_flags) == ("attrib", 7, ["append"], None)
