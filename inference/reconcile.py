@@ -129,6 +129,9 @@ class Reconciler:
     seen: dict[int, list[tuple[int, int]]] | None = None  # ino -> byte ranges past its shown size that data writes
     #                                                       (or newly mapped blocks) brought, merged, ascending
     hold_deadline = math.inf  # record time at which the oldest held size is released
+    quiet: set[int] | None = None  # inodes whose atime, blocks or flags changed with no event (a read moved atime):
+    #                                 the view takes them when the stream is quiet (EngineView.take_quiet, which
+    #                                 starts the collection: without a view nothing accumulates)
     appending: dict[int, float] | None = None  # ino -> record time it last had a held size (see PAGE)
     block_size = 4096         # the file system's (the handler sets it)
 
@@ -734,6 +737,9 @@ class Reconciler:
                 diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
                 diff.update({k: None for k in (old.xattrs or {}) if k not in (new.xattrs or {})})
                 events.append(_event(ctx, "xattr", path, node, xattr=diff))
+            if self.quiet is not None and (not events or events[-1].ino != ino) and new.type != "dir" and (
+                    old.atime_ns, old.blocks, old.flags) != (new.atime_ns, new.blocks, new.flags):
+                self.quiet.add(ino)
         return events
 
 

@@ -108,6 +108,14 @@ class EngineView:
         node = self._handler(fs).tree.nodes.get(ino)
         return None if node is None else _entry(b"", node)
 
+    def take_quiet(self, fs: str) -> list[Entry]:
+        """The inodes (path left empty) whose atime, blocks or flags changed without an event since the last call,
+        as they are now: a read in the guest moves atime and says nothing, and the view must still show it."""
+        handler = self._handler(fs)
+        inos, handler.reconciler.quiet = handler.reconciler.quiet or set(), set()
+        nodes = handler.tree.nodes
+        return [_entry(b"", nodes[ino]) for ino in sorted(inos) if ino in nodes]
+
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
         """File content as the replica holds it now (holes and unwritten extents read as zeros, as the guest's
         kernel reads them). Shorter than asked where the engine's file ends: the caller decides what that means

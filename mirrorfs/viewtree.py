@@ -437,10 +437,16 @@ class ViewTree:
 
     def set_attrs(self, nid: int, e) -> bool:
         """Take attributes from the engine directly (a directory's mtime, size and blocks move with its entries,
-        and no event says so); True if anything changed."""
+        and no event says so; a file's atime moves with a read); True if anything changed. A file's size is
+        never taken here: it moves with its events only."""
         node = self.nodes.get(nid)
         if node is None:
             return False
+        if node.children is None:  # anything else moves with its events; only these may change without one
+            if (node.atime_ns, node.blocks, node.flags) == (e.atime_ns, e.blocks, e.flags):
+                return False
+            node.atime_ns, node.blocks, node.flags = e.atime_ns, e.blocks, e.flags
+            return True
         new = (e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.atime_ns, e.links, e.size, e.blocks, e.flags)
         if (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns, node.links, node.size,
                 node.blocks, node.flags) == new:

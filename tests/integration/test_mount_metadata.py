@@ -56,6 +56,7 @@ touch -a -d '2020-01-01 00:00:00.123456789' small
 touch -m -d '2019-05-05 05:05:05.987654321' many/first
 : > flagged
 : > appended
+printf later > later
 sync
 """
 FLAG_STEPS = (("chattr +i flagged", "/flagged", ["immutable"], []),
@@ -195,6 +196,7 @@ def test_view_metadata_is_the_disks(tmp_path, block_size, features):
             ev = _wait_event(state, lambda e, want=want: all(e.get(k) == v for k, v in want.items()),
                              f"{script}: {want}")
             assert ev["ino"] == os.lstat(mnt / path.lstrip("/")).st_ino
+        _run(hw, "cat later > /dev/null\nsync\n")  # a read in the guest moves atime alone: no event
         stat_out = mirrorfs("stat", "--json", mnt / "appended", mnt / "fast").stdout.splitlines()
         text = mirrorfs("stat", mnt / "appended").stdout
         assert " flags: append " in text and f"guest inode: {os.lstat(mnt / 'appended').st_ino}" in text, text
@@ -231,6 +233,7 @@ def test_view_metadata_is_the_disks(tmp_path, block_size, features):
     assert not diffs and view_stat.keys() == snap_stat.keys(), (FIELDS, diffs)
     assert view_du == snap_du
     assert view_stat["small"][8] == 1_577_836_800_123_456_789          # the guest's atime, to the nanosecond
+    assert view_stat["later"][8] > view_stat["later"][9]               # moved by the read (relatime)
     assert view_stat["sparse"][6] < view_stat["sparse"][5] // 512      # a sparse file's blocks are its own
     assert view_stat["fast"][6] == 0 and view_stat["slow"][6] > 0
     assert view_tw[0] == snap_tw[0] == 0, snap_tw[1][-4000:]

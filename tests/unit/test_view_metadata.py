@@ -10,7 +10,7 @@ import pyfuse3
 import trio
 
 from inference.events import CHATTR_MASK, INODE_FLAGS, Mutation, flag_bits, flag_names
-from inference.view import Entry
+from inference.view import EngineView, Entry
 from mirrorfs.fuse import Stage, ViewOps
 from mirrorfs.viewtree import ViewTree
 
@@ -76,11 +76,14 @@ def test_events_carry_blocks_atime_and_flags_to_the_view():
     assert node.flags == APPEND | EXTENTS
 
 
-def test_directory_size_follows_the_engine():
+def test_directory_size_follows_the_engine_and_a_files_atime_but_not_its_size():
     t = _ops().tree
     grown = _entry(b"", 2, "dir", size=6144, blocks=12)
     assert t.set_attrs(1, grown) and t.nodes[1].size == 6144 and t.nodes[1].blocks == 12
     assert not t.set_attrs(1, grown)
+    read = _entry(b"", 12, size=1, atime_ns=42, blocks=400, flags=EXTENTS, mtime_ns=5)
+    assert t.set_attrs(12, read) and t.nodes[12].atime_ns == 42
+    assert t.nodes[12].size == 3 << 20 and t.nodes[12].mtime_ns == 1_700_000_000_000_000_001  # events' only
 
 
 def test_flag_names():
@@ -124,6 +127,12 @@ def test_chattr_flags_are_attrib_events_by_name_and_a_read_is_none():
     (ev,) = _point(r, 3, flags=EXTENTS | APPEND, ctime_ns=13)               # chattr -i
     assert (ev.flags, ev.old_flags) == (["append"], ["immutable", "append"])
     assert _point(r, 4, flags=APPEND) == []                                 # the file system's own flag: no event
-    assert _point(r, 5, atime_ns=99) == []                                  # a read moves atime alone: no event
+    handler = type("H", (), {"reconciler": r, "tree": r.tree})()
+    engine = type("E", (), {"filesystems": {"disk": type("F", (), {"handler": handler})()}})()
+    view = EngineView(engine)
+    assert view.take_quiet("disk") == [] and r.quiet == set()               # a view asks: collecting starts
+    assert _point(r, 5, atime_ns=99) == [] and r.quiet == {12}              # a read moves atime alone: no event;
+    (quiet,) = view.take_quiet("disk")                                      # the view takes it when quiet
+    assert (quiet.ino, quiet.atime_ns) == (12, 99) and not r.quiet
     (ev,) = _point(r, 6, atime_ns=7, ctime_ns=14)                           # touch -a: an attrib event
     assert (ev.kind, ev.atime_ns, ev.flags, ev.old_flags) == ("attrib", 7, ["append"], None)
