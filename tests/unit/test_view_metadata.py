@@ -3,6 +3,7 @@ sizes), listxattr lists only the guest's names, and inode flags travel in events
 
 from __future__ import annotations
 
+import os
 import stat
 import threading
 
@@ -136,3 +137,31 @@ def test_chattr_flags_are_attrib_events_by_name_and_a_read_is_none():
     assert (quiet.ino, quiet.atime_ns) == (12, 99) and not r.quiet
     (ev,) = _point(r, 6, atime_ns=7, ctime_ns=14)                           # touch -a: an attrib event
     assert (ev.kind, ev.atime_ns, ev.flags, ev.old_flags) == ("attrib", 7, ["append"], None)
+
+
+def test_i_blocks_honours_huge_file(tmp_path):
+    """st_blocks is i_blocks: with huge_file, i_blocks_hi counts too, and an inode with EXT4_HUGE_FILE_FL counts
+    file-system blocks, not 512-byte sectors (ext4_inode_blocks)."""
+    import dataclasses
+    import struct
+    import subprocess
+
+    from inference.ext import layout as L
+    from inference.ext.reader import ExtReader, parse_inode
+
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", str(img)], check=True, capture_output=True)
+    with open(img, "rb") as f:
+        geo = ExtReader(lambda off, n: os.pread(f.fileno(), n, off)).geo
+    assert geo.huge_file and geo.inode_size >= 256
+    raw = bytearray(geo.inode_size)
+    struct.pack_into("<HHI", raw, 0, 0o100644, 0, 1)               # i_mode, i_uid, i_size_lo
+    struct.pack_into("<HI", raw, 0x1A, 1, 3)                        # i_links_count, i_blocks_lo
+    struct.pack_into("<H", raw, 0x74, 1)                            # l_i_blocks_high
+    assert parse_inode(bytes(raw), 12, geo).blocks == 3 + (1 << 32)
+    struct.pack_into("<I", raw, 0x20, L.HUGE_FILE_FL)               # i_flags: i_blocks in file-system blocks
+    assert parse_inode(bytes(raw), 12, geo).blocks == (3 + (1 << 32)) * 8
+    no_huge = dataclasses.replace(geo, huge_file=False)             # without the feature, the high bits mean nothing
+    assert parse_inode(bytes(raw), 12, no_huge).blocks == 3
