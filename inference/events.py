@@ -17,6 +17,30 @@ KINDS = ("create", "mkdir", "symlink", "mknod", "link", "delete", "rmdir", "rena
 _TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
 
+# Linux inode flags (FS_IOC_GETFLAGS, the values ext2/3/4 keep in i_flags) by the name events give them, with
+# lsattr's letter. CHATTR_FLAGS are the ones a user sets (chattr): a change of one of them is an attrib event; the
+# others (extents, index, inline_data, huge_file, ...) the file system sets itself and only show in `mirrorfs stat`.
+INODE_FLAGS = {"secrm": (0x1, "s"), "unrm": (0x2, "u"), "compr": (0x4, "c"), "sync": (0x8, "S"),
+               "immutable": (0x10, "i"), "append": (0x20, "a"), "nodump": (0x40, "d"), "noatime": (0x80, "A"),
+               "encrypt": (0x800, "E"), "index": (0x1000, "I"), "journal_data": (0x4000, "j"),
+               "notail": (0x8000, "t"), "dirsync": (0x10000, "D"), "topdir": (0x20000, "T"),
+               "huge_file": (0x40000, "h"), "extents": (0x80000, "e"), "verity": (0x100000, "V"),
+               "nocow": (0x800000, "C"), "dax": (0x2000000, "x"), "inline_data": (0x10000000, "N"),
+               "projinherit": (0x20000000, "P"), "casefold": (0x40000000, "F")}
+CHATTR_FLAGS = ("secrm", "unrm", "compr", "sync", "immutable", "append", "nodump", "noatime", "journal_data",
+                "notail", "dirsync", "topdir", "nocow", "dax", "projinherit", "casefold")
+CHATTR_MASK = sum(INODE_FLAGS[n][0] for n in CHATTR_FLAGS)
+
+
+def flag_names(flags: int, mask: int = CHATTR_MASK) -> list[str]:
+    """The names of the flags set in `flags` (those in `mask`), in bit order."""
+    return [name for name, (bit, _) in sorted(INODE_FLAGS.items(), key=lambda kv: kv[1][0]) if flags & bit & mask]
+
+
+def flag_bits(names: list[str]) -> int:
+    """Back from names to bits (names not known are ignored)."""
+    return sum(INODE_FLAGS[n][0] for n in set(names) if n in INODE_FLAGS)
+
 
 @dataclass(slots=True)
 class Mutation:
@@ -36,8 +60,12 @@ class Mutation:
     mtime: float | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    atime_ns: int | None = None
+    blocks: int | None = None     # st_blocks: the inode's i_blocks in 512-byte units
     links: int | None = None
     rdev: int | None = None
+    flags: list[str] | None = None      # the chattr flags set (CHATTR_FLAGS), when any is, or when they changed
+    old_flags: list[str] | None = None  # attrib: the chattr flags before, when they changed
     ranges: list[tuple[int, int]] | None = None  # modify: [start, end) byte ranges
     target: str | None = None     # symlink target; link: the existing path linked to
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
@@ -55,7 +83,8 @@ class Mutation:
         d: dict[str, Any] = {"id": self.id} if self.id else {}
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
         for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
-                     "links", "rdev", "ranges", "target", "xattr", "message", "unconfirmed"):
+                     "atime_ns", "blocks", "links", "rdev", "flags", "old_flags", "ranges", "target", "xattr",
+                     "message", "unconfirmed"):
             value = getattr(self, name)
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value

@@ -20,7 +20,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from inference.events import Mutation, fs_path
+from inference.events import CHATTR_MASK, Mutation, flag_names, fs_path
 from inference.names import all_valid, bad_name_reason
 from inference.shadow import ROOT_INO, Node, ShadowTree
 
@@ -106,6 +106,9 @@ def _event(ctx: Context, kind: str, path: bytes | None, node: Node | None, **kw)
     if node is not None:
         m.ino, m.type, m.size, m.mode = node.ino, node.type, node.size, stat.S_IMODE(node.mode)
         m.uid, m.gid, m.mtime_ns, m.ctime_ns, m.links = node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links
+        m.atime_ns, m.blocks = node.atime_ns, node.blocks
+        if node.flags & CHATTR_MASK:
+            m.flags = flag_names(node.flags)
         if node.type in ("chardev", "blockdev"):
             m.rdev = node.rdev
         m.mtime = node.mtime_ns / 1e9
@@ -126,6 +129,9 @@ class Reconciler:
     seen: dict[int, list[tuple[int, int]]] | None = None  # ino -> byte ranges past its shown size that data writes
     #                                                       (or newly mapped blocks) brought, merged, ascending
     hold_deadline = math.inf  # record time at which the oldest held size is released
+    quiet: set[int] | None = None  # inodes whose atime, blocks or flags changed with no event (a read moved atime):
+    #                                 the view takes them when the stream is quiet (EngineView.take_quiet, which
+    #                                 starts the collection: without a view nothing accumulates)
     appending: dict[int, float] | None = None  # ino -> record time it last had a held size (see PAGE)
     block_size = 4096         # the file system's (the handler sets it)
 
@@ -721,13 +727,22 @@ class Reconciler:
             by_entries = node.entries_changed and new.mtime_ns == new.ctime_ns  # touch -d leaves ctime alone
             if new.type == "dir" and old.mtime_ns != new.mtime_ns:
                 node.entries_changed = False
-            if (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or (
+            # atime alone moves on reads (no event in the guest either); with ctime it was set (touch -a)
+            atime_set = old.atime_ns != new.atime_ns and old.ctime_ns != new.ctime_ns and not content \
+                and old.links == new.links and node.name_ctime_ns != new.ctime_ns
+            if (old.flags ^ new.flags) & CHATTR_MASK:  # chattr: an attrib event naming the flags before and after
+                events.append(_event(ctx, "attrib", path, node, flags=flag_names(new.flags),
+                                     old_flags=flag_names(old.flags)))
+            elif (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or atime_set or (
                     old.mtime_ns != new.mtime_ns and not content and not (new.type == "dir" and by_entries)):
                 events.append(_event(ctx, "attrib", path, node))
             if (old.xattrs or {}) != (new.xattrs or {}):
                 diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
                 diff.update({k: None for k in (old.xattrs or {}) if k not in (new.xattrs or {})})
                 events.append(_event(ctx, "xattr", path, node, xattr=diff))
+            if self.quiet is not None and (not events or events[-1].ino != ino) and new.type != "dir" and (
+                    old.atime_ns, old.blocks, old.flags) != (new.atime_ns, new.blocks, new.flags):
+                self.quiet.add(ino)
         return events
 
 

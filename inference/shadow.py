@@ -25,6 +25,9 @@ class Node:
     ctime_ns: int = 0
     links: int = 0
     rdev: int = 0
+    atime_ns: int = 0
+    blocks: int = 0          # i_blocks in 512-byte units (st_blocks), huge_file already applied
+    flags: int = 0           # i_flags as the guest's FS_IOC_GETFLAGS gives them (immutable, append-only, ...)
     target: bytes | None = None                     # symlinks
     xattrs: dict[str, bytes] | None = None
     extents: tuple[tuple[int, int, int, bool], ...] = ()  # (logical, physical, length, uninit)

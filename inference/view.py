@@ -6,6 +6,7 @@ only for file content, link targets, xattrs and file-system totals, by (file sys
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,10 @@ class Entry:
     rdev: int
     target: bytes | None
     xattrs: dict[str, bytes] | None
+    atime_ns: int = 0
+    blocks: int = 0      # st_blocks (i_blocks in 512-byte units)
+    flags: int = 0       # i_flags (FS_IOC_GETFLAGS values)
+    blksize: int = 0     # the root's entry only: the file system's block size (st_blksize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,7 @@ class EngineView:
         tree = self._handler(fs).tree
         queue = [(ROOT_INO, b"/")]
         seen = {ROOT_INO}
-        yield _entry(b"/", tree.nodes[ROOT_INO])
+        yield dataclasses.replace(_entry(b"/", tree.nodes[ROOT_INO]), blksize=self._handler(fs).geo.block_size)
         while queue:
             d, path = queue.pop(0)
             for name, ino in sorted(tree.children.get(d, {}).items()):
@@ -102,6 +107,14 @@ class EngineView:
         directory's mtime, which moves with its entries."""
         node = self._handler(fs).tree.nodes.get(ino)
         return None if node is None else _entry(b"", node)
+
+    def take_quiet(self, fs: str) -> list[Entry]:
+        """The inodes (path left empty) whose atime, blocks or flags changed without an event since the last call,
+        as they are now: a read in the guest moves atime and says nothing, and the view must still show it."""
+        handler = self._handler(fs)
+        inos, handler.reconciler.quiet = handler.reconciler.quiet or set(), set()
+        nodes = handler.tree.nodes
+        return [_entry(b"", nodes[ino]) for ino in sorted(inos) if ino in nodes]
 
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
         """File content as the replica holds it now (holes and unwritten extents read as zeros, as the guest's
@@ -226,4 +239,5 @@ class EngineView:
 def _entry(path: bytes, node: Node) -> Entry:
     return Entry(path=path, ino=node.ino, type=node.type, mode=node.mode or stat.S_IFDIR, uid=node.uid, gid=node.gid,
                  size=node.size, mtime_ns=node.mtime_ns, ctime_ns=node.ctime_ns, links=node.links, rdev=node.rdev,
-                 target=node.target, xattrs=dict(node.xattrs) if node.xattrs else None)
+                 target=node.target, xattrs=dict(node.xattrs) if node.xattrs else None, atime_ns=node.atime_ns,
+                 blocks=node.blocks, flags=node.flags)

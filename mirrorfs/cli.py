@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "detached.")
     p.add_argument("mountpoint", type=Path, metavar="MNT")
 
+    p = sub.add_parser("stat", help="what mirrorfs knows of a file of a view (guest inode, seq, flags)",
+                       description="Print a view file's guest inode, the seq and time of the last mutation the "
+                                   "view applied to it, its inode flags (chattr's, by name; lsattr cannot ask "
+                                   "a FUSE view) and i_blocks. Read from the view by xattr name "
+                                   "(user.mirrorfs.*), which no tool lists; see mirrorfs-mount(1).")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="a path inside a mirrorfs view")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+
     p = sub.add_parser("events", help="read the mutation event log",
                        description="Print the mutation events of a state directory (written by replay or a "
                                    "live attach), optionally following new ones.")
@@ -588,6 +596,60 @@ def format_event(ev, as_json: bool) -> str:
     return f"{esc(ev.seq):>8} {stamp} {esc(ev.fs) or '-':<6} {esc(ev.kind):<8} {what}"
 
 
+OWN_XATTRS = ("fs", "ino", "seq", "mtime", "flags", "blocks")
+
+
+def stat_view_path(path: Path) -> dict:
+    """mirrorfs's facts about one view path, from the view itself: its user.mirrorfs.* xattrs by name (the
+    kernel answers user.* only for files and directories: for the others, the parent's fs and st_ino)."""
+    import errno
+    import os
+    import stat as st
+
+    from inference.events import CHATTR_FLAGS, INODE_FLAGS, flag_names
+
+    s = os.lstat(path)
+    facts: dict[str, str] = {}
+    target = path if st.S_ISREG(s.st_mode) or st.S_ISDIR(s.st_mode) else path.parent
+    for name in OWN_XATTRS:
+        try:
+            facts[name] = os.getxattr(target, "user.mirrorfs." + name).decode("utf-8", "surrogateescape")
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    if "fs" not in facts:
+        raise CLIError(f"{path}: not in a mirrorfs view (no user.mirrorfs.fs)")
+    out: dict = {"path": str(path), "fs": facts["fs"]}
+    if target is not path:
+        out |= {"ino": s.st_ino & 0xFFFFFFFF, "seq": None, "time": None, "flags": None, "blocks": s.st_blocks}
+        return out
+    flags = int(facts.get("flags", "0"), 16)
+    seq = int(facts.get("seq", "0"))
+    out |= {"ino": int(facts["ino"]), "seq": seq or None, "time": float(facts["mtime"]) if seq else None,
+            "flags": flag_names(flags),
+            "letters": "".join(INODE_FLAGS[n][1] if n in flag_names(flags) else "-" for n in CHATTR_FLAGS),
+            "blocks": int(facts.get("blocks", s.st_blocks))}
+    return out
+
+
+def cmd_stat(args: argparse.Namespace) -> None:
+    for path in args.paths:
+        facts = stat_view_path(path)
+        if args.json:
+            print(json.dumps(facts, ensure_ascii=False))
+            continue
+        from inference.names import escape_name as esc
+        when = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(facts["time"])) + f".{facts['time'] % 1 * 1e6:06.0f} UTC"
+                if facts["time"] is not None else "as the base image had it")
+        print(f"  File: {esc(str(path))}\n    fs: {esc(facts['fs'])}  guest inode: {facts['ino']}\n"
+              f"   seq: {facts['seq'] if facts['seq'] is not None else '-'}  ({when})")
+        if facts["flags"] is None:
+            print(" flags: - (only files and directories carry them)")
+        else:
+            print(f" flags: {','.join(facts['flags']) or '-'}  ({facts['letters']})")
+        print(f"blocks: {facts['blocks']} (i_blocks, 512-byte units)")
+
+
 def cmd_events(args: argparse.Namespace) -> None:
     from mirrorfs.cli_stream import cmd_events as events_with_filters
 
@@ -609,7 +671,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve, "replay": cmd_replay,
-            "events": cmd_events, "index": cmd_index, "mount": cmd_mount, "umount": cmd_umount}
+            "events": cmd_events, "index": cmd_index, "mount": cmd_mount, "umount": cmd_umount, "stat": cmd_stat}
 
 
 def _stream_commands() -> dict:

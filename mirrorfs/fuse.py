@@ -29,19 +29,20 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from inference.events import Mutation, path_bytes
+from inference.events import CHATTR_MASK, Mutation, path_bytes
 from mirrorfs.viewtree import IFMT, ROOT_ID, ViewError, ViewTree, VNode
 
 log = logging.getLogger("mirrorfs.fuse")
 
 TIMEOUT = 1.0            # entry/attribute cache; every change is followed by a reply or an invalidation
-XATTR_PREFIX = "user.mirrorfs."
+XATTR_PREFIX = "user.mirrorfs."  # mirrorfs's own facts: readable by name (getxattr), never listed
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 # what the kernel's types hold (off_t, nlink as FUSE sends it, uid_t, dev_t, time_t seconds as nanoseconds)
 S64, U32, U64 = (1 << 63) - 1, (1 << 32) - 1, (1 << 64) - 1
 LIMITS = {"st_size": (0, S64), "st_nlink": (0, U32), "st_uid": (0, U32), "st_gid": (0, U32), "st_rdev": (0, U64),
-          "st_mtime_ns": (-(1 << 63) * 10**9, S64 * 10**9), "st_ctime_ns": (-(1 << 63) * 10**9, S64 * 10**9)}
+          "st_blocks": (0, S64), "st_mtime_ns": (-(1 << 63) * 10**9, S64 * 10**9),
+          "st_ctime_ns": (-(1 << 63) * 10**9, S64 * 10**9), "st_atime_ns": (-(1 << 63) * 10**9, S64 * 10**9)}
 TIME_MIN, TIME_MAX = LIMITS["st_mtime_ns"]
 MAX_CLAMP_LOGS = 1000  # nodes named in the log; beyond that only the count grows
 
@@ -137,26 +138,26 @@ class ViewOps(pyfuse3.Operations):
         fmt = IFMT.get(node.type, stat.S_IFMT(node.mode))  # the type is the node's, whatever the mode bits say
         a.st_mode = (fmt if fmt in IFMT.values() else stat.S_IFREG) | stat.S_IMODE(node.mode)
         size = node.size if node.type in ("file", "dir", "symlink") else 0
-        links, uid, gid, rdev, mtime, ctime = node.links, node.uid, node.gid, node.rdev, node.mtime_ns, node.ctime_ns
+        links, uid, gid, rdev, blocks = node.links, node.uid, node.gid, node.rdev, node.blocks
+        mtime, ctime, atime = node.mtime_ns, node.ctime_ns, node.atime_ns
         if (type(size) is int and type(links) is int and type(uid) is int and type(gid) is int  # noqa: E721
                 and type(rdev) is int and type(mtime) is int and type(ctime) is int  # noqa: E721
+                and type(atime) is int and type(blocks) is int  # noqa: E721
                 and 0 <= size <= S64 and 0 <= links <= U32 and 0 <= uid <= U32 and 0 <= gid <= U32
-                and 0 <= rdev <= U64 and TIME_MIN <= mtime <= TIME_MAX and TIME_MIN <= ctime <= TIME_MAX):
+                and 0 <= rdev <= U64 and 0 <= blocks <= S64 and TIME_MIN <= mtime <= TIME_MAX
+                and TIME_MIN <= ctime <= TIME_MAX and TIME_MIN <= atime <= TIME_MAX):
             # the common case, once per entry of a `find -ls` or `ls -l`: every value fits, nothing to clamp
             a.st_size, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev = size, links, uid, gid, rdev
-            a.st_mtime_ns = a.st_atime_ns = mtime
-            a.st_ctime_ns = ctime
+            a.st_mtime_ns, a.st_ctime_ns, a.st_atime_ns, a.st_blocks = mtime, ctime, atime, blocks
         else:
             values = {"st_size": size, "st_nlink": links, "st_uid": uid, "st_gid": gid, "st_rdev": rdev,
-                      "st_mtime_ns": mtime, "st_ctime_ns": ctime}
+                      "st_blocks": blocks, "st_mtime_ns": mtime, "st_ctime_ns": ctime, "st_atime_ns": atime}
             for field, value in values.items():
                 lo, hi = LIMITS[field]
                 if not isinstance(value, int) or not lo <= value <= hi:
                     value = self._clamp(node, field, value, lo, hi)
                 setattr(a, field, value)
-            a.st_atime_ns = a.st_mtime_ns
-        a.st_blksize = 4096
-        a.st_blocks = (a.st_size + 511) // 512
+        a.st_blksize = self.tree.blksize.get(node.fs, 4096)
         return a
 
     def _clamp(self, node: VNode, field: str, value: object, lo: int, hi: int) -> int:
@@ -320,21 +321,25 @@ class ViewOps(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         node = self._node(inode)
         key = name.decode("utf-8", "surrogateescape")
-        if key.startswith(XATTR_PREFIX):
-            value = self._own_xattrs(node).get(key)
-        else:
-            value = node.xattrs.get(key)
+        value = node.xattrs.get(key)
+        if value is None and key.startswith(XATTR_PREFIX):
+            value = self._own_xattrs(node).get(key)  # the guest's own xattr of that name comes first
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
     async def listxattr(self, inode, ctx):
+        """Exactly the guest's names: AIDE, getfattr -d, rsync -X and tar --xattrs copy whatever is listed."""
         node = self._node(inode)
-        return [k.encode("utf-8", "surrogateescape") for k in [*node.xattrs, *self._own_xattrs(node)]]
+        return [k.encode("utf-8", "surrogateescape") for k in node.xattrs]
 
     def _own_xattrs(self, node: VNode) -> dict[str, bytes]:
+        """What `mirrorfs stat` reads by name; the flags are chattr's (events name no others). A guest's own xattr
+        of the same name is what getxattr gives."""
         return {XATTR_PREFIX + "ino": str(node.ino).encode(), XATTR_PREFIX + "seq": str(node.seq).encode(),
-                XATTR_PREFIX + "mtime": f"{node.mut_time:.6f}".encode()}
+                XATTR_PREFIX + "mtime": f"{node.mut_time:.6f}".encode(),
+                XATTR_PREFIX + "flags": f"{node.flags & CHATTR_MASK:#x}".encode(),
+                XATTR_PREFIX + "blocks": str(node.blocks).encode(), XATTR_PREFIX + "fs": node.fs.encode()}
 
     # -- changing: the poke helper only
 

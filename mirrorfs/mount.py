@@ -472,8 +472,8 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
     seen = [-1, -1]
 
     def reconcile_dirs() -> None:
-        """A directory's mtime/ctime/nlink move with its entries and no event says so: take them from the
-        engine when the stream is quiet."""
+        """A directory's mtime/ctime/nlink/size move with its entries, and a file's atime with a read, and no
+        event says so: take them from the engine when the stream is quiet."""
         mark = [engine.last_seq, poker.done]
         if mark == seen:
             return
@@ -482,6 +482,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
                                 if n.children is not None and n.fs])
         with lock:
             stats = [(nid, view.stat(fs, ino)) for nid, fs, ino in dirs]
+            stats += [(tree.nid(fs, e.ino), e) for fs in tree.fs_root for e in view.take_quiet(fs)]  # atime (issue 17)
         changed = in_trio(lambda: [nid for nid, e in stats if e is not None and tree.set_attrs(nid, e)])
         for nid in changed:
             _quiet(pyfuse3.invalidate_inode, nid, True)

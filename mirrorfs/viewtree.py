@@ -29,7 +29,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from inference.events import Mutation, path_bytes
+from inference.events import CHATTR_MASK, Mutation, flag_bits, path_bytes
 from inference.names import bad_name_reason
 
 ROOT_ID = 1
@@ -66,6 +66,9 @@ class VNode:
     generation: int = 0
     names: list[tuple[int, bytes]] = field(default_factory=list)
     children: dict[bytes, int] | None = None
+    atime_ns: int = 0
+    blocks: int = 0               # st_blocks, the guest's i_blocks in 512-byte units
+    flags: int = 0                # the guest's inode flags (FS_IOC_GETFLAGS values)
 
     @property
     def st_ino(self) -> int:
@@ -98,6 +101,7 @@ class ViewTree:
         self.fs_root: dict[str, int] = {}
         self.prefixes: dict[str, bytes] = {}      # where each visible file system's root is, below the mount point
         self.covered: dict[int, int] = {}         # a directory mounted over -> the root of what is mounted there
+        self.blksize: dict[str, int] = {}         # st_blksize of each file system, as the guest's stat gives it
         self._generation = 0
         others = [fs for fs in self.filesystems if fs != root]
         self._k = {fs: k for k, fs in enumerate(others, start=1)}
@@ -237,6 +241,7 @@ class ViewTree:
         count = skipped = 0
         for e in entries:
             if e.path == b"/":
+                self.blksize[fs] = getattr(e, "blksize", 0) or 4096
                 nid = self.fs_root[fs]
                 self.nodes[nid] = self._node(fs, nid, e.ino, e.type, e.mode, e)
                 self.nodes[nid].children = {}
@@ -261,7 +266,8 @@ class ViewTree:
     def _node(self, fs: str, nid: int, ino: int, type_: str, mode: int, e) -> VNode:
         self._generation += 1
         node = VNode(nid, fs, ino, type_, mode, e.uid, e.gid, e.size, e.mtime_ns, e.ctime_ns, e.links, e.rdev,
-                     e.target, dict(e.xattrs or {}), generation=self._generation)
+                     e.target, dict(e.xattrs or {}), generation=self._generation, atime_ns=e.atime_ns, blocks=e.blocks,
+                     flags=e.flags)
         if type_ == "dir":
             node.children = {}
         return node
@@ -409,12 +415,16 @@ class ViewTree:
         """Attributes after the change, as the event carries them."""
         if m.mode is not None:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(m.mode)
-        for name in ("size", "uid", "gid", "mtime_ns", "ctime_ns", "rdev"):
+        for name in ("size", "uid", "gid", "mtime_ns", "ctime_ns", "atime_ns", "blocks", "rdev"):
             value = getattr(m, name)
             if value is not None:
                 setattr(node, name, value)
         if m.links is not None:
             node.links = m.links
+        if m.flags is not None:  # the chattr flags; the ones the file system sets itself stay as they were
+            node.flags = (node.flags & ~CHATTR_MASK) | flag_bits(m.flags)
+        elif m.kind in ("create", "mkdir", "symlink", "mknod"):
+            node.flags &= ~CHATTR_MASK  # an event names every chattr flag set, when any is
         if m.target is not None and m.kind == "symlink":
             node.target = path_bytes(m.target)
         if m.xattr:
@@ -426,15 +436,23 @@ class ViewTree:
         node.seq, node.mut_time = m.seq, m.time
 
     def set_attrs(self, nid: int, e) -> bool:
-        """Take attributes from the engine directly (a directory's mtime moves with its entries, and no event
-        says so); True if anything changed."""
+        """Take attributes from the engine directly (a directory's mtime, size and blocks move with its entries,
+        and no event says so; a file's atime moves with a read); True if anything changed. A file's size is
+        never taken here: it moves with its events only."""
         node = self.nodes.get(nid)
         if node is None:
             return False
-        new = (e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.links)
-        if (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links) == new:
+        if node.children is None:  # anything else moves with its events; only these may change without one
+            if (node.atime_ns, node.blocks, node.flags) == (e.atime_ns, e.blocks, e.flags):
+                return False
+            node.atime_ns, node.blocks, node.flags = e.atime_ns, e.blocks, e.flags
+            return True
+        new = (e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.atime_ns, e.links, e.size, e.blocks, e.flags)
+        if (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns, node.links, node.size,
+                node.blocks, node.flags) == new:
             return False
-        node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.links = new
+        (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns, node.links, node.size,
+         node.blocks, node.flags) = new
         return True
 
 

@@ -678,9 +678,11 @@ class ExtHandler:
                 if old is not None:
                     change.inodes[ino] = None
                 continue
-            if old is None or _sig(inode) != old.sig or (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE),
-                                                         inode.mtime_ns, inode.links, inode.generation) != (
-                    old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen):
+            if old is None or _sig(inode) != old.sig or (
+                    inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
+                    inode.generation, inode.atime_ns, inode.blocks, inode.flags) != (
+                    old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen, old.atime_ns, old.blocks,
+                    old.flags):
                 out.add(ino)
         return out
 
@@ -820,6 +822,7 @@ class ExtHandler:
             size = R.MAX_SIZE
         node = Node(ino=inode.ino, type=inode.type, mode=inode.mode, uid=inode.uid, gid=inode.gid, size=size,
                     mtime_ns=inode.mtime_ns, ctime_ns=inode.ctime_ns, links=inode.links, rdev=inode.rdev,
+                    atime_ns=inode.atime_ns, blocks=inode.blocks, flags=inode.flags,
                     extents=tuple((e.logical, e.physical, e.length, e.uninit) for e in extents),
                     meta_blocks=tuple(meta), xattr_block=inode.file_acl, gen=inode.generation, sig=_sig(inode))
         node.xattrs = {k: bytes(v) for k, v in R.inode_xattrs(inode, geo, rb).items()} or None

@@ -50,7 +50,7 @@ class Aide:
         self.work = work
         self.conf = work / "aide.conf"
         self.conf.write_text(f"database_in=file:{work}/aide.db\ndatabase_out=file:{work}/aide.db.new\n"
-                             "report_url=stdout\nTree = p+i+n+u+g+s+m+c+sha256\n/ Tree\n")
+                             "report_url=stdout\nTree = p+i+n+u+g+s+b+m+c+xattrs+acl+sha256\n/ Tree\n")
 
     def init(self, root: Path) -> None:
         subprocess.run(["aide", "--init", "-c", str(self.conf), "-B", f"root_prefix={root}"], check=True,
@@ -75,8 +75,8 @@ class Tripwire:
             f"SITEKEYFILE={sk}\nLOCALKEYFILE={lk}\nEDITOR=/bin/true\nLATEPROMPTING=false\n"
             "LOOSEDIRECTORYCHECKING=false\nMAILNOVIOLATIONS=false\nEMAILREPORTLEVEL=3\nREPORTLEVEL=4\n"
             "MAILMETHOD=SENDMAIL\nSYSLOGREPORTING=false\nMAILPROGRAM=/bin/true\n")
-        # the device number differs between mounts: no `d`; no `b` (blocks) nor `a` (atime)
-        (work / "twpol.txt").write_text(f'(rulename = "view") {{\n  {root} -> +pinugtsmcS ;\n}}\n')
+        # Debian's SEC_CRIT less `d`, the device number, which differs between mounts (issue 17)
+        (work / "twpol.txt").write_text(f'(rulename = "view") {{\n  {root} -> $(IgnoreNone)-SHad ;\n}}\n')
         run("twadmin", "--create-cfgfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
             "--site-passphrase", "P1", str(work / "twcfg.txt"))
         run("twadmin", "--create-polfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),

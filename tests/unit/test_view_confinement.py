@@ -297,9 +297,10 @@ def test_helper_requests_outside_the_staged_mutation_are_refused():
 def test_attributes_out_of_range_are_clamped_not_fatal():
     ops, *_ = _ops()
     node = VNode(99, "disk", 99, "file", stat.S_IFREG | 0o644, uid=1 << 40, gid=-5, size=(1 << 64) - 1,
-                 mtime_ns=(1 << 80) * 10**9, ctime_ns=-(1 << 80) * 10**9, links=1 << 70, rdev=1 << 70)
+                 mtime_ns=(1 << 80) * 10**9, ctime_ns=-(1 << 80) * 10**9, links=1 << 70, rdev=1 << 70,
+                 atime_ns=(1 << 80) * 10**9, blocks=1 << 70)
     a = ops.attrs(node)
-    assert a.st_size == (1 << 63) - 1 and a.st_blocks == ((1 << 63) - 1 + 511) // 512
+    assert a.st_size == (1 << 63) - 1 and a.st_blocks == (1 << 63) - 1  # the guest's i_blocks, not made up
     assert a.st_nlink == (1 << 32) - 1 and a.st_uid == (1 << 32) - 1 and a.st_gid == 0
     assert a.st_rdev == (1 << 64) - 1
     assert a.st_mtime_ns == ((1 << 63) - 1) * 10**9 and a.st_atime_ns == a.st_mtime_ns

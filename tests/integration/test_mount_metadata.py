@@ -1,0 +1,239 @@
+"""Issue 17: the view's metadata is the disk's. The host kernel writes ext4 (qemu-storage-daemon, a live
+`attach --mount`); then AIDE with the full rule `p+i+n+u+g+s+b+m+c+xattrs+acl+sha256`, initialised on a loop mount
+of a snapshot of the final disk and checked on the live view, finds no difference; Tripwire with Debian's policy
+masks (less the device number), initialised on the view, finds none on the snapshot mounted at the same path;
+every lstat field and `du -s` agree; `chattr +i`, `+a`, `-i` are attrib events naming the flags; the view lists
+no xattr of its own. Both layouts: 4 KiB blocks with htree directories, 1 KiB blocks with linear directories
+grown across blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_mount import events_of, wait_quiet
+from tests.mountharness import force_unmount, wait_mounted
+from tests.support import require_root, require_tools
+from tests.tapharness import Attach, mirrorfs
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 60
+SLOW_TARGET = "a/target/long/enough/not/to/fit/in/the/inode/" + "x" * 40  # > 60 bytes: a block of its own
+
+# Phase 1 makes the directories; phase 2 grows them (the view saw them small) and makes everything else.
+PHASE1 = "set -e\nmkdir many htree acl\n: > many/first\nsync\n"
+PHASE2 = rf"""
+set -e
+i=0; while [ $i -lt 120 ]; do : > many/a-name-long-enough-to-fill-blocks-$i; i=$((i+1)); done
+i=0; while [ $i -lt 400 ]; do : > htree/entry-number-$i-with-some-padding; i=$((i+1)); done
+printf small > small
+printf 'x%.0s' $(seq 1 5000) > twoblocks
+truncate -s 3M sparse
+printf data | dd of=sparse bs=1 seek=1048576 conv=notrunc status=none
+printf more | dd of=sparse bs=1 seek=2500000 conv=notrunc status=none
+ln -s small fast
+ln -s {SLOW_TARGET} slow
+ln small hard
+mkfifo fifo
+mknod chr c 1 3
+setfattr -n user.note -v hello small
+setfattr -h -n trusted.t -v 1 fast
+setfacl -m u:1234:rw,g:77:r small
+setfacl -d -m g:55:rx acl
+: > acl/inherits
+chown 1000:1000 twoblocks
+chmod 4750 twoblocks
+touch -a -d '2020-01-01 00:00:00.123456789' small
+touch -m -d '2019-05-05 05:05:05.987654321' many/first
+: > flagged
+: > appended
+printf later > later
+sync
+"""
+FLAG_STEPS = (("chattr +i flagged", "/flagged", ["immutable"], []),
+              ("chattr +a appended", "/appended", ["append"], []),
+              ("chattr -i flagged", "/flagged", [], ["immutable"]))
+FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_rdev", "st_atime_ns",
+          "st_mtime_ns", "st_ctime_ns", "st_blksize")
+
+
+@contextmanager
+def live(tmp_path: Path, block_size: int, features: str) -> Iterator[tuple]:
+    """A fresh ext4 served by `attach --base --mount`; yields (host writer, host mount, view, state, disk)."""
+    require_root()
+    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "setfacl", "setfattr",
+                  "chattr", "aide", "tripwire", "twadmin", "twprint", "du")
+    from images.hostwriter import HostWriter
+
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(48 << 20)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(block_size), "-E", "lazy_itable_init=0",
+                    *(["-O", features] if features else []), str(base)], check=True, capture_output=True)
+    disk = tmp_path / "disk.raw"
+    shutil.copyfile(base, disk)
+    state, mnt = tmp_path / "state", tmp_path / "view"
+    mnt.mkdir()
+    attach = None
+    try:
+        with HostWriter(disk, tmp_path / "qsd") as hw:
+            attach = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), "--mount", str(mnt))
+            attach.start()
+            wait_mounted(mnt, attach.proc, timeout=120)
+            host = hw.mount()
+            yield hw, host, mnt, state, disk, attach
+            attach.detach()
+    finally:
+        if attach is not None and attach.proc is not None and attach.proc.poll() is None:
+            attach.proc.kill()
+            attach.proc.wait(10)
+        force_unmount(mnt)
+
+
+def _run(hw, script: str) -> None:
+    p = hw.run(script)
+    assert p.returncode == 0, p.stderr
+
+
+def _wait_event(state: Path, pred, what: str) -> dict:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        hit = next((e for e in events_of(state) if pred(e)), None)
+        if hit is not None:
+            return hit
+        assert time.monotonic() < deadline, f"no event: {what}"
+        time.sleep(0.1)
+
+
+def _lstat_tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in [".", *dirs, *files]:
+            p = Path(d) / name
+            s = os.lstat(p)
+            out[str(p.relative_to(root))] = tuple(getattr(s, f) for f in FIELDS)
+    return out
+
+
+def _du(root: Path) -> tuple[str, str]:
+    run = lambda *a: subprocess.run(["du", "-s", *a, "."], cwd=root, check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout
+    return run("--block-size=512"), run("--apparent-size", "--block-size=1")
+
+
+def _aide(work: Path, init_root: Path, check_root: Path) -> subprocess.CompletedProcess:
+    conf = work / "aide.conf"
+    conf.write_text(f"database_in=file:{work}/aide.db\ndatabase_out=file:{work}/aide.db.new\nreport_url=stdout\n"
+                    "Full = p+i+n+u+g+s+b+m+c+xattrs+acl+sha256\n/ Full\n")
+    subprocess.run(["aide", "--init", "-c", str(conf), "-B", f"root_prefix={init_root}"], check=True,
+                   capture_output=True, timeout=300)
+    (work / "aide.db.new").rename(work / "aide.db")
+    return subprocess.run(["aide", "--check", "-c", str(conf), "-B", f"root_prefix={check_root}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+class Tripwire:
+    """Debian's twpol.txt masks, each less `d` (the device number, which differs between any two mounts)."""
+
+    def __init__(self, work: Path, root: Path) -> None:
+        self.work, self.cfg = work, work / "tw.cfg"
+        sk, lk = work / "site.key", work / "local.key"
+        run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=300)  # noqa: E731
+        run("twadmin", "--generate-keys", "--site-keyfile", str(sk), "--site-passphrase", "P1")
+        run("twadmin", "--generate-keys", "--local-keyfile", str(lk), "--local-passphrase", "P2")
+        (work / "twcfg.txt").write_text(
+            f"ROOT=/usr/sbin\nPOLFILE={work}/tw.pol\nDBFILE={work}/tw.twd\nREPORTFILE={work}/report.twr\n"
+            f"SITEKEYFILE={sk}\nLOCALKEYFILE={lk}\nEDITOR=/bin/true\nLATEPROMPTING=false\n"
+            "LOOSEDIRECTORYCHECKING=false\nMAILNOVIOLATIONS=false\nEMAILREPORTLEVEL=3\nREPORTLEVEL=4\n"
+            "MAILMETHOD=SENDMAIL\nSYSLOGREPORTING=false\nMAILPROGRAM=/bin/true\n")
+        (work / "twpol.txt").write_text(
+            "SEC_CRIT = $(IgnoreNone)-SHad ;\nSEC_BIN = $(ReadOnly)-d ;\nSEC_CONFIG = $(Dynamic)-d ;\n"
+            "SEC_LOG = $(Growing)-d ;\nSEC_INVARIANT = +tpug ;\n"
+            f'(rulename = "view") {{\n  {root} -> $(SEC_CRIT) ;\n  {root}/many -> $(SEC_BIN) ;\n'
+            f"  {root}/htree -> $(SEC_CONFIG) ;\n  {root}/acl -> $(SEC_LOG) ;\n"
+            f"  {root}/lost+found -> $(SEC_INVARIANT) ;\n}}\n")
+        run("twadmin", "--create-cfgfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
+            "--site-passphrase", "P1", str(work / "twcfg.txt"))
+        run("twadmin", "--create-polfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
+            "--site-passphrase", "P1", str(work / "twpol.txt"))
+        subprocess.run(["tripwire", "--init", "--cfgfile", str(self.cfg), "--local-passphrase", "P2"], check=True,
+                       capture_output=True, timeout=300)
+
+    def check(self, name: str) -> tuple[int, str]:
+        twr = self.work / f"{name}.twr"
+        p = subprocess.run(["tripwire", "--check", "--cfgfile", str(self.cfg), "--twrfile", str(twr)],
+                           capture_output=True, text=True, timeout=300)
+        out = subprocess.run(["twprint", "--print-report", "--cfgfile", str(self.cfg), "--twrfile", str(twr),
+                              "--report-level", "4"], capture_output=True, text=True, timeout=300)
+        assert "Total objects scanned" in out.stdout, out.stdout + out.stderr
+        return p.returncode, out.stdout
+
+
+@pytest.mark.parametrize("block_size,features", [(4096, ""), (1024, "^dir_index")], ids=["4k-htree", "1k-linear"])
+def test_view_metadata_is_the_disks(tmp_path, block_size, features):
+    work = tmp_path / "checkers"
+    work.mkdir()
+    snap_mnt = tmp_path / "snapshot"
+    snap_mnt.mkdir()
+    with live(tmp_path, block_size, features) as (hw, host, mnt, state, disk, attach):
+        _run(hw, PHASE1)
+        wait_quiet(mnt, state, "many/first")
+        small_dir = os.lstat(mnt / "many").st_size
+        _run(hw, PHASE2)
+        wait_quiet(mnt, state, "appended")
+        for script, path, flags, old in FLAG_STEPS:
+            _run(hw, script + "\nsync\n")
+            want = {"kind": "attrib", "path": path, "flags": flags, "old_flags": old}
+            ev = _wait_event(state, lambda e, want=want: all(e.get(k) == v for k, v in want.items()),
+                             f"{script}: {want}")
+            assert ev["ino"] == os.lstat(mnt / path.lstrip("/")).st_ino
+        _run(hw, "cat later > /dev/null\nsync\n")  # a read in the guest moves atime alone: no event
+        stat_out = mirrorfs("stat", "--json", mnt / "appended", mnt / "fast").stdout.splitlines()
+        text = mirrorfs("stat", mnt / "appended").stdout
+        assert " flags: append " in text and f"guest inode: {os.lstat(mnt / 'appended').st_ino}" in text, text
+        lsattr = subprocess.run(["lsattr", "-d", mnt / "appended"], capture_output=True, text=True)
+        assert lsattr.returncode != 0, "lsattr works on the view now: say so in mirrorfs-mount(1)"
+        hw.unmount()  # the guest's disk is clean and final
+        wait_quiet(mnt, state, "appended", settle=3)
+        view_stat, view_du = _lstat_tree(mnt), _du(mnt)
+        assert view_stat["many"][5] > small_dir, "the directory's size did not follow its growth"
+        assert not any(n.startswith("user.mirrorfs") for n in os.listxattr(mnt / "small"))
+        assert sorted(os.listxattr(mnt / "small")) == ["system.posix_acl_access", "user.note"]
+        assert os.getxattr(mnt / "small", "user.mirrorfs.ino") == str(view_stat["small"][1]).encode()
+        shutil.copyfile(disk, tmp_path / "snapshot.raw")
+        subprocess.run(["mount", "-o", "ro,loop", str(tmp_path / "snapshot.raw"), str(snap_mnt)], check=True)
+        try:
+            snap_stat, snap_du = _lstat_tree(snap_mnt), _du(snap_mnt)
+            aide = _aide(work, snap_mnt, mnt)
+        finally:
+            subprocess.run(["umount", str(snap_mnt)], check=True)
+        tw = Tripwire(work, mnt)
+        view_tw = tw.check("view")
+    subprocess.run(["mount", "-o", "ro,loop", str(tmp_path / "snapshot.raw"), str(mnt)], check=True)
+    try:
+        snap_tw = tw.check("snapshot")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+    import json
+    appended, fast = (json.loads(x) for x in stat_out)
+    assert aide.returncode == 0 and "NO differences" in aide.stdout, aide.stdout[-4000:]
+    assert appended["flags"] == ["append"] and appended["ino"] == view_stat["appended"][1]
+    assert fast["flags"] is None and fast["blocks"] == 0
+    diffs = {p: (v, snap_stat.get(p)) for p, v in view_stat.items() if snap_stat.get(p) != v}
+    assert not diffs and view_stat.keys() == snap_stat.keys(), (FIELDS, diffs)
+    assert view_du == snap_du
+    assert view_stat["small"][8] == 1_577_836_800_123_456_789          # the guest's atime, to the nanosecond
+    assert view_stat["later"][8] > view_stat["later"][9]               # moved by the read (relatime)
+    assert view_stat["sparse"][6] < view_stat["sparse"][5] // 512      # a sparse file's blocks are its own
+    assert view_stat["fast"][6] == 0 and view_stat["slow"][6] > 0
+    assert view_tw[0] == snap_tw[0] == 0, snap_tw[1][-4000:]
