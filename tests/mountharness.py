@@ -144,3 +144,39 @@ _ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]"   # CSI: cursor, erase, attrib
 def strip_terminal(data: bytes) -> bytes:
     """The text of a terminal stream: escape sequences removed (control characters such as CR are kept)."""
     return _ESCAPES.sub(b"", data)
+
+
+class Tripwire:
+    """Tripwire driven non-interactively in `work` (its own keys, config and database) with the policy `rules`
+    (twpol.txt text; FINDINGS "driving Tripwire"): `init()` on one tree, then `check(name)` gives the exit code and
+    the full report."""
+
+    def __init__(self, work: Path, rules: str) -> None:
+        self.work, self.cfg = work, work / "tw.cfg"
+        sk, lk = work / "site.key", work / "local.key"
+        run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=300)  # noqa: E731
+        run("twadmin", "--generate-keys", "--site-keyfile", str(sk), "--site-passphrase", "P1")
+        run("twadmin", "--generate-keys", "--local-keyfile", str(lk), "--local-passphrase", "P2")
+        (work / "twcfg.txt").write_text(
+            f"ROOT=/usr/sbin\nPOLFILE={work}/tw.pol\nDBFILE={work}/tw.twd\nREPORTFILE={work}/report.twr\n"
+            f"SITEKEYFILE={sk}\nLOCALKEYFILE={lk}\nEDITOR=/bin/true\nLATEPROMPTING=false\n"
+            "LOOSEDIRECTORYCHECKING=false\nMAILNOVIOLATIONS=false\nEMAILREPORTLEVEL=3\nREPORTLEVEL=4\n"
+            "MAILMETHOD=SENDMAIL\nSYSLOGREPORTING=false\nMAILPROGRAM=/bin/true\n")
+        (work / "twpol.txt").write_text(rules)
+        run("twadmin", "--create-cfgfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
+            "--site-passphrase", "P1", str(work / "twcfg.txt"))
+        run("twadmin", "--create-polfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
+            "--site-passphrase", "P1", str(work / "twpol.txt"))
+
+    def init(self) -> None:
+        subprocess.run(["tripwire", "--init", "--cfgfile", str(self.cfg), "--local-passphrase", "P2"], check=True,
+                       capture_output=True, timeout=300)
+
+    def check(self, name: str) -> tuple[int, str]:
+        twr = self.work / f"{name}.twr"
+        p = subprocess.run(["tripwire", "--check", "--cfgfile", str(self.cfg), "--twrfile", str(twr)],
+                           capture_output=True, text=True, timeout=300)
+        out = subprocess.run(["twprint", "--print-report", "--cfgfile", str(self.cfg), "--twrfile", str(twr),
+                              "--report-level", "4"], capture_output=True, text=True, timeout=300)
+        return p.returncode, out.stdout
+

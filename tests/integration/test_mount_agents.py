@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_mount import live_view, wait_quiet
-from tests.mountharness import Inotify, wait_unmounted
+from tests.mountharness import Inotify, Tripwire, wait_unmounted
 from tests.support import require_tools
 
 pytestmark = pytest.mark.integration
@@ -63,38 +63,6 @@ class Aide:
         return p.returncode, p.stdout
 
 
-class Tripwire:
-    def __init__(self, work: Path, root: Path) -> None:
-        self.work, self.cfg = work, work / "tw.cfg"
-        sk, lk = work / "site.key", work / "local.key"
-        run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=300)  # noqa: E731
-        run("twadmin", "--generate-keys", "--site-keyfile", str(sk), "--site-passphrase", "P1")
-        run("twadmin", "--generate-keys", "--local-keyfile", str(lk), "--local-passphrase", "P2")
-        (work / "twcfg.txt").write_text(
-            f"ROOT=/usr/sbin\nPOLFILE={work}/tw.pol\nDBFILE={work}/tw.twd\nREPORTFILE={work}/report.twr\n"
-            f"SITEKEYFILE={sk}\nLOCALKEYFILE={lk}\nEDITOR=/bin/true\nLATEPROMPTING=false\n"
-            "LOOSEDIRECTORYCHECKING=false\nMAILNOVIOLATIONS=false\nEMAILREPORTLEVEL=3\nREPORTLEVEL=4\n"
-            "MAILMETHOD=SENDMAIL\nSYSLOGREPORTING=false\nMAILPROGRAM=/bin/true\n")
-        # Debian's SEC_CRIT less `d`, the device number, which differs between mounts (issue 17)
-        (work / "twpol.txt").write_text(f'(rulename = "view") {{\n  {root} -> $(IgnoreNone)-SHad ;\n}}\n')
-        run("twadmin", "--create-cfgfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
-            "--site-passphrase", "P1", str(work / "twcfg.txt"))
-        run("twadmin", "--create-polfile", "--cfgfile", str(self.cfg), "--site-keyfile", str(sk),
-            "--site-passphrase", "P1", str(work / "twpol.txt"))
-
-    def init(self) -> None:
-        subprocess.run(["tripwire", "--init", "--cfgfile", str(self.cfg), "--local-passphrase", "P2"], check=True,
-                       capture_output=True, timeout=300)
-
-    def check(self, name: str) -> tuple[int, str]:
-        twr = self.work / f"{name}.twr"
-        p = subprocess.run(["tripwire", "--check", "--cfgfile", str(self.cfg), "--twrfile", str(twr)],
-                           capture_output=True, text=True, timeout=300)
-        out = subprocess.run(["twprint", "--print-report", "--cfgfile", str(self.cfg), "--twrfile", str(twr),
-                              "--report-level", "4"], capture_output=True, text=True, timeout=300)
-        return p.returncode, out.stdout
-
-
 def test_aide_and_tripwire_on_the_view_match_the_final_disk(tmp_path):
     require_tools("aide", "tripwire", "twadmin", "twprint", "mount", "umount")
     from images.guest import DONE
@@ -103,7 +71,8 @@ def test_aide_and_tripwire_on_the_view_match_the_final_disk(tmp_path):
     work.mkdir()
     aide = Aide(work)
     with live_view(tmp_path, CHANGES) as (guest, attach, mnt, state, disk):
-        tw = Tripwire(work, mnt)
+        # Debian's SEC_CRIT less `d`, the device number, which differs between mounts (issue 17)
+        tw = Tripwire(work, f'(rulename = "view") {{\n  {mnt} -> $(IgnoreNone)-SHad ;\n}}\n')
         wait_quiet(mnt, state, "work/PHASE1")
         t0 = time.monotonic()
         aide.init(mnt)
