@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from inference.errors import CorruptMetadata
-from inference.events import Mutation, fs_path
+from inference.events import ErrorEvent, Kind, Mutation, fs_path
 from inference.ext.handler import ExtHandler
 from inference.volume import Volume, VolumeMap
 from tap.replica import BlockReplica
@@ -107,6 +108,22 @@ def path_scope(handler: ExtHandler, prefixes: tuple[str, ...]) -> Callable[[int]
     return inside
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A consistent copy of the engine's counters, for metrics and status (Engine.stats)."""
+
+    last_seq: int
+    last_time_ns: int
+    scope_prefixes: int
+    writes: int
+    unowned_blocks: int
+    pending_data_inodes: int
+    errors: int
+    transactions: int
+    gaps: int
+    skipped_data: int
+
+
 @dataclass
 class FsEntry:
     volume: Volume
@@ -121,6 +138,10 @@ class Engine:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.size, self.vm = size, vm
+        # Held by the one thread that feeds records (inference.runner.Runner) for each step, and by every reader
+        # of engine state from another thread: inference.view.EngineView and stats(). Reentrant, so a reader
+        # may hold it across several calls to get one consistent point.
+        self.lock = threading.RLock()
         disk = self.workdir / "disk.img"
         for stale in (disk, disk.with_name(disk.name + ".seq")):
             stale.unlink(missing_ok=True)  # derived state: every run starts again from the base
@@ -131,6 +152,7 @@ class Engine:
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
         self.last_seq = self.last_time_ns = 0
+        self._spent = -math.inf  # a deadline whose tick decided nothing: not due again before the next record
         self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
         self.errors: list[Mutation] = []
         self.names_refused = False  # a file system was indexed: its refused names wait for _refused_names
@@ -209,18 +231,45 @@ class Engine:
     def _scope_handler(self, handler: ExtHandler) -> None:
         handler.set_scope(None if self.scope is None else path_scope(handler, self.scope))
 
+    def stats(self) -> EngineStats:
+        with self.lock:
+            hs = [fs.handler for fs in self.filesystems.values()]
+            return EngineStats(
+                last_seq=self.last_seq, last_time_ns=self.last_time_ns, scope_prefixes=len(self.scope or ()),
+                writes=sum(h.stats.writes for h in hs), unowned_blocks=sum(h.stats.unowned_blocks for h in hs),
+                pending_data_inodes=sum(len(h.pending_data) for h in hs), errors=sum(h.stats.errors for h in hs),
+                transactions=sum(h.stats.transactions for h in hs), gaps=sum(h.stats.gaps for h in hs),
+                skipped_data=sum(h.stats.skipped_data for h in hs))
+
+    def partuuid(self, fs: str) -> str:
+        """The PARTUUID the guest's blkid gives file system `fs`'s partition ("" if none): GPT's partition GUID,
+        or an MBR partition's disk signature and number."""
+        with self.lock:
+            entry = self.filesystems.get(fs)
+            vol = entry.volume if entry is not None else None
+            if vol is None:
+                return ""
+            if vol.uuid:
+                return vol.uuid.lower()
+            if self.volumes.table == "dos" and fs[1:].isdigit():
+                sig = int.from_bytes(self.replica.read(440, 4), "little")  # MBR disk signature
+                return f"{sig:08x}-{int(fs[1:]):02x}" if sig else ""
+            return ""
+
     # -- records
 
     def process(self, records: Iterable[Record]) -> list[Mutation]:
         events: list[Mutation] = []
         rescan = False
         for rec in records:
-            self.last_seq, self.last_time_ns = rec.seq, rec.time_ns
+            if rec.time_ns >= self.deadline_ns():
+                events += self._advance(rec.time_ns)  # what fell due before this record, decided as of then
+            self.last_seq, self.last_time_ns, self._spent = rec.seq, rec.time_ns, -math.inf
             if self.names_refused:
                 events += self._refused_names(rec.time_ns)
             if rec.kind in (KIND_WRITE, KIND_ZEROES):
                 if rec.offset < 0 or rec.length < 0 or rec.offset + rec.length > self.size:
-                    events.append(Mutation(seq=rec.seq, time=rec.time_ns / 1e9, kind="error", path="/", vm=self.vm,
+                    events.append(ErrorEvent(seq=rec.seq, time=rec.time_ns / 1e9, kind=Kind.ERROR, path="/", vm=self.vm,
                                            message=f"a log record writes {rec.length} bytes at {rec.offset}, past "
                                                    f"the disk's {self.size} bytes: left out"))
                     continue  # the tap refuses such writes: only a damaged or forged log holds one
@@ -281,7 +330,21 @@ class Engine:
     def deadline_ns(self) -> float:
         """The record time at which `tick` would next decide something with no new record (inf: never): a
         follower with no records sleeps until then, or until records come."""
-        return min((fs.handler.deadline_ns() for fs in self.filesystems.values()), default=math.inf)
+        due = min((fs.handler.deadline_ns() for fs in self.filesystems.values()), default=math.inf)
+        return math.inf if due <= self._spent else due
+
+    def _advance(self, now_ns: int) -> list[Mutation]:
+        """Decide what fell due by `now_ns`, one deadline at a time, each at its own record time. The one clock:
+        a replay decides these between the records whose times straddle a deadline, a live follower on an
+        idle log when its clock passes it (Runner), both with the same times, so both emit the same events."""
+        events: list[Mutation] = []
+        while (due := self.deadline_ns()) <= now_ns:
+            for fs in self.filesystems.values():
+                events += fs.handler.tick(int(due))
+            if self.deadline_ns() <= due:  # it decided nothing: nothing will, before a record (never spin)
+                self._spent = due
+                break
+        return events
 
     def _refused_names(self, time_ns: int) -> list[Mutation]:
         """Entries the name policy refused while a file system was indexed (a base, an index, a file system made
@@ -294,11 +357,10 @@ class Engine:
         return events
 
     def tick(self, now_ns: int) -> list[Mutation]:
-        """The log is idle: file systems quiet long enough reconcile their home locations now."""
-        events: list[Mutation] = self._refused_names(now_ns) if self.names_refused else []
-        for fs in self.filesystems.values():
-            events += fs.handler.tick(now_ns)
-        return events
+        """No record came up to record time `now_ns` (a live follower's clock, less Runner's grace): decide what
+        fell due meanwhile (settles, data waiting for a commit, held sizes' bounds), as a replay would."""
+        events: list[Mutation] = self._refused_names(self.last_time_ns or now_ns) if self.names_refused else []
+        return events + self._advance(now_ns)
 
     def finish(self) -> list[Mutation]:
         """End of a replay (or a detach): whatever is dirty or pending becomes events now."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from inference.events import Mutation, format_id, parse_id
+from inference.events import ErrorEvent, Kind, Mutation, format_id, parse_id
 from inference.wake import DirWake
 from tap.writelog import Gap
 
@@ -164,5 +164,5 @@ def read_events(path: Path, since: int = 0, *, follow: bool = False, interval: f
 def gap_event(gap: Gap, *, vm: str = "", time_ns: int = 0) -> Mutation:
     """The `error` event for seqs the write log lost (damaged or missing on disk): the stream says what it
     cannot show, in seq order (it carries the last lost seq), instead of skipping it in silence."""
-    return Mutation(seq=gap.last_seq, time=(time_ns or time.time_ns()) / 1e9, kind="error", path="/", vm=vm,
+    return ErrorEvent(seq=gap.last_seq, time=(time_ns or time.time_ns()) / 1e9, kind=Kind.ERROR, path="/", vm=vm,
                     message=f"{gap}; the writes they held are missing from the engine's disk and events")

@@ -9,10 +9,29 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-KINDS = ("create", "mkdir", "symlink", "mknod", "link", "delete", "rmdir", "rename", "modify", "truncate",
-         "attrib", "xattr", "error")
+
+class Kind(StrEnum):
+    """What happened (mirrorfs-events(5)). A str: it compares equal to, and serialises as, its name."""
+
+    CREATE = "create"
+    MKDIR = "mkdir"
+    SYMLINK = "symlink"
+    MKNOD = "mknod"
+    LINK = "link"
+    DELETE = "delete"
+    RMDIR = "rmdir"
+    RENAME = "rename"
+    MODIFY = "modify"
+    TRUNCATE = "truncate"
+    ATTRIB = "attrib"
+    XATTR = "xattr"
+    ERROR = "error"  # only ever an ErrorEvent's
+
+
+KINDS = tuple(k.value for k in Kind)
 # DEL, C1 controls, and the bidi embeddings, overrides and isolates: inside a JSON string each may stand as \\uXXXX
 _TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
@@ -46,7 +65,7 @@ def flag_bits(names: list[str]) -> int:
 class Mutation:
     seq: int                      # write-log seq of the record that completed the change
     time: float                   # host receive time of that record, seconds since the epoch
-    kind: str
+    kind: Kind                    # a plain str is taken too, and made a Kind
     path: str                     # absolute inside its file system, e.g. /etc/passwd
     vm: str = ""
     fs: str = ""                  # the file system: pN, label or UUID
@@ -73,6 +92,16 @@ class Mutation:
     unconfirmed: bool | None = None  # True: a size shown without seeing its data written (bound or end); see reconcile
     id: str | None = None         # "SEQ-N": N-th event (from 1) of that seq, given by the EventLog; stable position
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if type(self.kind) is not Kind:
+            self.kind = Kind(self.kind)  # ValueError for a kind that does not exist
+        if self.kind is Kind.ERROR and not isinstance(self, ErrorEvent):
+            raise TypeError("an error is an ErrorEvent (error_event()), not a Mutation of kind error")
+
+    @property
+    def is_error(self) -> bool:
+        return isinstance(self, ErrorEvent)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -105,15 +134,27 @@ class Mutation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mutation:
-        known = {f for f in cls.__slots__ if f != "extra"}
+        known = {f for f in Mutation.__slots__ if f != "extra"}
         kw = {k: v for k, v in d.items() if k in known}
         if kw.get("ranges") is not None:
             kw["ranges"] = [tuple(r) for r in kw["ranges"]]
-        return cls(**kw, extra={k: v for k, v in d.items() if k not in known})
+        made = ErrorEvent if kw.get("kind") == Kind.ERROR else Mutation
+        return made(**kw, extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
     def from_json(cls, line: str) -> Mutation:
         return cls.from_dict(json.loads(line))
+
+
+@dataclass(slots=True)
+class ErrorEvent(Mutation):
+    """What the engine could not make a mutation of (hostile or inconsistent metadata, a gap in the log), on
+    the same stream, in seq order; `message` says what was wrong and what the engine did. Consumers that apply
+    mutations (the view, reads) pass these by (`is_error`)."""
+
+
+def error_event(seq: int, time: float, path: str, message: str, *, fs: str = "", vm: str = "") -> ErrorEvent:
+    return ErrorEvent(seq=seq, time=time, kind=Kind.ERROR, path=path, fs=fs, vm=vm, message=message)
 
 
 def parse_id(event_id: str) -> tuple[int, int]:

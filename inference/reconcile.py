@@ -20,7 +20,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from inference.events import CHATTR_MASK, Mutation, flag_names, fs_path
+from inference.events import CHATTR_MASK, ErrorEvent, Kind, Mutation, flag_names, fs_path
 from inference.names import all_valid, bad_name_reason
 from inference.shadow import ROOT_INO, Node, ShadowTree
 
@@ -219,7 +219,7 @@ class Reconciler:
             bad = [n for n in entries if bad_name_reason(n) is not None]
             for n in bad:
                 ino = entries.pop(n)
-                events.append(Mutation(seq=ctx.seq, time=ctx.time, kind="error", fs=ctx.fs, vm=ctx.vm,
+                events.append(ErrorEvent(seq=ctx.seq, time=ctx.time, kind=Kind.ERROR, fs=ctx.fs, vm=ctx.vm,
                                        path=fs_path(self.tree.path(d) or b"?"),
                                        ino=d, message=f"bad name left out: directory inode {d}, entry inode {ino}, "
                                        f"name (hex) '{n.hex()}': {bad_name_reason(n)} (not refused by the handler)",

@@ -7,15 +7,15 @@ only for file content, link targets, xattrs and file-system totals, by (file sys
 from __future__ import annotations
 
 import dataclasses
+import functools
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from inference.engine import Engine
-from inference.errors import CorruptMetadata
-from inference.ext import layout as L
-from inference.ext import reader as R
+from inference.ext.statfs import StatFs
+from inference.ext.statfs import statfs as ext_statfs
 from inference.shadow import ROOT_INO, Node
 
 MAX_READ = 32 << 20
@@ -45,20 +45,6 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
-class StatFs:
-    """As ext4's statfs reports it: `blocks` less the metadata overhead, `blocks_avail` less the root-reserved
-    blocks and the kernel's own reserve (2% up to 4096 clusters, extent file systems only)."""
-
-    block_size: int
-    blocks: int
-    blocks_free: int
-    files: int
-    files_free: int
-    name_max: int = 255
-    blocks_avail: int | None = None  # None: same as blocks_free
-
-
-@dataclass(frozen=True, slots=True)
 class Identity:
     """What /etc/fstab may name a file system by."""
 
@@ -69,12 +55,22 @@ class Identity:
     partlabel: str   # GPT partition name (PARTLABEL=)
 
 
+def _locked(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def under_lock(self, *args):
+        with self.engine.lock:
+            return method(self, *args)
+    return under_lock
+
+
 class EngineView:
-    """Read access to the engine's file systems for the views."""
+    """The engine's door for readers in other threads (the FUSE view, tools): each call is taken under the
+    engine's lock (Engine.lock, reentrant: hold it around several calls for one consistent point)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    @_locked
     def filesystems(self) -> list[str]:
         return sorted(self.engine.filesystems)
 
@@ -84,8 +80,12 @@ class EngineView:
             raise KeyError(f"no file system {fs!r}")
         return entry.handler
 
-    def snapshot(self, fs: str) -> Iterator[Entry]:
+    @_locked
+    def snapshot(self, fs: str) -> list[Entry]:
         """Every path of the shadow tree now, breadth first (a directory before what it holds)."""
+        return list(self._walk(fs))
+
+    def _walk(self, fs: str) -> Iterator[Entry]:
         tree = self._handler(fs).tree
         queue = [(ROOT_INO, b"/")]
         seen = {ROOT_INO}
@@ -102,12 +102,14 @@ class EngineView:
                     seen.add(ino)
                     queue.append((ino, child))
 
+    @_locked
     def stat(self, fs: str, ino: int) -> Entry | None:
         """One inode's attributes now (path left empty): for attributes no event carries, such as a
         directory's mtime, which moves with its entries."""
         node = self._handler(fs).tree.nodes.get(ino)
         return None if node is None else _entry(b"", node)
 
+    @_locked
     def take_quiet(self, fs: str) -> list[Entry]:
         """The inodes (path left empty) whose atime, blocks or flags changed without an event since the last call,
         as they are now: a read in the guest moves atime and says nothing, and the view must still show it."""
@@ -116,6 +118,7 @@ class EngineView:
         nodes = handler.tree.nodes
         return [_entry(b"", nodes[ino]) for ino in sorted(inos) if ino in nodes]
 
+    @_locked
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
         """File content as the replica holds it now (holes and unwritten extents read as zeros, as the guest's
         kernel reads them). Shorter than asked where the engine's file ends: the caller decides what that means
@@ -127,7 +130,7 @@ class EngineView:
             return b""
         size = min(size, node.size - offset, MAX_READ)
         if not node.extents and handler.geo.inline_data and node.size <= handler.geo.block_size:
-            inline = self._inline(handler, ino, node.size)
+            inline = handler.inline_bytes(ino, node.size)
             if inline is not None:
                 return inline[offset:offset + size]
         bs = handler.geo.block_size
@@ -147,18 +150,7 @@ class EngineView:
                 out[a:b] = data[a - start:b - start]
         return bytes(out)
 
-    @staticmethod
-    def _inline(handler, ino: int, size: int) -> bytes | None:
-        """An INLINE_DATA_FL inode's bytes up to `size` (past the inline bytes zeros, as ext4_readpage_inline
-        reads them); None if the inode keeps no inline data, b"" if its record cannot be read now."""
-        try:
-            inode = handler.reader.inode(ino)
-            if not inode.flags & L.INLINE_DATA_FL:
-                return None
-            return R.inline_data(inode, handler.geo)[:size].ljust(size, b"\0")
-        except CorruptMetadata:
-            return b""  # a torn or hostile record: a short read, so the view answers EIO
-
+    @_locked
     def writing(self, fs: str, ino: int, start: int, end: int) -> bool:
         """Has the engine taken data writes to [start, end) of the file that no event has reported yet? Their
         bytes are in the replica already, so a reader at the view's point must wait for that event."""
@@ -168,6 +160,7 @@ class EngineView:
         ranges = entry.handler.pending_data.get(ino) if entry is not None else None
         return bool(ranges) and any(lo < end and hi > start for lo, hi in ranges)
 
+    @_locked
     def resolve(self, fs: str, path: bytes) -> int | None:
         """The inode at `path` now (no symlink followed), or None."""
         tree = self._handler(fs).tree
@@ -180,60 +173,20 @@ class EngineView:
                 ino = found
         return ino
 
+    @_locked
     def identity(self, fs: str) -> Identity:
         entry = self.engine.filesystems.get(fs)
         if entry is None:
             raise KeyError(f"no file system {fs!r}")
         geo, vol = entry.handler.geo, entry.volume
         fs_uuid = str(uuid.UUID(bytes=geo.uuid)) if any(geo.uuid) else ""
-        partuuid = vol.uuid.lower() if vol is not None else ""
-        if not partuuid and vol is not None and self.engine.volumes.table == "dos" and fs[1:].isdigit():
-            sig = int.from_bytes(self.engine.replica.read(440, 4), "little")  # MBR disk signature
-            partuuid = f"{sig:08x}-{int(fs[1:]):02x}" if sig else ""
-        return Identity(name=fs, label=geo.label, uuid=fs_uuid, partuuid=partuuid,
+        return Identity(name=fs, label=geo.label, uuid=fs_uuid, partuuid=self.engine.partuuid(fs),
                         partlabel=vol.label if vol is not None else "")
 
+    @_locked
     def statfs(self, fs: str) -> StatFs:
-        """Totals as the guest kernel's statfs gives them: free counts summed over the group descriptors (what
-        ext4 counts at mount and keeps), the metadata overhead and reserves subtracted as ext4_statfs does."""
-        h = self._handler(fs)
-        geo = h.geo
-        sb = L.superblock.parse(h.read_view(1024, 1024))
-        hi = geo.is_64bit
-        free_blocks = sb.s_free_blocks_count_lo | (sb.s_free_blocks_count_hi << 32 if hi else 0)
-        free_inodes = sb.s_free_inodes_count
-        try:
-            raw = b"".join(h.read_view(b * geo.block_size, geo.block_size) for b in R.gdt_blocks(geo))
-            descs = R.parse_group_descs(raw, geo)
-            free_blocks, free_inodes = sum(d.free_blocks for d in descs), sum(d.free_inodes for d in descs)
-        except Exception:  # noqa: BLE001 - a torn table mid-commit: the superblock's counts will do
-            pass
-        reserved = sb.s_r_blocks_count_lo | (sb.s_r_blocks_count_hi << 32 if hi else 0)
-        if geo.extents:  # ext4_calculate_resv_clusters
-            reserved += min(geo.blocks_count // 50, 4096)
-        overhead = sb.s_overhead_clusters or self._overhead(h)
-        return StatFs(block_size=geo.block_size, blocks=max(geo.blocks_count - overhead, 0), blocks_free=free_blocks,
-                      files=geo.inodes_count, files_free=free_inodes, blocks_avail=max(free_blocks - reserved, 0))
-
-    @staticmethod
-    def _overhead(h) -> int:
-        """ext4_calculate_overhead: superblock and GDT copies, bitmaps, inode tables and the internal journal."""
-        geo = h.geo
-        per_block = geo.block_size // geo.desc_size
-        gdt = -(-geo.groups // per_block)
-        itable = -(-geo.inodes_per_group * geo.inode_size // geo.block_size)
-        total = geo.first_data_block
-        for g in range(geo.groups):
-            has_super = R.group_has_super(g, geo)
-            base = int(has_super)
-            if not geo.meta_bg or g < geo.first_meta_bg * per_block:
-                base += (gdt + geo.reserved_gdt_blocks) if has_super else 0
-            elif g % per_block in (0, 1, per_block - 1):
-                base += 1
-            total += base + 2 + itable
-        if geo.has_journal and not geo.journal_dev and getattr(h, "journal", None) is not None:
-            total += h.journal.jsb.maxlen
-        return total
+        """Totals as the guest kernel's statfs gives them (inference.ext.statfs)."""
+        return ext_statfs(self._handler(fs))
 
 
 def _entry(path: bytes, node: Node) -> Entry:

@@ -477,10 +477,11 @@ def cmd_replay(args: argparse.Namespace) -> None:
     import signal
 
     from inference.engine import Engine
-    from inference.eventlog import EventLog, gap_event
+    from inference.eventlog import EventLog
+    from inference.runner import Runner
     from mirrorfs.live import start_live
     from tap.state import StateDir, make_dir, write_json_atomic
-    from tap.writelog import Gap, LogFollower, last_seq
+    from tap.writelog import LogFollower, last_seq
 
     stop: list[int] = []  # first thing: a SIGTERM during start-up must still drain the log, not kill us
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -508,34 +509,25 @@ def cmd_replay(args: argparse.Namespace) -> None:
         finally:
             engine.close()
         return
-    end = last_seq(state.log)
     bar = Progress("replay", unit=" rec")
-    from inference.wake import IN_MOVED_TO, DirWake
-
-    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower, \
-            DirWake(state.log) as wake:
-        wake.add(state.path, IN_MOVED_TO)  # attach.json, replaced by a rename, says when the attach detached
-        for sig in (signal.SIGINT, signal.SIGTERM):  # and a signal ends the wait too
-            signal.signal(sig, lambda *_: (stop.append(1), wake.wake()))
+    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+        runner = Runner(engine, follower, follow=args.follow, watch=(state.path,),
+                        finished=lambda: bool(stop) or attach_finished(state))
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a signal ends the wait at once; the log is still drained
+            signal.signal(sig, lambda *_: (stop.append(1), runner.halt()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
-        from_subscribers = args.follow and getattr(args, "scope_from_subscribers", False)
-        while True:
-            if from_subscribers:
-                engine.set_scope(live.scope)   # layered filtering at the engine: what subscribers can match
-            batch = follower.poll()
-            if batch:
-                events.append(engine.process(batch) if type(batch[0]) is not Gap else  # lost seqs: an error event
-                              [gap_event(batch[0], vm=engine.vm, time_ns=engine.last_time_ns)])
-                bar(batch[-1].seq, max(end, batch[-1].seq))
-                continue
-            if not args.follow or stop or attach_finished(state):
-                break
-            events.append(engine.tick(time.time_ns()))
-            wake.wait(engine.idle_wait_s(time.time_ns()))  # a new record, a detach or a signal wakes it at once
-        events.append(engine.finish())
-        live.close()
-        bar.close()
-        engine.close()
+        end = last_seq(state.log)
+        runner.sinks.append(events.append)
+        runner.on_batch = lambda seq: bar(seq, max(end, seq))
+        if args.follow and getattr(args, "scope_from_subscribers", False):
+            # layered filtering at the engine: what subscribers can match, as they come and go
+            runner.before_poll = lambda: engine.set_scope(live.scope)
+        try:
+            runner.run()
+        finally:
+            live.close()
+            bar.close()
+            engine.close()
         print(f"mirrorfs: {events.count} events from {engine.last_seq} records into {events.path}", file=sys.stderr)
 
 
@@ -587,7 +579,7 @@ def format_event(ev, as_json: bool) -> str:
 
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) if isinstance(ev.time, int | float) else "?"
     what = f"{esc(ev.old_path)} -> {esc(ev.path)}" if ev.old_path else esc(ev.path)
-    if ev.kind == "error":
+    if ev.is_error:
         what = f"{esc(ev.path)}: {esc(ev.message)}"
     elif ev.target is not None:
         what += f" -> {esc(ev.target)}"

@@ -63,8 +63,8 @@ class EngineMetrics:
                 self._recent.popleft()
 
     def render(self) -> str:
-        eng = self.engine
-        eng_seq, eng_time_ns = eng.last_seq, eng.last_time_ns  # once: the engine thread moves on while we render
+        st = self.engine.stats()  # one consistent copy, under the engine's lock
+        eng_seq, eng_time_ns = st.last_seq, st.last_time_ns
         attach = read_json(self.state_dir / "attach.json") or {}
         log_seq = max(int(attach.get("last_seq") or 0), eng_seq)
         lag_records = max(log_seq - eng_seq, 0)
@@ -73,7 +73,6 @@ class EngineMetrics:
         done = sum(size for first, size in sizes.items() if first < seg) + off
         lag_bytes = max(total - done, 0)
         lag_seconds = max(time.time() - eng_time_ns / 1e9, 0.0) if lag_records and eng_time_ns else 0.0
-        stats = [fs.handler.stats for fs in eng.filesystems.values()]
         now = time.monotonic()
         with self._lock:
             by_kind = dict(self.by_kind)
@@ -100,23 +99,23 @@ class EngineMetrics:
             *(f'mirrorfs_events_per_second{{kind="{k}"}} {n / span:.3f}' for k, n in sorted(window.items())),
             "# HELP mirrorfs_unowned_blocks_total Data blocks written before any inode owned them (delayed alloc).",
             "# TYPE mirrorfs_unowned_blocks_total counter",
-            f"mirrorfs_unowned_blocks_total {sum(s.unowned_blocks for s in stats)}",
+            f"mirrorfs_unowned_blocks_total {st.unowned_blocks}",
             "# HELP mirrorfs_pending_data_inodes Inodes with data writes waiting for their consistency point.",
             "# TYPE mirrorfs_pending_data_inodes gauge",
-            f"mirrorfs_pending_data_inodes {sum(len(fs.handler.pending_data) for fs in eng.filesystems.values())}",
+            f"mirrorfs_pending_data_inodes {st.pending_data_inodes}",
             "# HELP mirrorfs_errors_total Error events (hostile or inconsistent metadata) by the engine.",
-            "# TYPE mirrorfs_errors_total counter", f"mirrorfs_errors_total {sum(s.errors for s in stats)}",
+            "# TYPE mirrorfs_errors_total counter", f"mirrorfs_errors_total {st.errors}",
             "# HELP mirrorfs_journal_transactions_total jbd2 transactions applied.",
             "# TYPE mirrorfs_journal_transactions_total counter",
-            f"mirrorfs_journal_transactions_total {sum(s.transactions for s in stats)}",
+            f"mirrorfs_journal_transactions_total {st.transactions}",
             "# HELP mirrorfs_journal_gaps_total Journal gaps reconciled from home locations.",
-            "# TYPE mirrorfs_journal_gaps_total counter", f"mirrorfs_journal_gaps_total {sum(s.gaps for s in stats)}",
+            "# TYPE mirrorfs_journal_gaps_total counter", f"mirrorfs_journal_gaps_total {st.gaps}",
             "# HELP mirrorfs_engine_scope_prefixes Path prefixes the engine attributes file data under (0: all).",
             "# TYPE mirrorfs_engine_scope_prefixes gauge",
-            f"mirrorfs_engine_scope_prefixes {len(getattr(eng, 'scope', None) or ())}",
+            f"mirrorfs_engine_scope_prefixes {st.scope_prefixes}",
             "# HELP mirrorfs_engine_skipped_data_total Data writes outside the engine's scope, not attributed.",
             "# TYPE mirrorfs_engine_skipped_data_total counter",
-            f"mirrorfs_engine_skipped_data_total {sum(s.skipped_data for s in stats)}",
+            f"mirrorfs_engine_skipped_data_total {st.skipped_data}",
         ]
         if self.reads is not None:
             errors, waits = dict(self.reads.errors), self.reads.waits

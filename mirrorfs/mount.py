@@ -2,9 +2,10 @@
 
 Threads, and why:
 - trio thread: pyfuse3's loop only. It answers from the ViewTree and never makes a syscall on the mount.
-- engine thread: follows the write log and runs `Engine.process` in chunks of CHUNK records under
-  `engine_lock`. A chunk can take tens of milliseconds (a jbd2 commit, a rescan); in the trio thread that would
-  stall every FUSE request, `ls` included. Content reads and statfs take the same lock from trio's worker threads.
+- engine thread: inference.runner.Runner follows the write log and runs `Engine.process` in chunks of records
+  under the engine's lock. A chunk can take tens of milliseconds (a jbd2 commit, a rescan); in the trio thread
+  that would stall every FUSE request, `ls` included. Content reads and statfs take the same lock from trio's
+  worker threads.
 - poke thread (mirrorfs.poke): turns the engine's mutations into syscalls on the mount. The engine only appends
   to its queue, so nothing the mount does (a wedged reader, a slow tool) can slow the engine.
 """
@@ -19,27 +20,23 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from inference.eventlog import gap_event
 from inference.events import Mutation, path_bytes
+from inference.runner import Runner
 from inference.view import EngineView
-from inference.wake import IN_MOVED_TO, DirWake
 from mirrorfs.assemble import dir_names, parse_fstab, plan
 from mirrorfs.fuse import Stage, ViewOps, mount_options
 from mirrorfs.poke import Poker, mount_id
 from mirrorfs.reads import PointReads
 from mirrorfs.viewtree import Applied, ViewError, ViewTree
-from tap.writelog import Gap
 
 log = logging.getLogger("mirrorfs.mount")
 
-CHUNK = 64
 READAHEAD_KB = 4096  # the view's readahead window (set_readahead)
 PRE_DROP_WAIT = 0.05  # seconds the poke helper waits for a file's pages to drop before it grows the file
 FSTYPE = "fuse.mirrorfs"
@@ -209,99 +206,6 @@ def group_ops(gid: int) -> type[ViewOps]:
     return GroupViewOps
 
 
-# -- the engine thread
-
-
-class EngineLoop:
-    """Follows the log in a worker thread; every mutation goes to `sinks` (event log, poke helper)."""
-
-    def __init__(self, engine, follower, lock: threading.Lock, sinks: list[Callable[[list[Mutation]], None]],
-                 follow: bool, finished: Callable[[], bool] | None = None) -> None:
-        self.engine, self.follower, self.lock, self.sinks, self.follow = engine, follower, lock, sinks, follow
-        # called with the lock still held, after every engine step (events or none): who must know what the
-        # engine emitted before anyone can act on it (mirrorfs.reads.PointReads.noted)
-        self.locked: list[Callable[[list[Mutation]], None]] = []
-        self.finished = finished or (lambda: False)  # the attach has detached: drain, finish, unmount, exit
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="mirrorfs-engine", daemon=True)
-        self.on_exit: Callable[[], None] | None = None
-        self.watch: list[Path] = []  # directories whose renamed-in files may end the follow (the state dir)
-        self.wake: DirWake | None = None
-
-    def _emit(self, events: list[Mutation]) -> None:
-        if events:
-            for sink in self.sinks:
-                sink(events)
-
-    def _process(self, batch: list) -> list[Mutation]:
-        """Records through the engine; a write-log Gap (lost seqs) becomes its error event."""
-        if type(batch[0]) is Gap:
-            return [gap_event(batch[0], vm=self.engine.vm, time_ns=self.engine.last_time_ns)]
-        return self._noted(self.engine.process(batch))
-
-    def _noted(self, events: list[Mutation]) -> list[Mutation]:
-        for hook in self.locked:
-            hook(events)
-        return events
-
-    def catch_up(self) -> None:
-        """Everything logged so far, before the view is built from the engine's tree."""
-        while batch := self.follower.poll():
-            self._emit(self._process(batch))
-
-    def halt(self) -> None:
-        """Stop following (any thread): the loop drains what is logged, finishes and exits."""
-        self.stop.set()
-        if self.wake is not None:
-            self.wake.wake()
-
-    def _idle_wait(self) -> None:
-        """Sleep until the tap appends a record (inotify on the log directory), the attach changes its attach.json
-        (a detach), halt(), or the engine's next clock-judged decision is due (Engine.idle_wait_s)."""
-        timeout = self.engine.idle_wait_s(time.time_ns())
-        if self.wake is None:
-            self.stop.wait(timeout)
-        else:
-            self.wake.wait(timeout)
-
-    def _run(self) -> None:
-        try:
-            if self.follow:
-                self.wake = DirWake(self.follower.directory)
-                for d in self.watch:
-                    self.wake.add(d, IN_MOVED_TO)  # attach.json is replaced by a rename
-            while self.follow and not self.stop.is_set():
-                batch = self.follower.poll()
-                if not batch:
-                    if self.finished():
-                        break
-                    with self.lock:
-                        events = self._noted(self.engine.tick(time.time_ns()))
-                    self._emit(events)
-                    self._idle_wait()
-                    continue
-                for i in range(0, len(batch), CHUNK):
-                    with self.lock:
-                        events = self._process(batch[i:i + CHUNK])
-                    self._emit(events)
-            while batch := self.follower.poll():
-                with self.lock:
-                    events = self._process(batch)
-                self._emit(events)
-            with self.lock:
-                events = self._noted(self.engine.finish())
-            self._emit(events)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            self.error = exc
-            log.exception("inference engine failed")
-        finally:
-            if self.wake is not None:
-                self.wake.close()
-            if self.on_exit is not None:
-                self.on_exit()
-
-
 # -- serving
 
 
@@ -383,13 +287,14 @@ def build_tree(view: EngineView, filesystems: list[str], assemble: bool) -> tupl
     return tree, names, notes
 
 
-def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, allow_other: bool = False,
+def serve(engine, mnt: Path, loop: Runner | None, *, allow_other: bool = False,
           fsname: str = "mirrorfs", assemble: bool = False, group: int | None = None,
           on_reads: Callable[[PointReads], None] | None = None) -> None:
     """Build the view from the engine's tree now, mount it, serve until SIGINT/SIGTERM (or the engine ends
     after a non-follow run), then unmount. `loop` (already caught up) keeps feeding mutations.
     Who may read it: root only (FUSE's default without allow_other); with `group`, root and that group's
     members (allow_other plus a check of each request); with `allow_other`, every host user."""
+    lock = engine.lock  # held across several EngineView calls where they must see one point
     view = EngineView(engine)
     filesystems = view.filesystems()
     if not filesystems:
@@ -474,7 +379,7 @@ def serve(engine, lock: threading.Lock, mnt: Path, loop: EngineLoop | None, *, a
     def reconcile_dirs() -> None:
         """A directory's mtime/ctime/nlink/size move with its entries, and a file's atime with a read, and no
         event says so: take them from the engine when the stream is quiet."""
-        mark = [engine.last_seq, poker.done]
+        mark = [engine.stats().last_seq, poker.done]
         if mark == seen:
             return
         seen[:] = mark
@@ -570,17 +475,16 @@ def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = Fal
     from inference.eventlog import EventLog
     from tap.writelog import LogFollower
 
-    lock = threading.Lock()
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         services = live(follower, events) if live is not None and follow else None  # issue 5's socket, metrics
-        loop = EngineLoop(engine, follower, lock, [events.append], follow=follow, finished=finished)
-        loop.watch.append(state.path)
+        loop = Runner(engine, follower, follow=follow, finished=finished, watch=(state.path,))
+        loop.sinks.append(events.append)
         try:
             loop.catch_up()
             if not follow:
-                loop._emit(engine.finish())
+                loop.run()  # drains nothing more, then finishes: the view shows the log's end state
             metrics = getattr(services, "metrics", None)  # the view's read errors join the engine's metrics
-            serve(engine, lock, Path(mnt), loop if follow else None, allow_other=allow_other, assemble=assemble,
+            serve(engine, Path(mnt), loop if follow else None, allow_other=allow_other, assemble=assemble,
                   fsname=f"mirrorfs:{engine.vm or state.path.name}", group=group,
                   on_reads=(lambda r: setattr(metrics, "reads", r)) if metrics is not None else None)
         finally:

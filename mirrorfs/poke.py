@@ -170,7 +170,7 @@ class Poker:
     # -- the engine's side: never blocks
 
     def submit(self, events: Iterable[Mutation]) -> None:
-        events = [e for e in events if e.kind != "error"]
+        events = [e for e in events if not e.is_error]
         if events:
             with self.cond:
                 self.queue.extend(events)

@@ -79,7 +79,7 @@ class PointReads:
     def noted(self, events: Iterable[Mutation]) -> None:
         with self.cond:
             for m in events:
-                ranges = changed(m) if m.kind != "error" else []
+                ranges = changed(m) if not m.is_error else []
                 if ranges:
                     self.unapplied.setdefault((m.fs, m.ino), []).append((m, ranges))
             self.version += 1

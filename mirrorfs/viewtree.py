@@ -311,7 +311,7 @@ class ViewTree:
     def apply(self, m: Mutation) -> Applied:
         """Apply one mutation; raises ViewError when it does not fit (the caller resyncs or logs)."""
         out = Applied()
-        if m.kind == "error" or m.fs not in self.fs_root:
+        if m.is_error or m.fs not in self.fs_root:
             return out
         path = path_bytes(m.path)
         kind = m.kind

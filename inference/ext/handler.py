@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from inference import names as N
 from inference.blockmap import BlockMap
 from inference.errors import CorruptMetadata
-from inference.events import Mutation, fs_path
+from inference.events import ErrorEvent, Kind, Mutation, fs_path
+from inference.ext import layout as L
 from inference.ext import reader as R
 from inference.ext.journal import JournalGap, JournalTracker, parse_journal_superblock
 from inference.reconcile import Change, Context, Reconciler
@@ -46,6 +47,7 @@ DATA_WAIT_NS = 1_000_000_000
 # The bytes a data write replaced are kept until their point (ExtHandler.preimage), at most this many per file
 # system; past it the point comes at once.
 MAX_PREIMAGE = 64 << 20
+HOLD_SLACK_NS = 1_000_000  # a held size's bound is ticked this late (reconcile keeps float seconds)
 MAX_ERRORS_PER_POINT = 20
 MAX_DIR_ROUNDS = 64  # bound on directory levels discovered at one consistency point (the rest waits)
 MAX_RETRY_ROUNDS = 8  # bound on re-reading waiting directories within one point
@@ -208,6 +210,17 @@ class ExtHandler:
         self.preimage: dict[int, bytes] = {}  # data block -> its bytes at the last consistency point
         self.preimage_bytes = 0
         self.data_since: int | None = None    # record time of the oldest data write no point has taken
+
+    def inline_bytes(self, ino: int, size: int) -> bytes | None:
+        """An INLINE_DATA_FL inode's bytes up to `size` (past the inline bytes zeros, as ext4_readpage_inline
+        reads them); None if the inode keeps no inline data, b"" if its record cannot be read now."""
+        try:
+            inode = self.reader.inode(ino)
+            if not inode.flags & L.INLINE_DATA_FL:
+                return None
+            return R.inline_data(inode, self.geo)[:size].ljust(size, b"\0")
+        except CorruptMetadata:
+            return b""  # a torn or hostile record: a short read, so the view answers EIO
 
     def read_view(self, offset: int, length: int) -> bytes:
         """Metadata as of the last commit: home locations overlaid with committed journal blocks."""
@@ -373,7 +386,7 @@ class ExtHandler:
                    f"name (hex) '{name.hex()}': {why}")
             log.warning("%s: %s %s", self.name, N.escape_name(path) if path is not None else "?", msg)
             self.stats.errors += 1
-            events.append(Mutation(seq=ctx.seq, time=ctx.time, kind="error", path=fs_path(path or b"?"),
+            events.append(ErrorEvent(seq=ctx.seq, time=ctx.time, kind=Kind.ERROR, path=fs_path(path or b"?"),
                                    fs=ctx.fs, vm=ctx.vm, ino=d, message=msg,
                                    extra={"dir_ino": d, "entry_ino": ino, "name_hex": name.hex()}))
         if self._bad_more:
@@ -398,10 +411,7 @@ class ExtHandler:
         self.stats.writes += 1
         bs = self.geo.block_size
         first, end = offset // bs, -(-(offset + length) // bs)
-        events = self.tick(time_ns, idle=False)
-        if time_ns / 1e9 >= self.reconciler.hold_deadline:
-            # a held size whose wait is over (reconcile.HOLD_S; record time) is decided at this record
-            events += self.evaluate(seq, time_ns)
+        events: list[Mutation] = []  # what fell due before this record was decided first (Engine._advance)
         jblocks = self._classify(first, end, offset, length, home=True, time_ns=time_ns)
         self.last_seq, self.last_ns, self._quiet_done, self._settled_done = seq, time_ns, False, False
         if self.pending_data and self.data_since is None:
@@ -490,13 +500,13 @@ class ExtHandler:
 
     # -- consistency points
 
-    def tick(self, now_ns: int, idle: bool = True) -> list[Mutation]:
+    def tick(self, now_ns: int) -> list[Mutation]:
         """What waits for quiet becomes events once the file system has been quiet long enough: home-location
         changes (ext2's only truth, QUIET_NS; for ext3/4 a checkpoint or a reconciliation, SETTLE_NS), data with
         no commit after it (DATA_WAIT_NS with a journal). Writeback comes in bursts, in any order, and is
-        consistent only once a burst is over. Judged by record time, so a live run and a replay of the same log
-        stop at the same records; the live loop also calls this when the log is idle (`idle`), stamping the
-        events with the last record, and then also releases held sizes whose bound is up (reconcile.HOLD_S)."""
+        consistent only once a burst is over. Held sizes whose bound is up are released (reconcile.HOLD_S).
+        `now_ns` is record time: Engine._advance calls this at each deadline, before the record past it or, on an
+        idle log, when the live clock passes it, so a live run and a replay decide alike."""
         events: list[Mutation] = []
         # With a journal every change of metadata is a commit, a point at once (on_write). Data with no commit
         # after it waits DATA_WAIT_NS for one, and checkpoints a burst (SETTLE_NS): a file rewritten in place
@@ -509,8 +519,8 @@ class ExtHandler:
                 events += self.evaluate(self.last_seq, self.last_ns)
         if journal and self.data_since is not None and now_ns - self.data_since >= DATA_WAIT_NS:
             events += self.evaluate(self.last_seq, self.last_ns)
-        if idle and now_ns / 1e9 >= self.reconciler.hold_deadline:  # a live, idle guest: a held size's bound
-            events += self.evaluate(self.last_seq, now_ns)                # is up (a record decides it in on_write)
+        if now_ns / 1e9 >= self.reconciler.hold_deadline:  # a held size's bound is up
+            events += self.evaluate(self.last_seq, now_ns)
         if self._settle_waits() and now_ns - self.last_ns >= SETTLE_NS:
             self._settled_done = True  # once per quiet spell: only a new record can change what it decides
             events += self.evaluate(self.last_seq, self.last_ns, settled=True)
@@ -530,8 +540,8 @@ class ExtHandler:
             due = min(due, self.data_since + DATA_WAIT_NS)
         if self._settle_waits():
             due = min(due, self.last_ns + SETTLE_NS)
-        if self.reconciler.hold_deadline < math.inf:
-            due = min(due, self.reconciler.hold_deadline * 1e9)
+        if self.reconciler.hold_deadline < math.inf:  # in ns, and a ms late: float seconds compare safely then
+            due = min(due, math.ceil(self.reconciler.hold_deadline * 1e9) + HOLD_SLACK_NS)
         return due
 
     def finish(self, seq: int, time_ns: int) -> list[Mutation]:
@@ -544,12 +554,12 @@ class ExtHandler:
         again at once while that brings events: what they waited for may have come in this same point (the
         rename of a directory whose '..' already names its new parent)."""
         events = self._point(seq, time_ns, settled)
-        progress = any(e.kind != "error" for e in events)
+        progress = any(not e.is_error for e in events)
         for _ in range(MAX_RETRY_ROUNDS):
             if not (progress and self.retry_dirs):
                 break
             more = self._point(seq, time_ns, settled)
-            progress = any(e.kind != "error" for e in more)
+            progress = any(not e.is_error for e in more)
             events += more
         return events
 
@@ -859,7 +869,7 @@ class ExtHandler:
         self.stats.errors += 1
         log.warning("%s: %s", self.name, message)
         ctx = ctx or Context(seq=0, time=0.0, fs=self.name, vm=self.vm)
-        return Mutation(seq=ctx.seq, time=ctx.time, kind="error", path="/", fs=ctx.fs, vm=ctx.vm, message=message)
+        return ErrorEvent(seq=ctx.seq, time=ctx.time, kind=Kind.ERROR, path="/", fs=ctx.fs, vm=ctx.vm, message=message)
 
 
 def _sig(inode: R.Inode) -> int:

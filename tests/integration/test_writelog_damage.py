@@ -84,19 +84,17 @@ def test_replay_reports_the_lost_seqs_and_goes_on(tmp_path: Path) -> None:
     assert seqs == list(range(1, seqs[-1] + 1)) and seqs[-1] == step_seqs[FILES][-1]
 
     # the mount's engine thread (`mirrorfs mount`, `replay --mount`) turns the gap into the same error event
-    import threading
-
     from inference.engine import Engine
-    from mirrorfs.mount import EngineLoop
+    from inference.runner import Runner
     from tap.writelog import LogFollower
 
     seen: list = []
     engine = Engine(tmp_path / "engine", base.stat().st_size, base=base, vm="drive0")
     try:
         with LogFollower(log_dir) as follower:
-            loop = EngineLoop(engine, follower, threading.Lock(), [seen.extend], follow=False)
-            loop.catch_up()
-            loop._emit(engine.finish())  # as serve_log does before serving a stopped state
+            loop = Runner(engine, follower, follow=False)
+            loop.sinks.append(seen.extend)
+            loop.run()  # as serve_log does before serving a stopped state
     finally:
         engine.close()
     assert [(e.seq, e.kind) for e in seen if "write log records lost" in (e.message or "")] == [(victim, "error")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from inference.events import Mutation
+from inference.events import ErrorEvent, Mutation
 from tests.fidelity.check import check_false_negatives, check_false_positives, check_model, entry_mtime_dirs
 from tests.fidelity.replay import apply_events
 from tests.fidelity.tree import Entry, Tree, diff_trees, snapshot_tree
@@ -47,7 +47,7 @@ def base() -> Tree:
 
 
 def ev(seq: int, kind: str, path: str, **kw) -> Mutation:
-    return Mutation(seq=seq, time=0.0, kind=kind, path=path, **kw)
+    return (ErrorEvent if kind == "error" else Mutation)(seq=seq, time=0.0, kind=kind, path=path, **kw)
 
 
 def attrs(ino: int, type_: str = "file", size: int = 0, mode: int = 0o644, mtime: int = 5) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.events import Mutation, fs_path
+from inference.events import ErrorEvent, Kind, Mutation, fs_path
 from inference.names import bad_name_reason, escape_name, split_entries
 from mirrorfs.cli import format_event
 
@@ -155,7 +155,7 @@ def test_text_rendering_of_events_escapes_every_guest_string() -> None:
     assert "\\033]0;pwned\\a/ctl\\nname\\377" in line and "/old\\033[2J" in line
     link = Mutation(seq=8, time=time.time(), kind="symlink", path="/l", target=fs_path(b"\x1b[31m"))
     assert "-> \\033[31m" in format_event(link, as_json=False)
-    err = Mutation(seq=9, time=time.time(), kind="error", path="/d\n", message="bad\x1b")
+    err = ErrorEvent(seq=9, time=time.time(), kind=Kind.ERROR, path="/d\n", message="bad\x1b")
     assert format_event(err, as_json=False).endswith("/d\\n: bad\\033")
     # JSON keeps the name losslessly
     back = Mutation.from_json(format_event(ev, as_json=True))

@@ -3,6 +3,7 @@ once, and hands everything else to read() (which waits or answers EIO); EngineVi
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 from inference.view import EngineView
@@ -46,7 +47,7 @@ def test_one_extent_read_is_one_pread_and_equals_the_walk():
     node = SimpleNamespace(type="file", size=6 * bs, extents=[(0, 4, 6, False)])
     handler = SimpleNamespace(tree=SimpleNamespace(nodes={5: node}), read_data=read_data,
                               geo=SimpleNamespace(block_size=bs, inline_data=False))
-    view = EngineView(SimpleNamespace(filesystems={"disk": SimpleNamespace(handler=handler)}))
+    view = EngineView(SimpleNamespace(filesystems={"disk": SimpleNamespace(handler=handler)}, lock=threading.RLock()))
     got = view.read("disk", 5, 1500, 3000)
     assert got == data[4 * bs + 1500:4 * bs + 4500]
     assert reads_done == [(4 * bs + 1500, 3000)]

@@ -129,7 +129,8 @@ def test_chattr_flags_are_attrib_events_by_name_and_a_read_is_none():
     assert (ev.flags, ev.old_flags) == (["append"], ["immutable", "append"])
     assert _point(r, 4, flags=APPEND) == []                                 # the file system's own flag: no event
     handler = type("H", (), {"reconciler": r, "tree": r.tree})()
-    engine = type("E", (), {"filesystems": {"disk": type("F", (), {"handler": handler})()}})()
+    fs = type("F", (), {"handler": handler})()
+    engine = type("E", (), {"filesystems": {"disk": fs}, "lock": threading.RLock()})()
     view = EngineView(engine)
     assert view.take_quiet("disk") == [] and r.quiet == set()               # a view asks: collecting starts
     assert _point(r, 5, atime_ns=99) == [] and r.quiet == {12}              # a read moves atime alone: no event;

@@ -69,7 +69,10 @@ def _read(ops: ViewOps, off: int, size: int) -> bytes | int:
 
 
 def _metrics(tmp_path: Path, reads: PointReads) -> str:
-    engine = SimpleNamespace(last_seq=0, last_time_ns=0, filesystems={})
+    from inference.engine import EngineStats
+
+    stats = EngineStats(**{f: 0 for f in EngineStats.__slots__})
+    engine = SimpleNamespace(stats=lambda: stats)
     m = EngineMetrics(tmp_path, engine, SimpleNamespace(position=(0, 0)))
     m.reads = reads
     return m.render()

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from inference.events import Mutation
+from inference.events import ErrorEvent, Mutation
 from inference.view import Entry
 from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree
 
@@ -27,7 +27,8 @@ def tree() -> ViewTree:
 
 
 def ev(kind: str, path: str, **kw) -> Mutation:
-    return Mutation(seq=kw.pop("seq", 7), time=1.5, kind=kind, path=path, fs="disk", **kw)
+    made = ErrorEvent if kind == "error" else Mutation
+    return made(seq=kw.pop("seq", 7), time=1.5, kind=kind, path=path, fs="disk", **kw)
 
 
 def test_load_single_fs_at_root_with_guest_inode_numbers():

@@ -60,6 +60,7 @@ class _Follower:
 
 class _Engine:
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self.processed: list[tuple[float, list[int]]] = []
 
     def process(self, batch):
@@ -76,12 +77,12 @@ class _Engine:
         return []
 
 
-def test_engine_loop_wakes_on_a_new_record_not_on_its_idle_tick(tmp_path):
+def test_runner_wakes_on_a_new_record_not_on_its_idle_tick(tmp_path):
     """With the engine's next decision 5 s away, a record appended while the loop sleeps is processed at once."""
-    import mirrorfs.mount as mount
+    from inference.runner import Runner
 
     follower, engine = _Follower(tmp_path), _Engine()
-    loop = mount.EngineLoop(engine, follower, threading.Lock(), [], follow=True)
+    loop = Runner(engine, follower, follow=True)
     loop.thread.start()
     try:
         time.sleep(0.3)  # the loop is asleep in its first idle wait
