@@ -17,7 +17,7 @@ from pathlib import Path
 
 from inference.eventlog import EventLog
 from inference.events import Mutation
-from mirrorfs.filters import Filter
+from mirrorfs.stream.filters import Filter
 from tests.bench.common import Stopwatch, Workspace, log, median, spread
 from tests.redisfixture import RedisServer
 from tests.tapharness import MIRRORFS

@@ -18,7 +18,7 @@ import pytest
 from inference.engine import Engine, build_index
 from inference.events import Mutation, fs_path, path_bytes
 from inference.view import EngineView
-from mirrorfs.cli import format_event
+from mirrorfs.stream.render import format_event
 from tap.writelog import KIND_WRITE, Record
 from tests import hostile as H
 from tests.support import require_tools
@@ -91,7 +91,7 @@ def _check_tree(engine: Engine) -> None:
     for d, children in handler.tree.children.items():
         for name in children:
             assert name not in H.BAD_COMPONENTS and b"/" not in name and b"\0" not in name, (d, name)
-    from mirrorfs.viewtree import ViewTree
+    from mirrorfs.view.tree import ViewTree
 
     view = ViewTree([fs])
     assert view.load(fs, EngineView(engine).snapshot(fs)) == len(paths) - 1  # every name, none refused

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrorfs.filters import Filter
+from mirrorfs.stream.filters import Filter
 from tests.redisfixture import RedisServer, free_port
 from tests.support import REPO, require_root, require_tools
 from tests.tapharness import MIRRORFS, Attach, mirrorfs
@@ -125,7 +125,7 @@ def rss_kib(pid: int) -> int:
 
 
 def events_socket(state: Path) -> Path:
-    from mirrorfs.stream import socket_path
+    from mirrorfs.stream.server import socket_path
 
     sock = socket_path(state)
     return _wait(lambda: sock if sock.is_socket() else None, f"the subscription socket {sock}", 60)

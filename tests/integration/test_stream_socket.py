@@ -10,8 +10,8 @@ import trio
 
 from inference.eventlog import EventLog
 from inference.events import Mutation
-from mirrorfs.filters import Filter
-from mirrorfs.stream import StreamServer, subscribe
+from mirrorfs.stream.filters import Filter
+from mirrorfs.stream.server import StreamServer, subscribe
 
 
 def _events(n: int, start: int = 1) -> list[Mutation]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from inference.view import Identity
-from mirrorfs.assemble import dir_names, match, parse_fstab, plan
+from mirrorfs.view.assemble import dir_names, match, parse_fstab, plan
 
 P1 = Identity("p1", "rootfs", "8f260035-69e3-423a-9804-822a31095420", "7b73309f-01", "")
 P2 = Identity("p2", "mbr-p2", "d338ad32-e28a-411f-a000-135c45d2fc41", "7b73309f-02", "")

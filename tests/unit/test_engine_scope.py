@@ -108,6 +108,6 @@ def test_data_outside_the_scope_is_not_attributed_and_a_rename_into_it_is(tmp_pa
 @pytest.mark.parametrize("globs,prefixes", [(["/etc/**"], ("/etc",)), (["/etc/**", "/var/log/*.log"],
                                                                           ("/etc", "/var/log")), (["/**"], None)])
 def test_scope_globs_become_prefixes(globs, prefixes):
-    from mirrorfs.cli import scope_prefixes
+    from mirrorfs.cli.main import scope_prefixes
 
     assert scope_prefixes(globs) == prefixes

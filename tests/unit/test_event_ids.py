@@ -6,7 +6,7 @@ import json
 
 from inference.eventlog import EventLog, EventTail, last_position, read_events
 from inference.events import Mutation, parse_id
-from mirrorfs.publish import Publisher
+from mirrorfs.stream.publish import Publisher
 
 
 def ev(seq: int, path: str = "/a") -> Mutation:
@@ -42,7 +42,7 @@ def test_tail_returns_complete_lines_and_notices_a_rewrite(tmp_path):
 
 
 def test_publisher_skips_published_and_filtered(tmp_path):
-    from mirrorfs.filters import Filter
+    from mirrorfs.stream.filters import Filter
 
     (tmp_path / "events.jsonl").touch()
     pub = Publisher(tmp_path, "redis://127.0.0.1:1/0", flt=Filter.make(paths=["/etc/**"]))

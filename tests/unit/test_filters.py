@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inference.events import Mutation
-from mirrorfs.filters import MAX_FILTER_BYTES, Filter, FilterError, under, union_prefixes
+from mirrorfs.stream.filters import MAX_FILTER_BYTES, Filter, FilterError, under, union_prefixes
 
 
 @pytest.mark.parametrize("glob,path,ok", [

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from inference.events import ErrorEvent, Kind, Mutation, fs_path
 from inference.names import bad_name_reason, escape_name, split_entries
-from mirrorfs.cli import format_event
+from mirrorfs.stream.render import format_event
 
 BAD = [b"", b".", b"..", b"../PWNED", b"SLASH/XX", b"/", b"a/", b"/a", b"NUL\0NAME", b"\0", b"a\0/b"]
 LEGAL = [b"...", b".x", b"..x", b"x..", b". ", b"ctl\nname", b"\x1b[31mred", b"tab\there", b"nonutf8\xff",

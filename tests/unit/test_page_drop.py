@@ -1,11 +1,11 @@
-"""The view's page drops (mirrorfs.mount.PageDropper): done in their own thread, and a caller can wait for one
+"""The view's page drops (mirrorfs.view.mount.PageDropper): done in their own thread, and a caller can wait for one
 (the poke helper does, boundedly, before it grows a file: issue 10's less +F reading an old last page)."""
 
 from __future__ import annotations
 
 import threading
 
-import mirrorfs.mount as mount
+import mirrorfs.view.mount as mount
 
 
 def test_a_drop_can_be_waited_for_and_a_queued_node_is_dropped_once(monkeypatch):

@@ -151,7 +151,7 @@ def test_sockets_modes_before_listen(tmp_path, group, qemu_group):
     --group alone) and only --qemu-group's (0660 root:Q); a read-only reader listener is --group's."""
     if group or qemu_group:
         require_root()
-    from mirrorfs.stream import StreamServer
+    from mirrorfs.stream.server import StreamServer
     from tap.server import open_listeners
 
     S.set_group(group, qemu_group)
@@ -276,7 +276,7 @@ def test_qemu_group_reaching_the_state_dir_is_kept(tmp_path, capsys):
 
 
 def test_redis_password_never_from_argv(tmp_path, monkeypatch):
-    from mirrorfs.publish import redis_password
+    from mirrorfs.stream.publish import redis_password
 
     monkeypatch.delenv("REDISCLI_AUTH", raising=False)
     for url in ("redis://:s3cret@127.0.0.1:6379/0", "redis://user:s3cret@host/0", "rediss://:p@h:1",

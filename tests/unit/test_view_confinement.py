@@ -21,9 +21,9 @@ import trio
 
 from inference.events import Mutation
 from inference.view import Entry
-from mirrorfs.fuse import Stage, Staged, ViewOps
-from mirrorfs.poke import CONFINED, Poker, Refused, components, mount_id, open_beneath, openat2
-from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree, VNode
+from mirrorfs.view.ops import Stage, Staged, ViewOps
+from mirrorfs.view.poke import CONFINED, Poker, Refused, components, mount_id, open_beneath, openat2
+from mirrorfs.view.tree import ROOT_ID, ViewError, ViewTree, VNode
 
 # -- openat2 itself
 
@@ -110,7 +110,7 @@ def _poker(mnt: Path, prefix: bytes = b"") -> tuple[Poker, list[Mutation]]:
 
     def apply_direct(m: Mutation):
         direct.append(m)
-        from mirrorfs.viewtree import Applied
+        from mirrorfs.view.tree import Applied
         return Applied()
 
     poker = Poker(Stage(), lambda fs: prefix, apply_direct, lambda applied, m: None)
@@ -339,7 +339,7 @@ def test_snapshot_with_bad_names_loads_without_them():
 
 
 def test_mount_options_keep_nosuid_and_nodev():
-    from mirrorfs.fuse import mount_options
+    from mirrorfs.view.ops import mount_options
 
     for allow_other in (False, True):
         opts = mount_options("mirrorfs:vm", allow_other)

@@ -12,8 +12,8 @@ import trio
 
 from inference.events import CHATTR_MASK, INODE_FLAGS, Mutation, flag_bits, flag_names
 from inference.view import EngineView, Entry
-from mirrorfs.fuse import Stage, ViewOps
-from mirrorfs.viewtree import ViewTree
+from mirrorfs.view.ops import Stage, ViewOps
+from mirrorfs.view.tree import ViewTree
 
 IMMUTABLE, APPEND, EXTENTS = INODE_FLAGS["immutable"][0], INODE_FLAGS["append"][0], INODE_FLAGS["extents"][0]
 

@@ -1,4 +1,4 @@
-"""Reads of the FUSE view at the view's own consistency point (mirrorfs.reads): EIO and a counter where the engine
+"""Reads of the FUSE view at the view's own consistency point (mirrorfs.view.reads): EIO and a counter where the engine
 lacks bytes the view shows (never NUL padding), a read waits while its file's events are emitted but not applied
 or while the engine holds unreported data writes to its range, and gets the version the view shows then."""
 
@@ -16,10 +16,10 @@ import trio
 
 from inference.events import Mutation
 from inference.view import Entry
-from mirrorfs.fuse import Stage, ViewOps
-from mirrorfs.metrics import EngineMetrics
-from mirrorfs.reads import PointReads, changed
-from mirrorfs.viewtree import ViewTree
+from mirrorfs.stream.metrics import EngineMetrics
+from mirrorfs.view.ops import Stage, ViewOps
+from mirrorfs.view.reads import PointReads, changed
+from mirrorfs.view.tree import ViewTree
 
 FILE = 12
 

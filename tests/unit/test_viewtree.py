@@ -8,7 +8,7 @@ import pytest
 
 from inference.events import ErrorEvent, Mutation
 from inference.view import Entry
-from mirrorfs.viewtree import ROOT_ID, ViewError, ViewTree
+from mirrorfs.view.tree import ROOT_ID, ViewError, ViewTree
 
 
 def entry(path: bytes, ino: int, type_: str = "file", mode: int = 0o644, **kw) -> Entry:

@@ -102,7 +102,7 @@ def test_runner_wakes_on_a_new_record_not_on_its_idle_tick(tmp_path):
 
 
 def test_inotify_watchers_names_the_instance_watching_a_directory(tmp_path):
-    from mirrorfs.poke import inotify_watchers
+    from mirrorfs.view.poke import inotify_watchers
 
     (tmp_path / "sub").mkdir()
     st, sub = os.stat(tmp_path), os.stat(tmp_path / "sub")

@@ -26,8 +26,8 @@ from typing import Any
 
 from inference.events import Mutation, parse_id
 from inference.names import escape_name
-from mirrorfs.filters import Filter
-from mirrorfs.publish import DEFAULT_REGISTRY, Backoff, auth_failed
+from mirrorfs.stream.filters import Filter
+from mirrorfs.stream.publish import DEFAULT_REGISTRY, Backoff, auth_failed
 
 log = logging.getLogger("mirrorfs.collect")
 
@@ -141,7 +141,7 @@ class Collector:
             idle_exit: float | None = None, out=None) -> None:
         import redis
 
-        from mirrorfs.cli import format_event
+        from mirrorfs.stream.render import format_event
 
         out = out or sys.stdout
         argv = shlex.split(exec_cmd) if exec_cmd else None

@@ -9,7 +9,7 @@ from typing import Any
 
 from inference.eventlog import last_position
 from inference.names import escape_name as esc
-from mirrorfs.metrics import log_bytes
+from mirrorfs.stream.metrics import log_bytes
 from tap.state import StateDir, read_json
 
 
@@ -58,7 +58,7 @@ def gather_status(state_dir: Path) -> dict[str, Any]:
         info["events"] = None
     pub = read_json(state.path / "publish.json")
     info["publish"] = pub.get("streams") if pub else None
-    from mirrorfs.stream import socket_path
+    from mirrorfs.stream.server import socket_path
     info["subscription_socket"] = str(socket_path(state.path)) if socket_path(state.path).is_socket() else None
     return info
 

@@ -1,5 +1,5 @@
 """What a live engine (`mirrorfs replay --follow`) serves besides the event log: the subscription socket and
-the metrics endpoint. Kept out of the engine loop in cli.py, which only calls `observe` and `close`."""
+the metrics endpoint. Kept out of the engine loop (inference.runner), which only calls `observe` and `close`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ log = logging.getLogger("mirrorfs.live")
 class LiveServices:
     def __init__(self, state_dir: Path, engine, follower, *, subscribe: bool = True,
                  metrics_addr: str | None = None) -> None:
-        from mirrorfs.metrics import EngineMetrics, MetricsServer
-        from mirrorfs.stream import BackgroundServer
+        from mirrorfs.stream.metrics import EngineMetrics, MetricsServer
+        from mirrorfs.stream.server import BackgroundServer
 
         self.metrics = EngineMetrics(state_dir, engine, follower)
         self.stream: BackgroundServer | None = None

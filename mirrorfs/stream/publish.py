@@ -24,7 +24,7 @@ from typing import Any
 
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
-from mirrorfs.filters import Filter
+from mirrorfs.stream.filters import Filter
 from tap.state import read_json, write_json_atomic
 
 log = logging.getLogger("mirrorfs.publish")

@@ -1,6 +1,6 @@
 """The event-stream subcommands of `mirrorfs`: events filters, publish, collect, status (issue 5).
 
-Kept apart from cli.py so that the parsers and commands of the stream layer live together; cli.py only
+Kept apart from main.py so that the parsers and commands of the stream layer live together; main.py only
 registers them (`add_parsers`, `COMMANDS`).
 """
 
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from mirrorfs.filters import Filter, FilterError
+from mirrorfs.stream.filters import Filter, FilterError
 
 
 def add_filter_args(p: argparse.ArgumentParser) -> None:
@@ -47,13 +47,13 @@ def _redis_args(p: argparse.ArgumentParser) -> None:
 
 
 def _password(args: argparse.Namespace) -> str | None:
-    from mirrorfs.publish import redis_password
+    from mirrorfs.stream.publish import redis_password
 
     return redis_password(args.redis, args.redis_password_file)
 
 
 def add_parsers(sub) -> None:
-    from mirrorfs.publish import DEFAULT_MAXLEN, DEFAULT_REGISTRY
+    from mirrorfs.stream.publish import DEFAULT_MAXLEN, DEFAULT_REGISTRY
 
     p = sub.add_parser(
         "publish", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,7 +109,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
-    from mirrorfs.publish import Publisher
+    from mirrorfs.stream.publish import Publisher
     from tap.state import StateDir
 
     state = StateDir(args.state)
@@ -124,7 +124,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from mirrorfs.collect import Collector
+    from mirrorfs.stream.collect import Collector
 
     coll = Collector(args.redis, group=args.group, consumer=args.consumer, registry=args.registry,
                      pattern=args.pattern, flt=filter_from_args(args), start=args.start, password=_password(args))
@@ -132,7 +132,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from mirrorfs.status import format_status, gather_status
+    from mirrorfs.stream.status import format_status, gather_status
 
     info = gather_status(args.state)
     print(json.dumps(info, indent=1) if args.json else format_status(info))
@@ -140,7 +140,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_events(args: argparse.Namespace) -> None:
     from inference.eventlog import read_events
-    from mirrorfs.cli import format_event
+    from mirrorfs.stream.render import format_event
     from tap.state import StateDir
 
     state = StateDir(args.state)

@@ -50,7 +50,7 @@ class EngineMetrics:
         self._recent: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
         self.subscribers: Callable[[], dict[str, int]] | None = None
-        self.reads = None  # the mounted view's mirrorfs.reads.PointReads (attach --mount), else None
+        self.reads = None  # the mounted view's mirrorfs.view.reads.PointReads (attach --mount), else None
         self.started = time.time()
 
     def observe(self, events: Iterable) -> None:

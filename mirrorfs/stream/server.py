@@ -29,7 +29,7 @@ import trio
 
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
-from mirrorfs.filters import Filter, FilterError, union_prefixes
+from mirrorfs.stream.filters import Filter, FilterError, union_prefixes
 from tap.state import bind_socket, prepare_socket, remove_socket
 from tap.state import socket_path as state_socket_path
 

@@ -30,7 +30,7 @@ import pyfuse3
 import trio
 
 from inference.events import CHATTR_MASK, Mutation, path_bytes
-from mirrorfs.viewtree import IFMT, ROOT_ID, ViewError, ViewTree, VNode
+from mirrorfs.view.tree import IFMT, ROOT_ID, ViewError, ViewTree, VNode
 
 log = logging.getLogger("mirrorfs.fuse")
 
@@ -70,7 +70,7 @@ class Staged:
     error: str | None = None
     scope: Scope | None = None  # taken from the tree at the first request, before anything is applied
     resized: bool = False       # applied, and it changed its file's size: the kernel drops the file's pages
-    # when the helper's syscall returns, and waits for every page being read to do so (mirrorfs.reads)
+    # when the helper's syscall returns, and waits for every page being read to do so (mirrorfs.view.reads)
 
 
 class Stage:
@@ -107,7 +107,7 @@ class ViewOps(pyfuse3.Operations):
                  on_applied: Callable[[Mutation], None] | None = None,
                  try_read: Callable[[int, int, int], bytes | None] | None = None) -> None:
         """`read(node id, offset, size)` runs in a worker thread: the bytes, fewer only at the node's end, or
-        OSError (mirrorfs.reads.PointReads.read). `try_read`, in the trio thread, answers at once or None
+        OSError (mirrorfs.view.reads.PointReads.read). `try_read`, in the trio thread, answers at once or None
         (PointReads.try_read). `on_applied` hears of every mutation the tree has taken."""
         super().__init__()
         self.tree, self.stage = tree, stage
@@ -296,7 +296,7 @@ class ViewOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode)
 
     async def read(self, fh, off, size):
-        """Bytes of the view's own point (mirrorfs.reads), up to the node's size; EIO where they cannot be had,
+        """Bytes of the view's own point (mirrorfs.view.reads), up to the node's size; EIO where they cannot be had,
         never padding: a reader must never take made-up bytes for the guest's."""
         if off >= self._node(fh).size:
             return b""  # at the end as the view shows it (tail -f asks once a second): no thread, no lock

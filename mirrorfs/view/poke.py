@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable
 
 from inference.events import Mutation, path_bytes
 from inference.names import bad_name_reason
-from mirrorfs.fuse import Stage, Staged
-from mirrorfs.viewtree import IFMT, Applied
+from mirrorfs.view.ops import Stage, Staged
+from mirrorfs.view.tree import IFMT, Applied
 
 log = logging.getLogger("mirrorfs.poke")
 

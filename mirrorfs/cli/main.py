@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirrorfs.progress import Progress
+from mirrorfs.cli.progress import Progress
 
 EPILOG = """\
 examples:
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events with seq >= SEQ")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    from mirrorfs import cli_stream
+    from mirrorfs.cli import stream as cli_stream
     cli_stream.add_filter_args(p)
     cli_stream.add_output_args(p)
     cli_stream.add_parsers(sub)
@@ -266,7 +266,7 @@ def scope_prefixes(globs: Sequence[str]) -> tuple[str, ...] | None:
     """--scope GLOB... as the path prefixes the engine keeps data attribution under (None: everywhere)."""
     if not globs:
         return None
-    from mirrorfs.filters import Filter, FilterError
+    from mirrorfs.stream.filters import Filter, FilterError
     try:
         return Filter.make(paths=globs).prefixes()
     except FilterError as exc:
@@ -479,7 +479,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from inference.engine import Engine
     from inference.eventlog import EventLog
     from inference.runner import Runner
-    from mirrorfs.live import start_live
+    from mirrorfs.stream.live import start_live
     from tap.state import StateDir, make_dir, write_json_atomic
     from tap.writelog import LogFollower, last_seq
 
@@ -499,7 +499,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:
-        from mirrorfs.mount import serve_log
+        from mirrorfs.view.mount import serve_log
         from tap.state import access
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
@@ -550,7 +550,7 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
-    from mirrorfs.mount import is_stale, mount_type, unmount
+    from mirrorfs.view.mount import is_stale, mount_type, unmount
 
     if mount_type(args.mountpoint) is None:
         raise CLIError(f"nothing is mounted at {args.mountpoint}")
@@ -568,24 +568,6 @@ class EscapingFormatter(logging.Formatter):
 
         record.message = escape_name(record.message)
         return super().formatMessage(record)
-
-
-def format_event(ev, as_json: bool) -> str:
-    """One event as a line: JSON (names lossless, see mirrorfs-events(5)), or text for a terminal, where every
-    string that may come from a guest or another host is escaped as `ls -b` does (no raw control bytes)."""
-    if as_json:
-        return ev.to_json()
-    from inference.names import escape_name as esc
-
-    stamp = time.strftime("%H:%M:%S", time.localtime(ev.time)) if isinstance(ev.time, int | float) else "?"
-    what = f"{esc(ev.old_path)} -> {esc(ev.path)}" if ev.old_path else esc(ev.path)
-    if ev.is_error:
-        what = f"{esc(ev.path)}: {esc(ev.message)}"
-    elif ev.target is not None:
-        what += f" -> {esc(ev.target)}"
-    if ev.ranges:
-        what += " [" + esc(",".join(f"{a}-{b}" for a, b in ev.ranges[:4])) + ("…" if len(ev.ranges) > 4 else "") + "]"
-    return f"{esc(ev.seq):>8} {stamp} {esc(ev.fs) or '-':<6} {esc(ev.kind):<8} {what}"
 
 
 OWN_XATTRS = ("fs", "ino", "seq", "mtime", "flags", "blocks")
@@ -643,7 +625,7 @@ def cmd_stat(args: argparse.Namespace) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> None:
-    from mirrorfs.cli_stream import cmd_events as events_with_filters
+    from mirrorfs.cli.stream import cmd_events as events_with_filters
 
     events_with_filters(args)
 
@@ -667,7 +649,7 @@ COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve
 
 
 def _stream_commands() -> dict:
-    from mirrorfs.cli_stream import COMMANDS as STREAM_COMMANDS  # publish, collect, status (issue 5)
+    from mirrorfs.cli.stream import COMMANDS as STREAM_COMMANDS  # publish, collect, status (issue 5)
     return STREAM_COMMANDS
 
 

@@ -6,7 +6,7 @@ Threads, and why:
   under the engine's lock. A chunk can take tens of milliseconds (a jbd2 commit, a rescan); in the trio thread
   that would stall every FUSE request, `ls` included. Content reads and statfs take the same lock from trio's
   worker threads.
-- poke thread (mirrorfs.poke): turns the engine's mutations into syscalls on the mount. The engine only appends
+- poke thread (mirrorfs.view.poke): turns the engine's mutations into syscalls on the mount. The engine only appends
   to its queue, so nothing the mount does (a wedged reader, a slow tool) can slow the engine.
 """
 
@@ -29,11 +29,11 @@ import trio
 from inference.events import Mutation, path_bytes
 from inference.runner import Runner
 from inference.view import EngineView
-from mirrorfs.assemble import dir_names, parse_fstab, plan
-from mirrorfs.fuse import Stage, ViewOps, mount_options
-from mirrorfs.poke import Poker, mount_id
-from mirrorfs.reads import PointReads
-from mirrorfs.viewtree import Applied, ViewError, ViewTree
+from mirrorfs.view.assemble import dir_names, parse_fstab, plan
+from mirrorfs.view.ops import Stage, ViewOps, mount_options
+from mirrorfs.view.poke import Poker, mount_id
+from mirrorfs.view.reads import PointReads
+from mirrorfs.view.tree import Applied, ViewError, ViewTree
 
 log = logging.getLogger("mirrorfs.mount")
 
@@ -213,7 +213,7 @@ class PageDropper:
     """Drops the kernel's cached pages (and attributes) of files whose content changed, in a thread of its own.
 
     Why not in the poke helper: the kernel's invalidation waits for every page being read, and a read of the
-    view may be waiting for the helper to apply the file's next event (mirrorfs.reads): done by the helper
+    view may be waiting for the helper to apply the file's next event (mirrorfs.view.reads): done by the helper
     itself, that would deadlock. Here it waits only for that read, which the helper releases."""
 
     def __init__(self) -> None:
@@ -367,7 +367,7 @@ def serve(engine, mnt: Path, loop: Runner | None, *, allow_other: bool = False,
         """The poke thread is about to grow a file: drop its cached pages first. The kernel publishes the new
         size before it drops the old partial last page, whose zero tail a reader (less +F) would read meanwhile;
         a page dropped now is one fewer to race. Bounded: a read the drop waits for may itself wait for this
-        very event (mirrorfs.reads), so the helper goes on after PRE_DROP_WAIT whatever became of it."""
+        very event (mirrorfs.view.reads), so the helper goes on after PRE_DROP_WAIT whatever became of it."""
         if m.fs in tree.fs_root:
             nid = tree.nid(m.fs, m.ino)
             node = tree.nodes.get(nid)

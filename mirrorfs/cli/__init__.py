@@ -1,0 +1,1 @@
+"""The `mirrorfs` command: argument parsing and one function per subcommand (docs/ARCHITECTURE.md "Layout")."""

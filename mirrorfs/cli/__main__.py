@@ -1,0 +1,5 @@
+import sys
+
+from mirrorfs.cli.main import main
+
+sys.exit(main())
