@@ -176,9 +176,6 @@ class Poker:
                 self.queue.extend(events)
                 self.cond.notify()
 
-    def pending(self) -> int:
-        return len(self.queue)
-
     def start(self) -> None:
         self.thread.start()
 
