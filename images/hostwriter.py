@@ -1,6 +1,6 @@
 """The host kernel as the writer, without a VM: real ext4 writes that a mirror job can tap.
 
-Two qemu-storage-daemons (FINDINGS.md): daemon 1 holds the disk (node `disk0`, QMP socket for the mirror job,
+Two daemons (docs/ARCHITECTURE.md "Host kernel writer"): daemon 1 holds the disk (node `disk0`, QMP for the mirror,
 NBD export); daemon 2 re-serves that export as a writable FUSE file. A single daemon cannot do it: its FUSE
 export holds RESIZE, which blockdev-mirror refuses to share. The host mounts the FUSE file through a loop
 device, so every kernel write passes through daemon 1's block layer, where the mirror sees it.

@@ -166,9 +166,8 @@ class Engine:
 
     # -- volumes and file systems
 
-    def _rescan(self, *, initial: bool = False, progress=None) -> list[Mutation]:
+    def _rescan(self, *, initial: bool = False, progress=None) -> None:
         self.volumes.scan()
-        events: list[Mutation] = []
         current = {v.name: v for v in self.volumes.volumes if v.kind == "ext"}
         for name in list(self.filesystems):
             if name not in current or current[name].segments != self.filesystems[name].volume.segments:
@@ -192,7 +191,6 @@ class Engine:
             self.filesystems[name] = FsEntry(vol, handler)
             self._scope_handler(handler)
             self.names_refused = True
-        return events
 
     def _same_fs(self, fs: FsEntry) -> bool:
         """Still the file system we index (a mkfs over it makes a new UUID)?"""
@@ -305,7 +303,7 @@ class Engine:
                     rescan = True
             if rescan:
                 rescan = False
-                events += self._rescan()
+                self._rescan()
         return events
 
     def _before_write(self, offset: int, length: int, old: bytes | None = None, old_at: int = 0) -> None:

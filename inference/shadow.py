@@ -114,14 +114,3 @@ class ShadowTree:
             return None
         return (base.rstrip(b"/") or b"") + b"/" + name
 
-    def is_ancestor(self, anc: int, ino: int) -> bool:
-        """True if `anc` is `ino` or above it (used to refuse moving a directory into itself)."""
-        seen = 0
-        while True:
-            if ino == anc:
-                return True
-            node = self.nodes.get(ino)
-            if node is None or not node.names or seen > MAX_DEPTH:
-                return False
-            ino = node.names[0][0]
-            seen += 1

@@ -448,8 +448,3 @@ class Attachment:
             await trio.to_thread.run_sync(self.backend.writelog.flush)
             self.state.write_attach(self.info())
 
-
-def attach(cfg: AttachConfig) -> None:
-    """Run an attach to completion (blocking); raises AttachError with a user-facing message."""
-    trio.run(Attachment(cfg).run)
-

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +89,6 @@ class TapBackend:
     replica: BlockReplica
     writelog: WriteLog | None = None
     stats: TapStats = field(default_factory=TapStats)
-    on_append: Callable[[int], None] | None = None
 
     @property
     def readonly(self) -> bool:
@@ -100,8 +98,6 @@ class TapBackend:
         assert self.writelog is not None
         seq = self.writelog.append(kind, offset, length, payload)
         self.replica.applied_seq = seq
-        if self.on_append is not None:
-            self.on_append(seq)
         return seq
 
     def write(self, offset: int, data: bytes | memoryview) -> None:

@@ -1,7 +1,7 @@
 """Hostile directory entries, made the way a guest could make them: debugfs, then raw edits of the dirent bytes.
 
 An ext4 without a journal and without metadata_csum (`make_image`) lets a test edit directory entries in place
-(FINDINGS "Hostile metadata without checksums"). `hostile_name_changes` works on a scratch copy of an image and
+(docs/ARCHITECTURE.md "Hostile metadata without checksums"). `hostile_name_changes` works on a scratch image copy and
 returns the block writes that turn it into one holding the hostile entries of BAD_NAMES (names a guest kernel
 accepts on disk but no path component may be: `../PWNED`, `SLASH/XX`, a NUL, extra `.`/`..`, an empty name), the
 legal-but-odd names of ODD_NAMES (control characters, an escape sequence, a non-UTF-8 byte, `...`) and one honest

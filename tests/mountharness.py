@@ -148,7 +148,7 @@ def strip_terminal(data: bytes) -> bytes:
 
 class Tripwire:
     """Tripwire driven non-interactively in `work` (its own keys, config and database) with the policy `rules`
-    (twpol.txt text; FINDINGS "driving Tripwire"): `init()` on one tree, then `check(name)` gives the exit code and
+    (twpol.txt; docs/ARCHITECTURE.md "Host tools as agents"): `init()` on a tree, `check(name)` gives the exit code and
     the full report."""
 
     def __init__(self, work: Path, rules: str) -> None:

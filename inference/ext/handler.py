@@ -33,7 +33,6 @@ from inference.shadow import ROOT_INO, Node, ShadowTree
 log = logging.getLogger("mirrorfs.ext")
 
 ReadFn = Callable[[int, int], bytes]
-QUIET_NS = 0  # per record: ext2 names wait for their inodes in Reconciler, half-written blocks in broken
 # A writeback burst is over once the file system has been quiet this long (record time): what only the end of a
 # burst can tell is decided then (a reused inode number whose old name is still listed, a data block that came
 # without its inode's record, which ctime a later rename must move). Gaps inside one burst measured here are
@@ -502,7 +501,7 @@ class ExtHandler:
 
     def tick(self, now_ns: int) -> list[Mutation]:
         """What waits for quiet becomes events once the file system has been quiet long enough: home-location
-        changes (ext2's only truth, QUIET_NS; for ext3/4 a checkpoint or a reconciliation, SETTLE_NS), data with
+        changes (ext2's only truth, at once; for ext3/4 a checkpoint or a reconciliation, SETTLE_NS), data with
         no commit after it (DATA_WAIT_NS with a journal). Writeback comes in bursts, in any order, and is
         consistent only once a burst is over. Held sizes whose bound is up are released (reconcile.HOLD_S).
         `now_ns` is record time: Engine._advance calls this at each deadline, before the record past it or, on an
@@ -512,7 +511,8 @@ class ExtHandler:
         # after it waits DATA_WAIT_NS for one, and checkpoints a burst (SETTLE_NS): a file rewritten in place
         # is shown as one version, its bytes, size and mtime together.
         journal = self.journal is not None
-        if now_ns - self.last_ns >= (SETTLE_NS if journal else QUIET_NS) and not self._quiet_done:
+        # No journal: 0, per record: ext2 names wait for their inodes in Reconciler, half-written blocks in broken
+        if now_ns - self.last_ns >= (SETTLE_NS if journal else 0) and not self._quiet_done:
             self._quiet_done = True
             if self.dirty or self.retry_dirs or self.broken or self._map_notes or \
                     (self.pending_data and not journal):
@@ -535,7 +535,7 @@ class ExtHandler:
         due = math.inf
         journal = self.journal is not None
         if not self._quiet_done:
-            due = self.last_ns + (SETTLE_NS if journal else QUIET_NS)
+            due = self.last_ns + (SETTLE_NS if journal else 0)  # no journal: per record (tick)
         if journal and self.data_since is not None:
             due = min(due, self.data_since + DATA_WAIT_NS)
         if self._settle_waits():

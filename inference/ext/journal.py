@@ -6,7 +6,7 @@ transaction that became complete and valid, in tid order, exactly once. It keeps
 small index (block kind and tid per journal position, a write stamp per position) and the transactions it must hold
 back because an earlier tid is still incomplete (at most `max_pending`, each smaller than the journal).
 
-Why it is built this way (see DESIGN "Two paths to the same truth"): in exact mode writes arrive as issued, so a
+Why it is built so (docs/ARCHITECTURE.md "Two paths to the same truth"): in exact mode writes arrive as issued, so a
 commit block follows the blocks it commits; in async mode chunks arrive coalesced and in any order, so a commit block
 may come before its logged blocks and a twice-rewritten region may come once. Completeness is therefore judged from
 content, never from arrival order:

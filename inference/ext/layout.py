@@ -1,6 +1,6 @@
 """On-disk ext2/3/4 structures, declared once with construct (names follow the kernel's fs/ext4/ext4.h).
 
-The declarations are the source of truth. construct is too slow for bulk scans (see FINDINGS "Parsing speed"), so
+The declarations are the source of truth. construct is slow for bulk scans (docs/ARCHITECTURE.md "Parsing speed"), so
 the hot paths (inodes, directory entries, extents, xattr entries, group descriptors) use `struct.Struct` formats
 derived from these declarations by `fixed_struct`; tests check both parse every real inode identically.
 """

@@ -218,16 +218,6 @@ def parse_group_descs(raw: bytes, geo: Geometry) -> list[GroupDesc]:
     return out
 
 
-def group_desc_csum_ok(raw_desc: bytes, group: int, geo: Geometry) -> bool:
-    """metadata_csum check of one descriptor (gdt_csum's crc16 is not implemented: True without metadata_csum)."""
-    if not geo.metadata_csum:
-        return True
-    off = L.BG_CHECKSUM_OFFSET
-    c = crc32c_raw(geo.csum_seed, group.to_bytes(4, "little"))
-    c = crc32c_raw(c, raw_desc[:off] + b"\0\0" + raw_desc[off + 2: geo.desc_size])
-    return (c & 0xFFFF) == int.from_bytes(raw_desc[off: off + 2], "little")
-
-
 # ---------------------------------------------------------------- inodes
 
 @dataclass(slots=True)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,15 +370,3 @@ async def subscribe(socket_path: Path, flt: Filter | None = None, *, after: str 
         req["since"] = since
     await stream.send_all(json.dumps(req).encode() + b"\n")
     return stream
-
-
-def lines(callback: Callable[[bytes], None]) -> Callable[[bytes], None]:
-    """Split a byte stream into lines for `callback` (a helper for clients)."""
-    buf = bytearray()
-
-    def feed(data: bytes) -> None:
-        buf.extend(data)
-        while (nl := buf.find(b"\n")) >= 0:
-            callback(bytes(buf[:nl]))
-            del buf[:nl + 1]
-    return feed

@@ -4,7 +4,7 @@ Read-only for everyone, root included: every modifying request fails with EROFS 
 poke helper's thread (`ctx.pid` is the caller's thread id). The helper's requests are how the view changes:
 the helper stages a Mutation and issues the matching syscall on the mount; the handler applies the staged
 mutation to the tree and answers with the real attributes, so the kernel raises the inotify events itself
-(FINDINGS "FUSE": invalidation alone raises none). Handlers never make a syscall on the mount and never
+(docs/ARCHITECTURE.md "Poke": invalidation alone raises none). Handlers never make a syscall on the mount and never
 wait on the engine in the trio thread (statfs, and content reads that must wait, go through trio.to_thread; a
 read with nothing to wait for is answered in place, a pread of the replica).
 

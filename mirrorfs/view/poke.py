@@ -1,7 +1,7 @@
 """The poke helper: a thread that replays each Mutation as the matching syscall on the mount.
 
 Why: the kernel raises inotify events only for operations it performs itself; no FUSE notification does
-(FINDINGS "FUSE"). So for every mutation the helper stages it (fuse.Stage) and makes the syscall a guest
+(docs/ARCHITECTURE.md "Poke"). So for every mutation the helper stages it (fuse.Stage) and makes the syscall a guest
 process would have made; the FUSE handler sees the request from this thread, applies the staged change to
 the view tree and answers with the real attributes. Never the trio thread (a syscall on the mount from there
 hangs the daemon). The engine only appends to an unbounded queue, so a wedged mount or reader can stall this
@@ -175,9 +175,6 @@ class Poker:
             with self.cond:
                 self.queue.extend(events)
                 self.cond.notify()
-
-    def pending(self) -> int:
-        return len(self.queue)
 
     def start(self) -> None:
         self.thread.start()

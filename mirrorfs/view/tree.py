@@ -1,7 +1,7 @@
 """The FUSE view's own tree: built once from `EngineView.snapshot()`, then changed ONLY by Mutations.
 
 Sans-I/O on purpose: the FUSE handlers apply a mutation here at the moment the poke helper's syscall
-for it lands (FINDINGS: the kernel raises inotify events only for requests it sends itself), so the tree
+for it lands (docs/ARCHITECTURE.md "Poke": the kernel raises inotify events only for its own requests), so the tree
 the kernel sees and the tree we answer from never disagree. Keeping it separate from the engine's shadow
 tree also means the view lags the engine by exactly the poke queue, and never needs the engine's lock.
 

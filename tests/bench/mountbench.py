@@ -21,7 +21,7 @@ from tests.support import CACHE, REPO
 
 BIG = 256 * MiB
 MOUNT_RECIPE = "mount-v1"
-GUESTFS_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}  # FINDINGS: no KVM
+GUESTFS_ENV = {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}  # no KVM here: TCG
 VIEWS = ("mirrorfs", "loop", "guestmount")
 CHUNK = 1 << 20
 
@@ -125,7 +125,7 @@ class Views:
 
 
 def guestfs_env() -> dict[str, str]:
-    """libguestfs here: the direct backend under TCG (FINDINGS), and supermin's appliance kernel from the test
+    """libguestfs: direct backend, TCG (docs/ARCHITECTURE.md "The machine"); supermin's appliance kernel from the test
     guests' unpacked Debian kernel package (this host has no /boot kernel and no /lib/modules; supermin still
     lstat()s /lib/modules, so an empty one is made)."""
     from images.build import kernel_root

@@ -190,7 +190,7 @@ adds the same `--path` options to `mirrorfs publish`, so only matching events cr
 }
 
 MOUNT_CAVEATS = """\
-Caveats: same shared 2-core machine; guestmount runs its appliance under TCG (no KVM here, FINDINGS), which is
+Caveats: 2 shared cores; guestmount runs its appliance under TCG (no KVM: docs/ARCHITECTURE.md "The machine"), which is
 most of its cost. Compare the ratios, measured within one round."""
 
 STREAM_CAVEATS = """\

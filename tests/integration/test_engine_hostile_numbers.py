@@ -1,7 +1,7 @@
 """Hostile numbers: huge and shared extent trees, a looping extent index, i_size 2^64-1, a 4 GiB WRITE_ZEROES.
 
 The images are real ext4 file systems (mke2fs, debugfs) that a guest formatted itself without a journal or
-metadata_csum, then edited raw as a guest may (FINDINGS "Hostile metadata without checksums"). The attack's blocks
+metadata_csum, then edited raw as a guest may (docs/ARCHITECTURE.md "Hostile metadata without checksums"). Attack blocks
 are fed to `inference.engine.Engine` as `tap.writelog.Record`s, exactly as the tap would log them. Each test states
 its time and memory bound, checks the error event, and checks that an honest create afterwards still gives its
 event.
