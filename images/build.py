@@ -1,7 +1,8 @@
 """Build the test images from recipes into an ignored cache (nothing binary is committed).
 
 Targets: the TCG guest kernel (Debian's, unpacked, never installed), a busybox initramfs whose /init runs a
-workload script (and has dmlinear, our tiny device-mapper tool), ext2/3/4 images populated with a generated tree,
+workload script (and has dmlinear, our tiny device-mapper tool, and e2fsprogs' chattr/lsattr, which busybox lacks,
+with the shared libraries they load), ext2/3/4 images populated with a generated tree,
 MBR/GPT partitioned disks and an LVM2 disk.
 Every step is idempotent and atomic: it builds under a temporary name and renames, so an interrupted build
 never leaves a half artifact behind.
@@ -35,6 +36,8 @@ MODULES = ("virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virti
            "crc16 mbcache jbd2 crc32c_generic ext4").split()
 OPTIONAL_MODULES = ("dm-mod", "dm-linear")
 DMLINEAR_SRC = REPO / "images" / "dmlinear.c"
+# Host binaries the guest needs and busybox has not (apt package e2fsprogs): copied with the libraries `ldd` lists.
+HOST_BINARIES = ("/usr/bin/chattr", "/usr/bin/lsattr")
 
 FS_IMAGES = {  # name -> mke2fs arguments; 64 MiB is a "small" fs whose default would be 1 KiB blocks
     "ext2.img": ["-t", "ext2", "-b", "4096"],
@@ -238,6 +241,25 @@ def compile_dmlinear(out: Path) -> None:
                            f"come with libc6-dev): {e}") from e
 
 
+def copy_host_binaries(staging: Path, binaries: tuple[str, ...] = HOST_BINARIES) -> None:
+    """Dynamically linked host tools into the initramfs at their own paths, with every library `ldd` resolves
+    and the dynamic loader, also at their own paths (the loader finds them in its built-in multiarch dirs)."""
+    for binary in binaries:
+        if not Path(binary).exists():
+            raise RuntimeError(f"{binary} not found (apt package e2fsprogs): the guest's chattr/lsattr")
+        needed = [binary]
+        for line in run("ldd", binary).splitlines():
+            parts = line.split()
+            path = parts[2] if len(parts) > 2 and parts[1] == "=>" else parts[0] if parts else ""
+            if path.startswith("/"):
+                needed.append(path)
+        for f in needed:
+            dest = staging / f.lstrip("/")
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(os.path.realpath(f), dest)
+
+
 def build_initramfs() -> Path:
     out = artifact_path("initramfs.gz")
     if out.exists():
@@ -258,6 +280,7 @@ def build_initramfs() -> Path:
             (staging / d).mkdir(parents=True)
         shutil.copy2(busybox, staging / "bin/busybox")
         compile_dmlinear(staging / "bin/dmlinear")
+        copy_host_binaries(staging)  # before the applet links: a busybox applet of the same name never wins
         for applet in run(busybox, "--list-full").split():
             link = staging / applet
             if not link.exists():

@@ -49,6 +49,10 @@ INODE_FLAGS = {"secrm": (0x1, "s"), "unrm": (0x2, "u"), "compr": (0x4, "c"), "sy
 CHATTR_FLAGS = ("secrm", "unrm", "compr", "sync", "immutable", "append", "nodump", "noatime", "journal_data",
                 "notail", "dirsync", "topdir", "nocow", "dax", "projinherit", "casefold")
 CHATTR_MASK = sum(INODE_FLAGS[n][0] for n in CHATTR_FLAGS)
+# What an entry event says of the directory it changed (Mutation.parent): what moves with entries, and no event
+# of the guest's reports (its inotify says IN_CREATE for the name, nothing of the directory's new size).
+DIR_FIELDS = ("ino", "size", "blocks", "links", "mtime_ns", "ctime_ns", "atime_ns")
+ENTRY_KINDS = ("create", "mkdir", "symlink", "mknod", "link", "delete", "rmdir", "rename")
 
 
 def flag_names(flags: int, mask: int = CHATTR_MASK) -> list[str]:
@@ -85,6 +89,9 @@ class Mutation:
     rdev: int | None = None
     flags: list[str] | None = None      # the chattr flags set (CHATTR_FLAGS), when any is, or when they changed
     old_flags: list[str] | None = None  # attrib: the chattr flags before, when they changed
+    parent: dict[str, int] | None = None      # entry events: the directory `path` is in, after this consistency
+    #                                           point (DIR_FIELDS): its size and blocks grow with its entries
+    old_parent: dict[str, int] | None = None  # rename to another directory: the one `old_path` was in
     ranges: list[tuple[int, int]] | None = None  # modify: [start, end) byte ranges
     target: str | None = None     # symlink target; link: the existing path linked to
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
@@ -112,8 +119,8 @@ class Mutation:
         d: dict[str, Any] = {"id": self.id} if self.id else {}
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
         for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
-                     "atime_ns", "blocks", "links", "rdev", "flags", "old_flags", "ranges", "target", "xattr",
-                     "message", "unconfirmed"):
+                     "atime_ns", "blocks", "links", "rdev", "flags", "old_flags", "parent", "old_parent", "ranges",
+                     "target", "xattr", "message", "unconfirmed"):
             value = getattr(self, name)
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value

@@ -20,7 +20,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from inference.events import CHATTR_MASK, ErrorEvent, Kind, Mutation, flag_names, fs_path
+from inference.events import CHATTR_MASK, DIR_FIELDS, ErrorEvent, Kind, Mutation, flag_names, fs_path
 from inference.names import all_valid, bad_name_reason
 from inference.shadow import ROOT_INO, Node, ShadowTree
 
@@ -197,6 +197,7 @@ class Reconciler:
                     target.setdefault(n, i)
             self._settle_dir(d, target)
         events += self._attributes(change, ctx, created, p.reborn, grown, unconfirmed)
+        self._parents(events)
         # A record re-read while its names agreed with it: at the end of the burst its ctime becomes the one
         # a later rename must move (see `_hold_unsure`); inside the burst it may still be ahead of its names.
         self.reread.update(i for i, node in change.inodes.items() if node is not None)
@@ -584,7 +585,8 @@ class Reconciler:
                 tree.add_name(d, n, op.ino)
                 self._named(op.ino, change, behind)
                 events.append(_event(ctx, "rename", tree.name_path(d, n), self._node(op.ino, change),
-                                     old_path=fs_path(old_path or b"?")))
+                                     old_path=fs_path(old_path or b"?"), parent={"ino": d},
+                                     old_parent={"ino": op.src[0]} if op.src[0] != d else None))
                 return
             node = tree.nodes.get(op.ino)
             if node is None or (op.ino in reborn and op.ino not in created):
@@ -598,13 +600,13 @@ class Reconciler:
                 tree.add_name(d, n, op.ino)
                 self._named(op.ino, change, behind)
                 kind = CREATE_KIND.get(new.type, "mknod")
-                events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change)))
+                events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change), parent={"ino": d}))
                 return
             first = tree.path(op.ino)
             tree.add_name(d, n, op.ino)
             self._named(op.ino, change, behind)
             events.append(_event(ctx, "link", tree.name_path(d, n), self._node(op.ino, change),
-                                 target=fs_path(first or b"?")))
+                                 target=fs_path(first or b"?"), parent={"ino": d}))
 
         order = {"unlink": 2, "rename": 0, "add": 1}
         for force in (False, True):
@@ -656,7 +658,7 @@ class Reconciler:
         tree.remove_name(d, n)
         gone = old is None or not old.names
         kind = "rmdir" if old is not None and old.type == "dir" and gone else "delete"
-        ev = _event(ctx, kind, path, old)
+        ev = _event(ctx, kind, path, old, parent={"ino": d})
         events.append(ev)
         if gone:
             ev.links = 0
@@ -681,6 +683,19 @@ class Reconciler:
         for n, i in entries.items():
             if current.get(n) != i and i in tree.nodes:
                 tree.add_name(d, n, i)
+
+    def _parents(self, events: list[Mutation]) -> None:
+        """Each entry event names its directory (`parent`, `old_parent`) as it is at the end of this point: a
+        directory's size, blocks, link count and times move with its entries, at the point its entries do, and
+        the guest raises no event of its own for them, so the view takes them from the entry's event (a
+        directory gone by the end of the point is named by none)."""
+        for m in events:
+            for name in ("parent", "old_parent"):
+                ref = getattr(m, name)
+                if ref is not None:
+                    node = self.tree.nodes.get(ref["ino"])
+                    setattr(m, name, None if node is None or node.type != "dir"
+                            else {f: getattr(node, f) for f in DIR_FIELDS})
 
     # -- attributes, content, xattrs
 

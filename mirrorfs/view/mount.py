@@ -377,8 +377,9 @@ def serve(engine, mnt: Path, loop: Runner | None, *, allow_other: bool = False,
     seen = [-1, -1]
 
     def reconcile_dirs() -> None:
-        """A directory's mtime/ctime/nlink/size move with its entries, and a file's atime with a read, and no
-        event says so: take them from the engine when the stream is quiet."""
+        """What moves with no event at all: a file's atime (a read in the guest), and a directory's record when it
+        reached the disk after its entries (an entry event carries its directory as its point has it, `parent`,
+        so a directory's size follows without this): take them from the engine when the stream is quiet."""
         mark = [engine.stats().last_seq, poker.done]
         if mark == seen:
             return

@@ -376,7 +376,7 @@ class ViewTree:
             if np_ == node.nid or self._is_ancestor(node.nid, np_):
                 raise ViewError(f"{m.fs}:{m.path}: rename of a directory into itself")
             if (op, on) == (np_, nn):
-                return out
+                return out  # nothing moved (and no directory changed with it)
             replaced = self._child(np_, nn)
             if replaced is not None:
                 if replaced.children:
@@ -399,7 +399,22 @@ class ViewTree:
                 raise ViewError(f"{m.fs}:{m.path}: {kind} of a name not in the view")
             self._take(node, m)
             out.nodes.append(node.nid)
+        for attrs in (m.parent, m.old_parent):
+            if attrs and (nid := self._take_dir(m.fs, attrs)) is not None:
+                out.nodes.append(nid)
         return out
+
+    def _take_dir(self, fs: str, attrs: dict[str, int]) -> int | None:
+        """An entry event's directory as it is at the event's consistency point (Mutation.parent): its size,
+        blocks, link count and times, which no event of their own carries. Its node id, if it is in the view."""
+        nid = self.nid(fs, attrs["ino"])
+        node = self.nodes.get(nid)
+        if node is None or node.children is None:
+            return None
+        for name in ("size", "blocks", "links", "mtime_ns", "ctime_ns", "atime_ns"):
+            if (value := attrs.get(name)) is not None:
+                setattr(node, name, value)
+        return nid
 
     def _is_ancestor(self, anc: int, nid: int) -> bool:
         for _ in range(MAX_DEPTH):
@@ -436,9 +451,9 @@ class ViewTree:
         node.seq, node.mut_time = m.seq, m.time
 
     def set_attrs(self, nid: int, e) -> bool:
-        """Take attributes from the engine directly (a directory's mtime, size and blocks move with its entries,
-        and no event says so; a file's atime moves with a read); True if anything changed. A file's size is
-        never taken here: it moves with its events only."""
+        """Take attributes from the engine directly (a directory record that reached the disk after its entries'
+        events, which carried it as it was then; a file's atime moves with a read); True if anything changed. A
+        file's size is never taken here: it moves with its events only."""
         node = self.nodes.get(nid)
         if node is None:
             return False

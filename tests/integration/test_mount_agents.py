@@ -1,5 +1,7 @@
 """AIDE and Tripwire on the live view at T and T' report exactly what they report on a loop mount of the
-guest's final disk; and a burst of 10,000 mutations loses no inotify event while `ls` stays responsive."""
+guest's final disk; e2fsprogs' chattr in the guest (`+i`, `+a`, `-i`) gives one attrib event each, naming
+the flags before and after (issue 17); and a burst of 10,000 mutations loses no inotify event while `ls`
+stays responsive."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mount import live_view, wait_quiet
+from tests.integration.test_mount import events_of, live_view, wait_quiet
 from tests.mountharness import Inotify, Tripwire, wait_unmounted
 from tests.support import require_tools
 
@@ -30,6 +32,12 @@ sync
 sleep 30
 echo more >> work/change; rm work/gone; echo new > work/new; chmod 600 work/keep; mkdir work/d
 mv work/sym work/d/sym2; touch -d '2001-02-03 04:05:06' work/hard
+sync
+chattr +i work/change
+sync
+chattr +a work/new
+sync
+chattr -i work/change
 sync
 echo end > work/END
 sync
@@ -92,6 +100,10 @@ def test_aide_and_tripwire_on_the_view_match_the_final_disk(tmp_path):
         loop_tw = tw.check("loop")
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+    flagged = [(e["path"], e["flags"], e["old_flags"]) for e in events_of(state)
+               if e["kind"] == "attrib" and "old_flags" in e]
+    assert flagged == [("/work/change", ["immutable"], []), ("/work/new", ["append"], []),
+                       ("/work/change", [], ["immutable"])], flagged
     (tmp_path / "reports.txt").write_text("\n=====\n".join(x[1] for x in (view_aide, loop_aide, view_tw, loop_tw)))
     assert view_aide[0] == loop_aide[0] == 7, view_aide[1]  # added, removed and changed entries
     assert _stable(view_aide[1]) == _stable(loop_aide[1])

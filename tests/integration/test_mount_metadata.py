@@ -3,8 +3,10 @@
 of a snapshot of the final disk and checked on the live view, finds no difference; Tripwire with Debian's policy
 masks (less the device number), initialised on the view, finds none on the snapshot mounted at the same path;
 every lstat field and `du -s` agree; `chattr +i`, `+a`, `-i` are attrib events naming the flags; the view lists
-no xattr of its own. Both layouts: 4 KiB blocks with htree directories, 1 KiB blocks with linear directories
-grown across blocks.
+no xattr of its own. While another writer keeps the stream busy (never quiet), a directory grown across blocks has
+the disk's size, blocks, link count and times in the view as soon as its last entry is there. Both layouts: 4 KiB
+blocks with htree directories; 1 KiB blocks with htree directories and a linear one (made before dir_index was
+turned on, so it stays linear) grown across blocks.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ SLOW_TARGET = "a/target/long/enough/not/to/fit/in/the/inode/" + "x" * 40  # > 60
 
 # Phase 1 makes the directories; phase 2 grows them (the view saw them small) and makes everything else.
 PHASE1 = "set -e\nmkdir many htree acl\n: > many/first\nsync\n"
+LINEAR = "a-linear-directory-entry-with-a-long-name"
 PHASE2 = rf"""
 set -e
 i=0; while [ $i -lt 120 ]; do : > many/a-name-long-enough-to-fill-blocks-$i; i=$((i+1)); done
+if [ -d linear ]; then i=0; while [ $i -lt 60 ]; do : > linear/{LINEAR}-more-$i; i=$((i+1)); done; fi
 i=0; while [ $i -lt 400 ]; do : > htree/entry-number-$i-with-some-padding; i=$((i+1)); done
 printf small > small
 printf 'x%.0s' $(seq 1 5000) > twoblocks
@@ -62,16 +66,33 @@ sync
 FLAG_STEPS = (("chattr +i flagged", "/flagged", ["immutable"], []),
               ("chattr +a appended", "/appended", ["append"], []),
               ("chattr -i flagged", "/flagged", [], ["immutable"]))
+BUSY = "while :; do echo x >> busy; sync; sleep 0.1; done"  # a consistency point every ~0.1 s: never quiet
+DIR_FIELDS = ("st_size", "st_blocks", "st_nlink", "st_mtime_ns", "st_ctime_ns")
 FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_rdev", "st_atime_ns",
           "st_mtime_ns", "st_ctime_ns", "st_blksize")
 
 
+def _linear_dir(base: Path, mnt: Path) -> None:
+    """A linear directory of several blocks in `base` (made with ^dir_index), then dir_index on: ext4 indexes a
+    directory only as it outgrows its first block, so this one grows on linearly beside new htree ones."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(base), str(mnt)], check=True)
+    try:
+        (mnt / "linear").mkdir()
+        for i in range(40):
+            (mnt / "linear" / f"{LINEAR}-{i}").touch()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["tune2fs", "-O", "dir_index", str(base)], check=True, capture_output=True)
+
+
 @contextmanager
-def live(tmp_path: Path, block_size: int, features: str) -> Iterator[tuple]:
-    """A fresh ext4 served by `attach --base --mount`; yields (host writer, host mount, view, state, disk)."""
+def live(tmp_path: Path, block_size: int, features: str, linear: bool = False) -> Iterator[tuple]:
+    """A fresh ext4 served by `attach --base --mount`; yields (host writer, host mount, view, state, disk).
+    `linear`: the base has a linear directory of several blocks on a file system with dir_index on."""
     require_root()
-    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "setfacl", "setfattr",
-                  "chattr", "aide", "tripwire", "twadmin", "twprint", "du")
+    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "tune2fs", "fusermount3", "setfacl",
+                  "setfattr", "chattr", "lsattr", "aide", "tripwire", "twadmin", "twprint", "du")
     from images.hostwriter import HostWriter
 
     base = tmp_path / "base.raw"
@@ -79,6 +100,8 @@ def live(tmp_path: Path, block_size: int, features: str) -> Iterator[tuple]:
         f.truncate(48 << 20)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(block_size), "-E", "lazy_itable_init=0",
                     *(["-O", features] if features else []), str(base)], check=True, capture_output=True)
+    if linear:
+        _linear_dir(base, tmp_path / "premount")
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
     state, mnt = tmp_path / "state", tmp_path / "view"
@@ -150,17 +173,48 @@ def debian_policy(root: Path) -> str:
             f"  {root}/lost+found -> $(SEC_INVARIANT) ;\n}}\n")
 
 
-@pytest.mark.parametrize("block_size,features", [(4096, ""), (1024, "^dir_index")], ids=["4k-htree", "1k-linear"])
-def test_view_metadata_is_the_disks(tmp_path, block_size, features):
+def _grow_while_busy(hw, host: Path, mnt: Path, dirs: list[str]) -> tuple[dict, dict]:
+    """PHASE2 while BUSY appends and syncs: the stream is never quiet. The directories' stat as the disk has them
+    after PHASE2's sync, and as the view has them the moment PHASE2's last file is in it."""
+    busy = subprocess.Popen(["sh", "-c", BUSY], cwd=host, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: os.path.lexists(mnt / "busy"), "busy in the view")
+        _run(hw, PHASE2)
+        disk = {d: tuple(getattr(os.lstat(host / d), f) for f in DIR_FIELDS) for d in dirs}
+        _wait_for(lambda: os.path.lexists(mnt / "later"), "PHASE2's last file in the view", step=0.02)
+        view = {d: tuple(getattr(os.lstat(mnt / d), f) for f in DIR_FIELDS) for d in dirs}
+        assert busy.poll() is None, "the busy writer stopped: the stream may have been quiet"
+    finally:
+        busy.terminate()
+        busy.wait(10)
+    return disk, view
+
+
+def _wait_for(cond, what: str, step: float = 0.1) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(step)
+
+
+@pytest.mark.parametrize("block_size,features,linear", [(4096, "", False), (1024, "^dir_index", True)],
+                         ids=["4k-htree", "1k-htree-and-linear"])
+def test_view_metadata_is_the_disks(tmp_path, block_size, features, linear):
     work = tmp_path / "checkers"
     work.mkdir()
     snap_mnt = tmp_path / "snapshot"
     snap_mnt.mkdir()
-    with live(tmp_path, block_size, features) as (hw, host, mnt, state, disk, attach):
+    dirs = [".", "many", "htree", "acl", *(["linear"] if linear else [])]
+    with live(tmp_path, block_size, features, linear) as (hw, host, mnt, state, disk, attach):
         _run(hw, PHASE1)
         wait_quiet(mnt, state, "many/first")
-        small_dir = os.lstat(mnt / "many").st_size
-        _run(hw, PHASE2)
+        small = {d: os.lstat(mnt / d).st_size for d in dirs}
+        disk_dirs, view_dirs = _grow_while_busy(hw, host, mnt, dirs)
+        assert view_dirs == disk_dirs, (DIR_FIELDS, view_dirs, disk_dirs)
+        assert all(disk_dirs[d][0] > small[d] for d in ("many", "htree", *(["linear"] if linear else [])))
+        indexed = subprocess.run(["lsattr", "-d", *dirs[1:]], cwd=host, capture_output=True, text=True,
+                                 check=True).stdout.splitlines()
+        assert ["I" in line.split()[0] for line in indexed] == [True, True, False, *([False] if linear else [])]
         wait_quiet(mnt, state, "appended")
         for script, path, flags, old in FLAG_STEPS:
             _run(hw, script + "\nsync\n")
@@ -177,7 +231,6 @@ def test_view_metadata_is_the_disks(tmp_path, block_size, features):
         hw.unmount()  # the guest's disk is clean and final
         wait_quiet(mnt, state, "appended", settle=3)
         view_stat, view_du = _lstat_tree(mnt), _du(mnt)
-        assert view_stat["many"][5] > small_dir, "the directory's size did not follow its growth"
         assert not any(n.startswith("user.mirrorfs") for n in os.listxattr(mnt / "small"))
         assert sorted(os.listxattr(mnt / "small")) == ["system.posix_acl_access", "user.note"]
         assert os.getxattr(mnt / "small", "user.mirrorfs.ino") == str(view_stat["small"][1]).encode()

@@ -166,3 +166,44 @@ def test_i_blocks_honours_huge_file(tmp_path):
     assert parse_inode(bytes(raw), 12, geo).blocks == (3 + (1 << 32)) * 8
     no_huge = dataclasses.replace(geo, huge_file=False)             # without the feature, the high bits mean nothing
     assert parse_inode(bytes(raw), 12, no_huge).blocks == 3
+
+
+def test_a_directorys_size_reaches_the_view_with_the_entry_event_of_its_point():
+    """No quiet period needed: the create that grew /d across a block carries /d's new size, blocks and times
+    (`parent`), a rename names both directories, and the view tree takes them as it applies the event."""
+    from dataclasses import replace
+
+    from inference.reconcile import Change, Context, Reconciler
+    from inference.shadow import ROOT_INO, Node, ShadowTree
+
+    tree = ShadowTree()
+    tree.add_node(Node(ino=ROOT_INO, type="dir", mode=0o40755, links=3, size=1024, blocks=2))
+    tree.add_node(Node(ino=11, type="dir", mode=0o40755, links=2, size=1024, blocks=2, mtime_ns=5, ctime_ns=5))
+    tree.add_name(ROOT_INO, b"d", 11)
+    r = Reconciler(tree)
+    view = ViewTree(["disk"])
+    view.load("disk", [_entry(b"/", 2, "dir", size=1024, blocks=2, links=3),
+                       _entry(b"/d", 11, "dir", size=1024, blocks=2, mtime_ns=5, ctime_ns=5)])
+    d = tree.nodes[11]
+    grown = replace(d, names=[], size=2048, blocks=4, mtime_ns=20, ctime_ns=20)
+    new = Node(ino=13, type="file", mode=0o100644, links=1, mtime_ns=20, ctime_ns=20)
+    events, _ = r.apply(Change(inodes={11: grown, 13: new}, dirs={11: {b"x": 13}}, generations={13: True}),
+                        Context(seq=1, time=1.0, fs="disk"), settled=True)
+    (create,) = events
+    assert (create.kind, create.path) == ("create", "/d/x")
+    assert create.parent == {"ino": 11, "size": 2048, "blocks": 4, "links": 2, "mtime_ns": 20, "ctime_ns": 20,
+                             "atime_ns": 0}
+    assert Mutation.from_json(create.to_json()).parent == create.parent
+    applied = view.apply(create)
+    assert (view.nodes[11].size, view.nodes[11].blocks, view.nodes[11].mtime_ns) == (2048, 4, 20)
+    assert 11 in applied.nodes                                          # a direct apply invalidates it
+    root = replace(tree.nodes[ROOT_INO], names=[], mtime_ns=30, ctime_ns=30)
+    moved = replace(tree.nodes[13], names=[], ctime_ns=30)
+    dirs = {ROOT_INO: {b"d": 11, b"x": 13}, 11: {}}
+    (rename,), _ = r.apply(Change(inodes={ROOT_INO: root, 11: replace(grown, mtime_ns=30, ctime_ns=30), 13: moved},
+                                  dirs=dirs), Context(seq=2, time=2.0, fs="disk"), True)
+    assert (rename.kind, rename.parent["ino"], rename.old_parent["ino"]) == ("rename", ROOT_INO, 11)
+    view.apply(rename)
+    assert view.nodes[1].mtime_ns == 30 and view.nodes[11].mtime_ns == 30
+    same = _ev("rename", "/x", old_path="/y", ino=13)                   # older streams: no parent, as before
+    assert same.to_dict().get("parent") is None
