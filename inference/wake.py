@@ -77,6 +77,10 @@ class DirWake:
             _drain(fd)
         return bool(ready)
 
+    def fileno(self) -> int:
+        """The inotify descriptor, readable once a change came (for an event loop's own wait; -1: none)."""
+        return self._fd
+
     def drain(self) -> None:
         """Forget changes seen so far (the caller is about to look for itself)."""
         if self._fd >= 0:

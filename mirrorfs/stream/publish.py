@@ -24,6 +24,7 @@ from typing import Any
 
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
+from inference.wake import DirWake
 from mirrorfs.stream.filters import Filter
 from tap.state import read_json, write_json_atomic
 
@@ -33,7 +34,7 @@ DEFAULT_MAXLEN = 1_000_000
 DEFAULT_REGISTRY = "mirrorfs:streams"
 OWNERS = "mirrorfs:stream-owners"   # hash: stream -> "host:state dir", so two VMs never share a stream
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
-POLL_INTERVAL = 0.1
+STOP_CHECK = 1.0  # a caller's own stop() (not a signal) is looked at this often while the log is idle
 
 
 PASSWORD_ENV = "REDISCLI_AUTH"   # the variable redis-cli reads, so one setting serves both
@@ -233,16 +234,19 @@ class Publisher:
         import signal
 
         stopping: list[int] = []
+        wake = DirWake(Path(self.events_path).parent)  # the engine's appends to events.jsonl wake us
         if stop is None:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stopping.append(1))
+                signal.signal(sig, lambda *_: (stopping.append(1), wake.wake()))
             stop = lambda: bool(stopping)  # noqa: E731
         try:
             while True:
+                wake.drain()  # before the read: an append after it ends the wait below
                 if self.step():
                     continue
                 if not follow or stop():
                     return
-                time.sleep(POLL_INTERVAL)
+                wake.wait(STOP_CHECK)
         finally:
+            wake.close()
             self.tail.close()

@@ -28,6 +28,7 @@ import trio
 
 from inference.eventlog import EventTail
 from inference.events import format_id, parse_id
+from inference.wake import DirWake
 from mirrorfs.stream.filters import Filter, FilterError, union_prefixes
 from tap.state import bind_socket, prepare_socket, remove_socket
 from tap.state import socket_path as state_socket_path
@@ -38,7 +39,7 @@ MAX_REQUEST = 16384          # bytes of the first line
 REQUEST_TIMEOUT = 10.0       # seconds to send it
 BUFFER_EVENTS = 1024         # per subscriber, live feed
 MAX_SUBSCRIBERS = 64
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = 0.05  # only where inotify is unavailable
 SOCKET_NAME = "events.sock"
 
 
@@ -124,6 +125,7 @@ class StreamServer:
         self.max_subscribers = max_subscribers
         self.subscribers: set[Subscriber] = set()
         self.tail = EventTail(self.events_path)
+        self._progress = trio.Event()  # set (and replaced) each time the tailer reads more of the log
         self.last: tuple[int, int] = (0, 0)
         self.scope: tuple[str, ...] | None = None   # union of the subscribers' path prefixes (None: any)
         self.counters = {"connections": 0, "errors": 0, "lagged": 0}
@@ -156,16 +158,23 @@ class StreamServer:
                 s.last, s.offset = pos, end
 
     async def _tailer(self) -> None:
-        while True:
-            lines = await trio.to_thread.run_sync(self.tail.poll)
-            if self.tail.restarted:
-                self.tail.restarted = False
-                for s in self.subscribers:     # the log was rewritten (a new replay): ids repeat from the start
-                    s.last, s.offset = (0, 0), 0
-            if lines:
-                self._fan_out(lines)
-            else:
-                await trio.sleep(POLL_INTERVAL)
+        """Read what the engine appends as it appends it: woken by inotify on the log's directory."""
+        with DirWake(self.events_path.parent) as wake:
+            while True:
+                wake.drain()  # before the read: an append after it wakes the wait below
+                lines = await trio.to_thread.run_sync(self.tail.poll)
+                if self.tail.restarted:
+                    self.tail.restarted = False
+                    for s in self.subscribers:     # the log was rewritten (a new replay): ids repeat from the start
+                        s.last, s.offset = (0, 0), 0
+                if lines:
+                    self._fan_out(lines)
+                    self._progress.set()
+                    self._progress = trio.Event()
+                elif wake.fileno() >= 0:
+                    await trio.lowlevel.wait_readable(wake.fileno())
+                else:
+                    await trio.sleep(POLL_INTERVAL)  # no inotify here: follow by polling
 
     # -- one subscriber
 
@@ -195,7 +204,7 @@ class StreamServer:
                     sub.live = True
                     return
                 if not lines:
-                    await trio.sleep(POLL_INTERVAL)
+                    await self._progress.wait()  # the tailer has yet to read as far: until it reads more
         finally:
             tail.close()
 

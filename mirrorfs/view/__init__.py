@@ -1,2 +1,2 @@
 """The FUSE view: its tree, the FUSE operations, reads at the view's point, the poke helper and the mount
-(docs/ARCHITECTURE.md "The view"). Never imports mirrorfs.stream."""
+(docs/ARCHITECTURE.md "Layout", "Poke", "Reads"). Never imports mirrorfs.stream."""

@@ -45,6 +45,7 @@ log = logging.getLogger("mirrorfs.poke")
 # the new directory and some inotify instance watches its parent, the helper waits, at most MKDIR_PAUSE, until
 # every instance watching the parent watches the new directory too (/proc/*/fdinfo; no event says so, hence
 # WATCH_CHECK). Nobody watching the parent: nobody can be about to watch the new directory, so no wait at all.
+QUIET_S = 0.5  # the queue idle this long: the view takes what moved with no event (on_idle)
 MKDIR_PAUSE = 0.1
 WATCH_CHECK = 0.002
 
@@ -161,6 +162,7 @@ class Poker:
         self.cond = threading.Condition()
         self.stopping = False
         self.done = 0
+        self._quiet_from: float | None = None  # armed: on_idle runs once QUIET_S after this (monotonic) if idle
         self.fallbacks = 0
         self.refused = 0
         self._root: tuple[bytes, int] | None = None  # the mount point and its mount id (set_root)
@@ -179,15 +181,20 @@ class Poker:
     def start(self) -> None:
         self.thread.start()
 
+    def touch(self) -> None:
+        """The engine took records that may have moved what no event carries (an atime): arm the quiet-time
+        reconcile, without pushing it back (cheap; called under the engine's lock)."""
+        with self.cond:
+            if self._quiet_from is None:
+                self._quiet_from = time.monotonic()
+                self.cond.notify()
+
     def stop(self, drain_timeout: float = 30) -> None:
-        """Let the queue drain (bounded), then end the thread."""
-        deadline = time.monotonic() + drain_timeout
-        while self.queue and time.monotonic() < deadline and self.thread.is_alive():
-            time.sleep(0.02)
+        """End the thread once the queue is drained (bounded)."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        self.thread.join(max(deadline - time.monotonic(), 1))
+        self.thread.join(drain_timeout)
 
     # -- the helper thread
 
@@ -212,28 +219,35 @@ class Poker:
         self.stage.tid = threading.get_native_id()
         self._loop()
 
+    def _quiet_wait(self) -> float | None:
+        """Seconds until the armed quiet-time reconcile is due (0: now; None: nothing armed, wait for work)."""
+        if self._quiet_from is None or self.on_idle is None:
+            return None
+        return max(self._quiet_from + QUIET_S - time.monotonic(), 0.0)
+
     def _loop(self) -> None:
-        idle_since = None
         while True:
             with self.cond:
-                if not self.queue and not self.stopping:
-                    self.cond.wait(0.2)
+                while not self.queue and not self.stopping and self._quiet_wait() != 0:
+                    self.cond.wait(self._quiet_wait())
                 if self.stopping and not self.queue:
                     return
                 m = self.queue.popleft() if self.queue else None
-            if m is None:
-                if self.on_idle is not None and (idle_since is None or time.monotonic() - idle_since > 0.5):
-                    idle_since = time.monotonic()
-                    try:
-                        self.on_idle()
-                    except Exception:  # noqa: BLE001 - the helper must outlive any one failure
-                        log.exception("idle reconcile failed")
+                if m is None:
+                    self._quiet_from = None
+            if m is None:  # quiet for QUIET_S since the last change: what no event carries
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001 - the helper must outlive any one failure
+                    log.exception("idle reconcile failed")
                 continue
             try:
                 self.poke(m)
             except Exception:  # noqa: BLE001
                 log.exception("poke of %s %s failed", m.kind, m.path)
             self.done += 1
+            with self.cond:
+                self._quiet_from = time.monotonic()
             made, self._made_dir = self._made_dir, None
             if made is not None and MKDIR_PAUSE and self._next_inside(m):
                 self._let_watchers_follow(*made)
