@@ -499,7 +499,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:
-        from mirrorfs.view.mount import serve_log
+        from mirrorfs.view.serve import serve_log
         from tap.state import access
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,

@@ -151,10 +151,13 @@ class Poker:
     def __init__(self, stage: Stage, prefix: Callable[[str], bytes | None],
                  apply_direct: Callable[[Mutation], Applied], invalidate: Invalidate,
                  on_idle: Callable[[], None] | None = None, hidden: Callable[[Mutation], bool] | None = None,
-                 before_growth: Callable[[Mutation], None] | None = None) -> None:
-        """`before_growth(m)`: called before the ftruncate of a modify or truncate (the view's page drop)."""
+                 before_growth: Callable[[Mutation], None] | None = None,
+                 on_done: Callable[[Mutation], None] | None = None) -> None:
+        """`before_growth(m)`: called before the ftruncate of a modify or truncate (the view's page drop).
+        `on_done(m)`: the view is done with m, whatever became of it (applied by the handler or directly,
+        refused, failed): reads of its file stop waiting for it."""
         self.stage, self.prefix = stage, prefix
-        self.before_growth = before_growth
+        self.before_growth, self.on_done = before_growth, on_done
         self.apply_direct, self.invalidate, self.on_idle = apply_direct, invalidate, on_idle
         self.hidden = hidden or (lambda m: False)  # not visible in the view (covered by a mount, not shown)
         self.unseen = 0
@@ -245,6 +248,9 @@ class Poker:
                 self.poke(m)
             except Exception:  # noqa: BLE001
                 log.exception("poke of %s %s failed", m.kind, m.path)
+            finally:
+                if self.on_done is not None:
+                    self.on_done(m)
             self.done += 1
             with self.cond:
                 self._quiet_from = time.monotonic()

@@ -1,11 +1,11 @@
-"""The view's page drops (mirrorfs.view.mount.PageDropper): done in their own thread, and a caller can wait for one
+"""The view's page drops (mirrorfs.view.serve.PageDropper): done in their own thread, and a caller can wait for one
 (the poke helper does, boundedly, before it grows a file: issue 10's less +F reading an old last page)."""
 
 from __future__ import annotations
 
 import threading
 
-import mirrorfs.view.mount as mount
+import mirrorfs.view.serve as serve
 
 
 def test_a_drop_can_be_waited_for_and_a_queued_node_is_dropped_once(monkeypatch):
@@ -16,8 +16,8 @@ def test_a_drop_can_be_waited_for_and_a_queued_node_is_dropped_once(monkeypatch)
         gate.wait(5)
         calls.append((nid, attr_only))
 
-    monkeypatch.setattr(mount.pyfuse3, "invalidate_inode", invalidate)
-    dropper = mount.PageDropper()
+    monkeypatch.setattr(serve.pyfuse3, "invalidate_inode", invalidate)
+    dropper = serve.PageDropper()
     try:
         first = dropper.drop(7)           # taken by the thread at once; it blocks in the kernel's invalidation
         second, again = dropper.drop(8), dropper.drop(8)
