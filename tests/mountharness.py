@@ -11,7 +11,11 @@ import subprocess
 import termios
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def mounted(mnt: Path) -> bool:
@@ -41,6 +45,43 @@ def wait_unmounted(mnt: Path, timeout: float = 60) -> None:
 def force_unmount(mnt: Path) -> None:
     if mounted(mnt):
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+@dataclass
+class HostView:
+    """A live view of a host-kernel writer's disk: `hw` (images/hostwriter.HostWriter), `host` (its file
+    system mounted on the host: write there), `mnt` (the view), `state`, `attach` (tests/tapharness.Attach)."""
+
+    hw: Any
+    host: Path
+    mnt: Path
+    state: Path
+    attach: Any
+
+
+@contextmanager
+def host_writer_view(tmp_path: Path, base: Path, disk: Path) -> Iterator[HostView]:
+    """The host kernel writes `disk` (a copy of `base`) through qemu-storage-daemon, attached with
+    `mirrorfs attach --base BASE --mount`: yields once the view is mounted and the writer's file system too. A
+    test detaches itself where it wants the detach's output; on the way out whatever is left is killed and
+    unmounted."""
+    from images.hostwriter import HostWriter
+    from tests.tapharness import Attach
+
+    state, mnt = tmp_path / "state", tmp_path / "view"
+    mnt.mkdir()
+    attach = None
+    try:
+        with HostWriter(disk, tmp_path / "qsd") as hw:
+            attach = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), "--mount", str(mnt))
+            attach.start()
+            wait_mounted(mnt, attach.proc, timeout=120)
+            yield HostView(hw, hw.mount(), mnt, state, attach)
+    finally:
+        if attach is not None and attach.proc is not None and attach.proc.poll() is None:
+            attach.proc.kill()
+            attach.proc.wait(10)
+        force_unmount(mnt)
 
 
 class Inotify:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.mountharness import force_unmount, wait_mounted
+from tests.mountharness import host_writer_view
 from tests.support import require_root, require_tools
-from tests.tapharness import Attach, mirrorfs
+from tests.tapharness import mirrorfs
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,6 @@ class WholeReader(threading.Thread):
 def test_log_appended_without_sync_reads_whole_lines(tmp_path: Path) -> None:
     require_root()
     require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "tail")
-    from images.hostwriter import HostWriter
 
     populate = tmp_path / "populate"
     populate.mkdir()
@@ -73,16 +72,11 @@ def test_log_appended_without_sync_reads_whole_lines(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
-    state, mnt = tmp_path / "state", tmp_path / "view"
-    mnt.mkdir()
-    attach = tail = None
+    tail = None
     tail_out = tmp_path / "tail.out"
     try:
-        with HostWriter(disk, tmp_path / "qsd") as hw:
-            attach = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), "--mount", str(mnt))
-            attach.start()
-            wait_mounted(mnt, attach.proc, timeout=120)
-            host = hw.mount()
+        with host_writer_view(tmp_path, base, disk) as v:
+            hw, host, mnt, state, attach = v.hw, v.host, v.mnt, v.state, v.attach
             view_log = mnt / "app.log"
             with open(tail_out, "wb") as out:
                 tail = subprocess.Popen(["tail", "-F", "-n", "+1", "--max-unchanged-stats=1", "-s", "0.2",
@@ -121,10 +115,6 @@ def test_log_appended_without_sync_reads_whole_lines(tmp_path: Path) -> None:
         if tail is not None and tail.poll() is None:
             tail.kill()
             tail.wait(10)
-        if attach is not None and attach.proc is not None and attach.proc.poll() is None:
-            attach.proc.kill()
-            attach.proc.wait(10)
-        force_unmount(mnt)
 
     assert not reader.errors, reader.errors[:5]
     assert reader.reads and reader.reads[-1] == final, f"the view never reached the file:\n{out_text[-3000:]}"

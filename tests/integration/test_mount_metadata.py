@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_mount import events_of, wait_quiet
-from tests.mountharness import Tripwire, force_unmount, wait_mounted
+from tests.mountharness import Tripwire, host_writer_view
 from tests.support import require_root, require_tools
-from tests.tapharness import Attach, mirrorfs
+from tests.tapharness import mirrorfs
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,7 @@ FLAG_STEPS = (("chattr +i flagged", "/flagged", ["immutable"], []),
               ("chattr -i flagged", "/flagged", [], ["immutable"]))
 BUSY = "while :; do echo x >> busy; sync; sleep 0.1; done"  # a consistency point every ~0.1 s: never quiet
 DIR_FIELDS = ("st_size", "st_blocks", "st_nlink", "st_mtime_ns", "st_ctime_ns")
+DIRS_WAIT = 10.0  # for the view to apply the rest of PHASE2's last points after its last file
 FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_rdev", "st_atime_ns",
           "st_mtime_ns", "st_ctime_ns", "st_blksize")
 
@@ -93,7 +94,6 @@ def live(tmp_path: Path, block_size: int, features: str, linear: bool = False) -
     require_root()
     require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "tune2fs", "fusermount3", "setfacl",
                   "setfattr", "chattr", "lsattr", "aide", "tripwire", "twadmin", "twprint", "du")
-    from images.hostwriter import HostWriter
 
     base = tmp_path / "base.raw"
     with open(base, "wb") as f:
@@ -104,22 +104,9 @@ def live(tmp_path: Path, block_size: int, features: str, linear: bool = False) -
         _linear_dir(base, tmp_path / "premount")
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
-    state, mnt = tmp_path / "state", tmp_path / "view"
-    mnt.mkdir()
-    attach = None
-    try:
-        with HostWriter(disk, tmp_path / "qsd") as hw:
-            attach = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), "--mount", str(mnt))
-            attach.start()
-            wait_mounted(mnt, attach.proc, timeout=120)
-            host = hw.mount()
-            yield hw, host, mnt, state, disk, attach
-            attach.detach()
-    finally:
-        if attach is not None and attach.proc is not None and attach.proc.poll() is None:
-            attach.proc.kill()
-            attach.proc.wait(10)
-        force_unmount(mnt)
+    with host_writer_view(tmp_path, base, disk) as v:
+        yield v.hw, v.host, v.mnt, v.state, disk, v.attach
+        v.attach.detach()
 
 
 def _run(hw, script: str) -> None:
@@ -175,14 +162,21 @@ def debian_policy(root: Path) -> str:
 
 def _grow_while_busy(hw, host: Path, mnt: Path, dirs: list[str]) -> tuple[dict, dict]:
     """PHASE2 while BUSY appends and syncs: the stream is never quiet. The directories' stat as the disk has them
-    after PHASE2's sync, and as the view has them the moment PHASE2's last file is in it."""
+    after PHASE2's sync, and as the view has them once it shows them so (or at the timeout), while the stream
+    is still busy: the events of PHASE2's points carry them, a quiet spell is not needed. (Not the moment PHASE2's
+    last file shows: the events of one point reach the view in order, the last file's perhaps before others.)"""
     busy = subprocess.Popen(["sh", "-c", BUSY], cwd=host, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: os.path.lexists(mnt / "busy"), "busy in the view")
         _run(hw, PHASE2)
         disk = {d: tuple(getattr(os.lstat(host / d), f) for f in DIR_FIELDS) for d in dirs}
         _wait_for(lambda: os.path.lexists(mnt / "later"), "PHASE2's last file in the view", step=0.02)
-        view = {d: tuple(getattr(os.lstat(mnt / d), f) for f in DIR_FIELDS) for d in dirs}
+
+        def view_dirs() -> dict:
+            return {d: tuple(getattr(os.lstat(mnt / d), f) for f in DIR_FIELDS) for d in dirs}
+        deadline = time.monotonic() + DIRS_WAIT
+        while (view := view_dirs()) != disk and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert busy.poll() is None, "the busy writer stopped: the stream may have been quiet"
     finally:
         busy.terminate()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mountharness import force_unmount, wait_mounted
+from tests.mountharness import host_writer_view
 from tests.support import require_root, require_tools
 from tests.tapharness import Attach
 
@@ -57,7 +57,6 @@ def live(tmp_path: Path, features: str = "", populate: Path | None = None) -> It
     and the host kernel's mount of the same disk to write to."""
     require_root()
     require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3")
-    from images.hostwriter import HostWriter
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     base = tmp_path / "base.raw"
@@ -68,25 +67,12 @@ def live(tmp_path: Path, features: str = "", populate: Path | None = None) -> It
                     str(base)], check=True, capture_output=True)
     disk = tmp_path / "disk.raw"
     shutil.copyfile(base, disk)
-    state, mnt = tmp_path / "state", tmp_path / "view"
-    mnt.mkdir()
-    attach = None
-    try:
-        with HostWriter(disk, tmp_path / "qsd") as hw:
-            attach = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), "--mount", str(mnt))
-            attach.start()
-            wait_mounted(mnt, attach.proc, timeout=120)
-            host = hw.mount()
-            yield Live(host, mnt, state, attach)
-            hw.unmount()
-            out = attach.detach()
-            # every read of the view was served with bytes (the summary names EIO reads when there were any)
-            assert "reads answered EIO" not in out, out[-3000:]
-    finally:
-        if attach is not None and attach.proc is not None and attach.proc.poll() is None:
-            attach.proc.kill()
-            attach.proc.wait(10)
-        force_unmount(mnt)
+    with host_writer_view(tmp_path, base, disk) as v:
+        yield Live(v.host, v.mnt, v.state, v.attach)
+        v.hw.unmount()
+        out = v.attach.detach()
+        # every read of the view was served with bytes (the summary names EIO reads when there were any)
+        assert "reads answered EIO" not in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")
