@@ -396,6 +396,9 @@ def build_index(image: Path, out: Path, *, progress: Callable[[int, int], None] 
                 h = ExtHandler(volume_reader(vol, read), name=vol.name)
                 h.index(progress)
                 handlers[vol.name] = h
+        if not handlers:
+            found = ", ".join(f"{v.name} ({v.kind})" for v in vmap.volumes) or "no partition table, no volume"
+            raise ValueError(f"{image}: no ext2/3/4 file system to index (found: {found}); nothing written")
         data = {"format": INDEX_FORMAT, "base": str(image.resolve()), "size": size,
                 "mtime_ns": image.stat().st_mtime_ns, "handlers": handlers}
         tmpfile = Path(tmp) / "index"

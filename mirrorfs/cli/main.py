@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -55,12 +56,24 @@ def _mount_args(p: argparse.ArgumentParser, name: str) -> None:
                         "holding it at the root) instead of one directory each")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mirrorfs")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirrorfs", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Agentless file monitoring of virtual machines: QEMU mirrors a running VM's disk "
                     "writes to mirrorfs, which records them and turns them into file-level mutations.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="less log output: errors only (warnings are dropped)")
+    parser.add_argument("--version", action="version", version=f"mirrorfs {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -473,6 +486,23 @@ def attach_finished(state) -> bool:
     return bool((state.read_attach() or {}).get("detached"))
 
 
+def check_replay_args(args: argparse.Namespace, state) -> None:
+    """Everything `replay` (and `mount`) is given is checked before anything in the state directory changes:
+    a wrong argument must not cost the user their events.jsonl."""
+    if getattr(args, "metrics", None):
+        from mirrorfs.stream.metrics import parse_addr
+        parse_addr(args.metrics)  # ValueError with the forms it takes
+    for what, path in (("base image", args.base), ("index", args.index)):
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"{what} {path} does not exist")
+    if args.base is None and args.index is None:
+        attach = state.read_attach() or {}
+        if attach.get("sync") != "full":
+            used = f" (the attach used {attach['base']})" if attach.get("base") else ""
+            raise CLIError(f"the engine needs the disk as it was when recording began: --base IMAGE{used} or "
+                           f"--index INDEX (only a log recorded with --sync full holds the whole disk)")
+
+
 def cmd_replay(args: argparse.Namespace) -> None:
     import signal
 
@@ -488,6 +518,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.append(1))
     state = StateDir(args.state)
     size = state.require_state()["size"]
+    check_replay_args(args, state)
     state.prepare()  # root's alone (or --group's), whatever an older run or the umask left
     workdir = state.path / "engine"
     make_dir(workdir, what="engine directory")
@@ -561,13 +592,35 @@ def cmd_umount(args: argparse.Namespace) -> None:
 
 class EscapingFormatter(logging.Formatter):
     """Log lines go to a terminal and may quote guest names: each message is escaped as `ls -b` does (a
-    traceback, added after the message, stays as it is)."""
+    traceback, added after the message, stays as it is). Under systemd (stderr is the journal) each line starts
+    with its syslog priority, `<3>` for an error, as sd-daemon(3) reads it."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self, fmt: str, journal: bool = False) -> None:
+        super().__init__(fmt)
+        self.journal = journal
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         from inference.names import escape_name
 
         record.message = escape_name(record.message)
-        return super().formatMessage(record)
+        line = super().formatMessage(record)
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{line}" if self.journal else line
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device and inode of the journal stream it gave us as stderr."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(ino) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    return logging.ERROR if quiet and not verbose else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
 
 
 OWN_XATTRS = ("fs", "ino", "seq", "mtime", "flags", "blocks")
@@ -663,9 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter("mirrorfs: %(message)s"))
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        handlers=[handler])
+    handler.setFormatter(EscapingFormatter("mirrorfs: %(message)s", journal=stderr_is_journal()))
+    logging.basicConfig(level=log_level(args.verbose, args.quiet), handlers=[handler])
     from inference.errors import CorruptMetadata
     from tap.attach import AttachError
     from tap.state import StateError, set_group
@@ -674,6 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # umask 0077 (0027 with --group): a backstop, see tap/state
         set_group(getattr(args, "access_group", None), getattr(args, "qemu_group", None))
         COMMANDS[args.command](args)
+    except BrokenPipeError:  # `mirrorfs events | head`: the reader has what it wanted; end quietly
+        _quiet_stdout()
+        return 0
     except user_errors as exc:
         print(f"mirrorfs: {exc}", file=sys.stderr)
         return 1
@@ -684,11 +739,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for exc in _leaves(match):
             print(f"mirrorfs: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: point it at /dev/null, so the interpreter's final flush raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

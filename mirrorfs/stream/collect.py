@@ -21,13 +21,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 from inference.events import Mutation, parse_id
 from inference.names import escape_name
 from mirrorfs.stream.filters import Filter
-from mirrorfs.stream.publish import DEFAULT_REGISTRY, Backoff, auth_failed
+from mirrorfs.stream.publish import DEFAULT_REGISTRY, Backoff, Halted, auth_failed
 
 log = logging.getLogger("mirrorfs.collect")
 
@@ -145,9 +146,9 @@ class Collector:
 
         out = out or sys.stdout
         argv = shlex.split(exec_cmd) if exec_cmd else None
-        stopping: list[int] = []
+        halt = threading.Event()  # a signal: stop now, even in the middle of a retry's wait
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stopping.append(1))
+            signal.signal(sig, lambda *_: halt.set())
 
         def emit(stream: str, d: dict[str, Any], raw: bytes) -> None:
             if argv is not None:
@@ -170,34 +171,37 @@ class Collector:
                 out.write(line + "\n")
                 out.flush()
 
-        backoff = Backoff()
+        backoff = Backoff(halt=halt)
         last_event = time.monotonic()
         total = 0
-        while not stopping:
-            try:
-                batch = self.read()
-                if batch:
-                    total += self.handle(batch, emit)
-                    last_event = time.monotonic()
-                backoff.reset()
-            except redis.AuthenticationError as exc:
-                raise auth_failed(self.url, exc) from None
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
-                self.stats["reconnects"] += 1
-                for name in self.streams:
-                    self.streams[name] = "0"   # re-read our pending entries: the done mark drops repeats
-                d = backoff.wait()
-                log.warning("redis unavailable (%s); retried after %.1f s", exc, d)
-                continue
-            except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):      # a stream or the group vanished (Redis restarted empty)
-                    self.streams.clear()
+        try:
+            while not halt.is_set():
+                try:
+                    batch = self.read()
+                    if batch:
+                        total += self.handle(batch, emit)
+                        last_event = time.monotonic()
+                    backoff.reset()
+                except redis.AuthenticationError as exc:
+                    raise auth_failed(self.url, exc) from None
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+                    self.stats["reconnects"] += 1
+                    for name in self.streams:
+                        self.streams[name] = "0"   # re-read our pending entries: the done mark drops repeats
+                    d = backoff.wait()
+                    log.warning("redis unavailable (%s); retried after %.1f s", exc, d)
                     continue
-                if "LOADING" in str(exc):
-                    backoff.wait()
-                    continue
-                raise
-            if count is not None and total >= count:
-                return
-            if idle_exit is not None and time.monotonic() - last_event > idle_exit:
-                return
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc):      # a stream or the group vanished (Redis restarted empty)
+                        self.streams.clear()
+                        continue
+                    if "LOADING" in str(exc):
+                        backoff.wait()
+                        continue
+                    raise
+                if count is not None and total >= count:
+                    return
+                if idle_exit is not None and time.monotonic() - last_event > idle_exit:
+                    return
+        except Halted:  # a signal during a retry's wait
+            return

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,23 @@ def is_duplicate_error(exc: BaseException) -> bool:
     return "equal or smaller than the target stream top item" in str(exc)
 
 
-class Backoff:
-    """Exponential backoff with jitter, reset by success."""
+class Halted(Exception):
+    """A signal asked us to stop while we waited for Redis."""
 
-    def __init__(self, low: float = BACKOFF_MIN, high: float = BACKOFF_MAX) -> None:
+
+class Backoff:
+    """Exponential backoff with jitter, reset by success. `halt` (set by a signal handler) ends a wait at once,
+    and the wait raises Halted: SIGTERM must not wait out a retry against a Redis that is down."""
+
+    def __init__(self, low: float = BACKOFF_MIN, high: float = BACKOFF_MAX,
+                 halt: threading.Event | None = None) -> None:
         self.low, self.high, self.delay = low, high, low
+        self.halt = halt or threading.Event()
 
     def wait(self) -> float:
         d = self.delay * random.uniform(0.5, 1.0)
-        time.sleep(d)
+        if self.halt.wait(d):
+            raise Halted
         self.delay = min(self.delay * 2, self.high)
         return d
 
@@ -110,6 +119,7 @@ class Publisher:
         self.owner = f"{socket.gethostname()}:{self.state_dir}"
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
                                           **({"password": password} if password else {}))
+        self.halt = threading.Event()  # set by SIGINT/SIGTERM (run): retries end at once
         self.stats = {"sent": 0, "duplicates": 0, "filtered": 0, "batches": 0, "reconnects": 0, "bytes": 0}
         saved = (read_json(self.pos_path) or {}).get("streams", {}).get(self.stream, {})
         self.after: tuple[int, int] = parse_id(saved["after"]) if saved.get("after") else (0, 0)
@@ -211,7 +221,7 @@ class Publisher:
     def _send_with_retry(self, entries: list[tuple[str, bytes]]) -> None:
         import redis
 
-        backoff = Backoff()
+        backoff = Backoff(halt=self.halt)
         while True:
             try:
                 self._send(entries)
@@ -233,12 +243,11 @@ class Publisher:
         """Publish until the end of the log (follow=False) or forever; `stop()` true ends a follow."""
         import signal
 
-        stopping: list[int] = []
         wake = DirWake(Path(self.events_path).parent)  # the engine's appends to events.jsonl wake us
         if stop is None:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: (stopping.append(1), wake.wake()))
-            stop = lambda: bool(stopping)  # noqa: E731
+                signal.signal(sig, lambda *_: (self.halt.set(), wake.wake()))
+            stop = self.halt.is_set
         try:
             while True:
                 wake.drain()  # before the read: an append after it ends the wait below
@@ -247,6 +256,8 @@ class Publisher:
                 if not follow or stop():
                     return
                 wake.wait(STOP_CHECK)
+        except Halted:
+            log.warning("stopped while Redis was unavailable; a restart resumes after %s", format_id(*self.after))
         finally:
             wake.close()
             self.tail.close()
