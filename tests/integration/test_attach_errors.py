@@ -48,7 +48,7 @@ def test_busy_qmp_state_in_use_and_qemu_refusal(tmp_path, paused_guest):
     try:
         # QMP serves one client at a time: a second attach is told who may hold it
         proc = mirrorfs("attach", "--qmp", paused_guest.qmp, "--state", tmp_path / "other", check=False)
-        assert proc.returncode == 1 and "one client at a time" in proc.stderr
+        assert proc.returncode == 1 and "one client at a time" in proc.stderr and "libvirt" in proc.stderr
         # the state directory is locked by the running attach
         proc = mirrorfs("attach", "--qmp", paused_guest.qmp, "--state", state, check=False)
         assert proc.returncode == 1 and f"in use by pid {first.proc.pid}" in proc.stderr
