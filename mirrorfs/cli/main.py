@@ -246,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "--tls-creds serves the disk to anyone who reaches the port")
     _tls_args(p)
     _group_arg(p)
+
+    p = sub.add_parser("install-unit", help="install the systemd template unit mirrorfs@.service",
+                       description="Write mirrorfs@.service, with this installation's Python and package by "
+                                   "absolute path, into DIR. Each instance watches one VM (its settings in "
+                                   "/etc/mirrorfs/VM.env); the unit is Type=notify (ready once the mirror job "
+                                   "is) and hardened. See mirrorfs(1) SYSTEMD.",
+                       epilog="example: mirrorfs install-unit && systemctl daemon-reload && "
+                              "systemctl enable --now mirrorfs@vm1")
+    p.add_argument("--dir", type=Path, default=Path("/etc/systemd/system"),
+                   help="where to write the unit (default /etc/systemd/system)")
     return parser
 
 
@@ -297,6 +307,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
     import trio
 
+    from mirrorfs.cli.service import notify
     from tap.attach import AttachConfig, Attachment
 
     _tls_psk_refused(args)
@@ -338,9 +349,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
         print(f"mirrorfs: inference engine pid {engine[0].pid}: mutation events in {args.state}/events.jsonl",
               flush=True)
 
+    def ready() -> None:
+        start_engine()
+        notify(f"READY=1\nSTATUS=mirroring {args.device or 'the disk'} into {args.state}")  # Type=notify
+
     try:
-        trio.run(lambda: attachment.run(on_ready=start_engine))
+        trio.run(lambda: attachment.run(on_ready=ready))
     finally:
+        notify("STOPPING=1")
         for proc in engine:  # it sees the detach in attach.json, drains the log, reports what is pending, exits
             try:
                 proc.wait(120)
@@ -697,7 +713,16 @@ def cmd_index(args: argparse.Namespace) -> None:
           f"{time.monotonic() - start:.2f} s → {out}", file=sys.stderr)
 
 
-COMMANDS = {"attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve, "replay": cmd_replay,
+def cmd_install_unit(args: argparse.Namespace) -> None:
+    from mirrorfs.cli.service import install_unit
+
+    out = install_unit(args.dir)
+    print(f"mirrorfs: wrote {out}; then: systemctl daemon-reload; put QMP=, METRICS= and ATTACH_OPTS= in "
+          f"/etc/mirrorfs/VM.env; systemctl enable --now mirrorfs@VM (see mirrorfs(1) SYSTEMD)", file=sys.stderr)
+
+
+COMMANDS = {"install-unit": cmd_install_unit,
+            "attach": cmd_attach, "log": cmd_log, "replica": cmd_replica, "serve": cmd_serve, "replay": cmd_replay,
             "events": cmd_events, "index": cmd_index, "mount": cmd_mount, "umount": cmd_umount, "stat": cmd_stat}
 
 
