@@ -491,7 +491,10 @@ def raw_image(image: Path, workdir: Path) -> Path:
     out = workdir / (image.name + ".raw")
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"mirrorfs: converting qcow2 {image} to raw {out}", file=sys.stderr)
-    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], capture_output=True, text=True)
+    # on a terminal, qemu-img's own progress (-p) on stderr: a large image takes minutes
+    shown = sys.stderr.isatty()
+    proc = subprocess.run(["qemu-img", "convert", *(["-p"] if shown else []), "-O", "raw", str(image), str(out)],
+                          stdout=sys.stderr if shown else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise CLIError(f"qemu-img could not convert {image}: {proc.stderr.strip()} (is qemu-utils installed?)")
     return out
