@@ -104,7 +104,7 @@ class Mutation:
         if type(self.kind) is not Kind:
             self.kind = Kind(self.kind)  # ValueError for a kind that does not exist
         if self.kind is Kind.ERROR and not isinstance(self, ErrorEvent):
-            raise TypeError("an error is an ErrorEvent (error_event()), not a Mutation of kind error")
+            raise TypeError("an error is an ErrorEvent, not a Mutation of kind error")
 
     @property
     def is_error(self) -> bool:
@@ -158,10 +158,6 @@ class ErrorEvent(Mutation):
     """What the engine could not make a mutation of (hostile or inconsistent metadata, a gap in the log), on
     the same stream, in seq order; `message` says what was wrong and what the engine did. Consumers that apply
     mutations (the view, reads) pass these by (`is_error`)."""
-
-
-def error_event(seq: int, time: float, path: str, message: str, *, fs: str = "", vm: str = "") -> ErrorEvent:
-    return ErrorEvent(seq=seq, time=time, kind=Kind.ERROR, path=path, fs=fs, vm=vm, message=message)
 
 
 def parse_id(event_id: str) -> tuple[int, int]:
