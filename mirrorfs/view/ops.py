@@ -114,11 +114,14 @@ class ViewOps(pyfuse3.Operations):
         self._read, self._statfs, self._try_read = read, statfs, try_read
         self.on_applied = on_applied
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}  # per directory, as of tree.changes == _attrs_at
         self._next_fh = 1
         self.applied = 0
         self.refused = 0                  # helper requests outside the staged mutation's scope
         self.clamped: set[int] = set()    # nodes whose attributes did not fit (logged once each)
         self.clamps = 0
+        self._attrs: dict[int, tuple[VNode, pyfuse3.EntryAttributes]] = {}  # as of tree.changes == _attrs_at
+        self._attrs_at = -1
 
     # -- helpers
 
@@ -130,7 +133,25 @@ class ViewOps(pyfuse3.Operations):
 
     def attrs(self, node: VNode) -> pyfuse3.EntryAttributes:
         """The node's attributes as the kernel can hold them: a guest's number that does not fit (an i_size of
-        2^64-1, a time past year 2^63 s) is clamped and logged, never an OverflowError."""
+        2^64-1, a time past year 2^63 s) is clamped and logged, never an OverflowError. Kept until the tree
+        next changes (ViewTree.changes): a listing of an unchanged tree (`find -ls`, `ls -l` again: readdirplus
+        sends every entry's attributes) builds none. Callers must not change what they get."""
+        self._fresh()
+        cached = self._attrs.get(node.nid)
+        if cached is not None and cached[0] is node:
+            return cached[1]
+        a = self._attrs_of(node)
+        self._attrs[node.nid] = (node, a)
+        return a
+
+    def _fresh(self) -> None:
+        """Forget the cached attributes and listings once the tree has changed since they were made."""
+        if self._attrs_at != self.tree.changes:
+            self._attrs.clear()
+            self._listings.clear()
+            self._attrs_at = self.tree.changes
+
+    def _attrs_of(self, node: VNode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.st_ino if node.nid == ROOT_ID else node.nid
         a.generation = node.generation & U64
@@ -269,7 +290,13 @@ class ViewOps(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         # a stable listing for this open, as getdents expects; `.` and `..` first, as a local file system lists them
-        self._dirs[fh] = [(b".", inode), (b"..", self.tree.parent(inode)), *self.tree.listing(inode)]
+        # (one list per directory and tree version, shared by its opens: never changed, only replaced)
+        self._fresh()
+        listing = self._listings.get(inode)
+        if listing is None:
+            listing = [(b".", inode), (b"..", self.tree.parent(inode)), *self.tree.listing(inode)]
+            self._listings[inode] = listing
+        self._dirs[fh] = listing
         return fh
 
     async def readdir(self, fh, start_id, token):

@@ -103,6 +103,7 @@ class ViewTree:
         self.covered: dict[int, int] = {}         # a directory mounted over -> the root of what is mounted there
         self.blksize: dict[str, int] = {}         # st_blksize of each file system, as the guest's stat gives it
         self._generation = 0
+        self.changes = 0  # moves with every change of any node's attributes (the view's cache of them: fuse.py)
         others = [fs for fs in self.filesystems if fs != root]
         self._k = {fs: k for k, fs in enumerate(others, start=1)}
         for fs in others:
@@ -144,6 +145,7 @@ class ViewTree:
         while nid in self.covered:   # mounted twice on one place: the last mount is the one seen
             nid = self.covered[nid]
         self.covered[nid] = self.fs_root[fs]
+        self.changes += 1
         self.prefixes[fs] = b"/".join(p for p in path.split(b"/") if p)
         return None
 
@@ -239,6 +241,7 @@ class ViewTree:
         """Take a snapshot (EngineView.snapshot: parents first); returns the number of names. An entry whose path
         has a bad component, or whose parent is not in the view, is left out and logged, never fatal."""
         count = skipped = 0
+        self.changes += 1
         for e in entries:
             if e.path == b"/":
                 self.blksize[fs] = getattr(e, "blksize", 0) or 4096
@@ -311,6 +314,7 @@ class ViewTree:
     def apply(self, m: Mutation) -> Applied:
         """Apply one mutation; raises ViewError when it does not fit (the caller resyncs or logs)."""
         out = Applied()
+        self.changes += 1
         if m.is_error or m.fs not in self.fs_root:
             return out
         path = path_bytes(m.path)
@@ -461,6 +465,7 @@ class ViewTree:
             if (node.atime_ns, node.blocks, node.flags) == (e.atime_ns, e.blocks, e.flags):
                 return False
             node.atime_ns, node.blocks, node.flags = e.atime_ns, e.blocks, e.flags
+            self.changes += 1
             return True
         new = (e.mode, e.uid, e.gid, e.mtime_ns, e.ctime_ns, e.atime_ns, e.links, e.size, e.blocks, e.flags)
         if (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns, node.links, node.size,
@@ -468,6 +473,7 @@ class ViewTree:
             return False
         (node.mode, node.uid, node.gid, node.mtime_ns, node.ctime_ns, node.atime_ns, node.links, node.size,
          node.blocks, node.flags) = new
+        self.changes += 1
         return True
 
 

@@ -161,18 +161,24 @@ CREATE for a create, MODIFY for a modify, MOVED_FROM for a rename); delay = that
     "live": """\
 The host kernel writes through qemu-storage-daemon (`images/hostwriter.py`) to a fresh sparse 1 GiB ext4
 (`mke2fs -t ext4 -b 4096`) under `mirrorfs attach --base PRISTINE --mount MNT` (exact mode): first a 256 MiB file
-of random bytes and 20,000 small files in 200 directories, then `syncfs`, and the view is waited for. sync →
-inotify: N times, the writer creates `lat/sNNNN` (a few bytes) and calls syncfs(2) on its mount (`sync -f`);
+of random bytes and 20,000 small files in 200 directories, then `syncfs`, a marker file and `syncfs` again, and
+the view is waited for until it shows the marker (the engine takes the log in order). sync → inotify: N times,
+the writer creates `lat/sNNNN` (a few bytes) and calls syncfs(2) on its mount (`sync -f`);
 `inotifywait -m` on the view's `lat` directory (`tests/mountharness.py`) stamps each line as it reads it; delay =
 the CREATE line's stamp − the moment syncfs returned (so it covers the tap, the engine's wake-up and journal
 parsing, the poke helper's syscall and inotifywait), 0.1 s between samples. Then the writer unmounts, the disk is
-copied (`cp --sparse=always`) and the copy mounted `-o ro,loop`; the view stays live. After a `sha256sum` of
-`/big` on both (must agree) and one unmeasured `find -ls` on each, each round, view by view: read `/big` in 1 MiB
-`read`s after `fdatasync` + `posix_fadvise(DONTNEED)` of the backing file (the engine's replica
-`state/engine/disk.img`, or the copy) and DONTNEED on `/big` itself (cold first read: from the host's disk);
-again after DONTNEED on `/big` only (first read: the view's own pages dropped, the backing bytes in the host page
-cache); again without dropping anything (second read: the view's page cache); then `find MNT -ls` (output counted,
-must agree). Ratios are mirrorfs / loop speed within each round.""",
+copied (`cp --sparse=always`) and the copy mounted `-o ro,loop` (buffered: the loop device reads the copy through
+the host page cache, as the view reads its replica); the view stays live. The ceiling of any view on pyfuse3:
+`tests/bench/minfuse.py` serves `/big` alone from a host copy of it (`os.pread` per request, the view's mount
+options and readahead). After a `sha256sum` of `/big` on all three (must agree) and one unmeasured `find -ls` on
+the view and the loop mount, 5 rounds of four steps, each step done on every view before the next step (in
+reverse order every other round; the machine is shared): read `/big` in 1 MiB `read`s after `fdatasync` +
+`posix_fadvise(DONTNEED)` of the backing file (the engine's replica `state/engine/disk.img`, the host copy, the
+loop's copy) and DONTNEED on `/big` itself (cold first read: from the host's disk); again after DONTNEED on `/big`
+only (first read: the view's own pages dropped, the backing bytes in the host page cache, as `fincore` of the
+backing file shows: /big's 256 MiB plus what else was read of it); again without dropping anything (second read:
+the view's page cache); then `find MNT -ls` (output counted, must agree). Ratios are speed / the loop mount's
+speed within each round.""",
     "stream": """\
 A redis-server started on loopback for the run (`tests/redisfixture.py`, AOF turned off with CONFIG SET: Redis's
 disk is not what is measured), the real `mirrorfs publish` and `mirrorfs collect` processes. Events are synthetic

@@ -207,3 +207,37 @@ def test_a_directorys_size_reaches_the_view_with_the_entry_event_of_its_point():
     assert view.nodes[1].mtime_ns == 30 and view.nodes[11].mtime_ns == 30
     same = _ev("rename", "/x", old_path="/y", ino=13)                   # older streams: no parent, as before
     assert same.to_dict().get("parent") is None
+
+
+def _listing(ops: ViewOps, nid: int) -> list[bytes]:
+    fh = trio.run(ops.opendir, nid, None)
+    try:
+        return [name for name, _ in ops._dirs[fh]]
+    finally:
+        trio.run(ops.releasedir, fh)
+
+
+def test_cached_attributes_and_listings_follow_every_change_of_the_tree():
+    """The view keeps each node's attributes and each directory's listing until the tree changes (a `find -ls` of
+    an unchanged tree builds none): every way the tree changes (a mutation, the engine's quiet attributes) must
+    show in the next stat and listing, or the kernel would be handed stale ones."""
+    ops = _ops()
+    first = ops.attrs(ops.tree.nodes[12])
+    assert ops.attrs(ops.tree.nodes[12]) is first                    # unchanged tree: the same answer, cached
+    assert _listing(ops, 1) == [b".", b"..", b"fast", b"sparse"]
+    ops.tree.apply(_ev("modify", "/sparse", ino=12, size=10, ranges=[(0, 10)], mtime_ns=77))
+    a = ops.attrs(ops.tree.nodes[12])
+    assert (a.st_size, a.st_mtime_ns) == (10, 77)
+    ops.tree.apply(_ev("attrib", "/sparse", ino=12, mode=0o600))
+    assert stat.S_IMODE(ops.attrs(ops.tree.nodes[12]).st_mode) == 0o600
+    assert ops.tree.set_attrs(12, _entry(b"", 12, atime_ns=4242, blocks=400, flags=EXTENTS))  # a read in the guest
+    assert ops.attrs(ops.tree.nodes[12]).st_atime_ns == 4242
+    ops.tree.apply(_ev("create", "/new", ino=14, type="file", mode=0o644))
+    assert _listing(ops, 1) == [b".", b"..", b"fast", b"new", b"sparse"]
+    ops.tree.apply(_ev("link", "/again", ino=12, target="/sparse", links=2))
+    assert ops.attrs(ops.tree.nodes[12]).st_nlink == 2
+    ops.tree.apply(_ev("rename", "/again", old_path="/new", ino=14))  # over the link: /sparse has one name again
+    assert _listing(ops, 1) == [b".", b"..", b"again", b"fast", b"sparse"]
+    assert ops.tree.nodes[12].names == [(1, b"sparse")]
+    ops.tree.apply(_ev("delete", "/again", ino=14))
+    assert _listing(ops, 1) == [b".", b"..", b"fast", b"sparse"]
