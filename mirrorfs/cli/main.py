@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_stream.add_filter_args(p)
     cli_stream.add_output_args(p)
     cli_stream.add_parsers(sub)
+    from mirrorfs.cli import history as cli_history
+    cli_history.add_parsers(sub)
 
     p = sub.add_parser("index", help="pre-index a base image (the starting shadow tree)",
                        description="Walk every ext2/3/4 file system of a disk image (raw or qcow2; partition "
@@ -709,9 +711,18 @@ def _stream_commands() -> dict:
 COMMANDS.update(_stream_commands())
 
 
+def _history_commands() -> dict:
+    from mirrorfs.cli.history import COMMANDS as HISTORY_COMMANDS  # history, cat, restore (issue 14)
+    return HISTORY_COMMANDS
+
+
+COMMANDS.update(_history_commands())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from mirrorfs.cli.history import join_at
+    args = parser.parse_args(join_at(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
         parser.print_help()
         return 2
