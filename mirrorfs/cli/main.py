@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone: 0600, root's")
 
     _scope_args(p)
+    _hash_arg(p)
     p = sub.add_parser("log", help="list the write log's records",
                        description="List the records of a state directory's write log: seq, host receive "
                                    "time, kind, offset and length.")
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="ADDR",
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _scope_args(p)
+    _hash_arg(p)
     _mount_args(p, "--mount")
     _group_arg(p)
 
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the disk image at the start of recording (default: what the last replay used)")
     src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
     p.add_argument("--vm", default="", help="VM name (default: the state dir's name)")
+    _hash_arg(p)
     _mount_args(p, "mountpoint")
     _group_arg(p)
 
@@ -264,6 +267,29 @@ def _tls_psk_refused(args: argparse.Namespace) -> None:
     if args.tls_psk is not None:
         from tap.server import TLS_PSK_UNSUPPORTED
         raise CLIError(f"--tls-psk: {TLS_PSK_UNSUPPORTED}")
+
+
+def hash_limit(text: str) -> int | None:
+    """--hash-limit: bytes, with K, M or G (powers of 1024); `none`: no hashes at all."""
+    text = text.strip()
+    if text.lower() == "none":
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size (64M, 1G, 4096) or none: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size is not negative")
+    return value
+
+
+def _hash_arg(p: argparse.ArgumentParser) -> None:
+    from inference.hashes import DEFAULT_HASH_LIMIT
+    p.add_argument("--hash-limit", type=hash_limit, default=DEFAULT_HASH_LIMIT, metavar="SIZE",
+                   help="events of regular files up to SIZE carry the sha256 of their content at the point; larger "
+                        "ones say hash_skipped (default 64M; K, M, G suffixes; none: no hashing)")
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -332,6 +358,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         cmd += ["--metrics", args.metrics] if args.metrics else []
         cmd += [a for g in args.scope for a in ("--scope", g)]
         cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
+        cmd += ["--hash-limit", str(args.hash_limit) if args.hash_limit is not None else "none"]
         cmd += ["--group", args.access_group] if args.access_group else []
         if args.mount is not None:
             cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
@@ -529,6 +556,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
     progress.close()
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
+    engine.hash_limit = args.hash_limit
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:
