@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mirrorfs.cli import stream as cli_stream
     cli_stream.add_filter_args(p)
     cli_stream.add_output_args(p)
+    cli_stream.add_format_args(p)
     cli_stream.add_parsers(sub)
     from mirrorfs.cli import history as cli_history
     cli_history.add_parsers(sub)
