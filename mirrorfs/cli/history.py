@@ -58,8 +58,12 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def add_parsers(sub) -> None:
-    from mirrorfs.cli.main import _state_arg
+def add_parsers(sub, state_arg, raw_image) -> None:
+    """Called by main.py with its --state argument and its raw_image (qcow2 bases) (cli.main is not imported:
+    no cycle)."""
+    def _state_arg(p: argparse.ArgumentParser) -> None:
+        state_arg(p)
+        p.set_defaults(raw_image=raw_image)
 
     p = sub.add_parser(
         "history", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,7 +170,6 @@ class _At:
 
         from inference.history import engine_at, moment
         from inference.view import EngineView
-        from mirrorfs.cli.main import CLIError, raw_image
         from mirrorfs.cli.progress import Progress
         from tap.state import StateDir
 
@@ -182,7 +185,7 @@ class _At:
             index = Path(source["index"]) if source.get("index") else None
             base = Path(source["base"]) if source.get("base") and index is None else None
             if base is None and index is None and (state.read_attach() or {}).get("sync") != "full":
-                raise CLIError("the engine needs the disk as it was when recording began: --base IMAGE or "
+                raise ValueError("the engine needs the disk as it was when recording began: --base IMAGE or "
                                "--index INDEX (or one `mirrorfs replay` with them first)")
         seq, time_ns = parse_when(args.at)
         self.at = moment(state.log, seq=seq, time_ns=time_ns, now_ns=time.time_ns())
@@ -190,7 +193,7 @@ class _At:
                                          else None))
         try:
             if base is not None:
-                base = raw_image(base, self.tmp)
+                base = args.raw_image(base, self.tmp)
             progress = Progress("replay", unit=" rec")
             try:
                 self.engine = engine_at(state.log, size, self.at, base=base, index=index, workdir=self.tmp / "engine",

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_stream.add_format_args(p)
     cli_stream.add_parsers(sub)
     from mirrorfs.cli import history as cli_history
-    cli_history.add_parsers(sub)
+    cli_history.add_parsers(sub, _state_arg, raw_image)
 
     p = sub.add_parser("index", help="pre-index a base image (the starting shadow tree)",
                        description="Walk every ext2/3/4 file system of a disk image (raw or qcow2; partition "
