@@ -289,14 +289,15 @@ class Restorer:
         self.view, self.fs, self.root_fd = view, fs, root_fd
         self.is_root = os.geteuid() == 0
         self.count = 0
+        self.linked: dict[int, bytes] = {}  # inode with several names -> where its first copy went, below root_fd
 
     def restore(self, ino: int, name: bytes) -> int:
         entry = self.view.stat(self.fs, ino)
-        fd = self._make(self.root_fd, name, entry)
-        stack = [(fd, entry, iter(self.view.children(self.fs, ino)))] if fd is not None else []
+        fd = self._make(self.root_fd, name, entry, name)
+        stack = [(fd, entry, iter(self.view.children(self.fs, ino)), name)] if fd is not None else []
         try:
             while stack:
-                dfd, dentry, names = stack[-1]
+                dfd, dentry, names, where = stack[-1]
                 nxt = next(names, None)
                 if nxt is None:
                     self._attrs(dfd, dentry)  # last: its own mode may forbid writing, its mtime moves with names
@@ -307,21 +308,28 @@ class Restorer:
                 centry = self.view.stat(self.fs, cino)
                 if centry is None:
                     continue
-                cfd = self._make(dfd, cname, centry)
+                cfd = self._make(dfd, cname, centry, where + b"/" + cname)
                 if cfd is not None:
-                    stack.append((cfd, centry, iter(self.view.children(self.fs, cino))))
+                    stack.append((cfd, centry, iter(self.view.children(self.fs, cino)), where + b"/" + cname))
         finally:
-            for dfd, _, _ in stack:
+            for dfd, _, _, _ in stack:
                 os.close(dfd)
         return self.count
 
-    def _make(self, parent: int, name: bytes, e) -> int | None:
-        """Make one entry; a directory's fd is returned open (its attributes wait for its contents)."""
+    def _make(self, parent: int, name: bytes, e, where: bytes) -> int | None:
+        """Make one entry (`where`: its path below root_fd, made of names this restore made); a directory's fd is
+        returned open (its attributes wait for its contents)."""
         if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
             print(f"mirrorfs: warning: skipped a name no kernel makes: {name!r}", file=sys.stderr)
             return None
         self.count += 1
         mode = stat.S_IMODE(e.mode)
+        if e.type != "dir" and e.links > 1:
+            first = self.linked.get(e.ino)
+            if first is not None:  # another name of a file already restored: a hard link, as in the guest
+                os.link(first, name, src_dir_fd=self.root_fd, dst_dir_fd=parent, follow_symlinks=False)
+                return None
+            self.linked[e.ino] = where
         if e.type == "dir":
             os.mkdir(name, 0o700, dir_fd=parent)
             return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)

@@ -118,10 +118,10 @@ class FakeView:
         return self.data[ino][off:off + n]
 
 
-def entry(ino: int, kind: str, mode: int, size: int = 0, target: bytes | None = None) -> Entry:
+def entry(ino: int, kind: str, mode: int, size: int = 0, target: bytes | None = None, links: int = 1) -> Entry:
     bits = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}[kind]
     return Entry(path=b"", ino=ino, type=kind, mode=bits | mode, uid=0, gid=0, size=size, mtime_ns=10**18,
-                 ctime_ns=10**18, links=1, rdev=0, target=target, xattrs=None, atime_ns=10**18)
+                 ctime_ns=10**18, links=links, rdev=0, target=target, xattrs=None, atime_ns=10**18)
 
 
 def test_restore_never_writes_outside_dest(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_restore_never_writes_outside_dest(tmp_path: Path) -> None:
     dest.mkdir()
     view = FakeView({
         2: (entry(2, "dir", 0o555), {b"..": 3, b"a/b": 3, b"up": 4, b"sub": 5, b"f": 3}),
-        3: (entry(3, "file", 0o4755, size=4), {}),
+        3: (entry(3, "file", 0o4755, size=4, links=2), {}),
         4: (entry(4, "symlink", 0o777, size=len(str(outside)), target=str(outside).encode()), {}),
         5: (entry(5, "dir", 0o700), {b"g": 3}),
     }, {3: b"data"})
@@ -145,6 +145,7 @@ def test_restore_never_writes_outside_dest(tmp_path: Path) -> None:
     assert sorted(os.listdir(dest / "root")) == ["f", "sub", "up"]
     assert os.readlink(dest / "root" / "up") == str(outside)
     assert (dest / "root" / "sub" / "g").read_bytes() == b"data"
+    assert (dest / "root" / "sub" / "g").stat().st_ino == (dest / "root" / "f").stat().st_ino  # one inode again
     assert stat.S_IMODE((dest / "root").stat().st_mode) == 0o555  # set after its contents were written
     assert stat.S_IMODE((dest / "root" / "f").stat().st_mode) == 0o4755
     assert (dest / "root" / "f").stat().st_mtime_ns == 10**18
