@@ -193,7 +193,7 @@ class _At:
                                          else None))
         try:
             if base is not None:
-                base = args.raw_image(base, self.tmp)
+                base = args.raw_image(base, self.tmp)  # a qcow2 base: converted (main.py raw_image)
             progress = Progress("replay", unit=" rec")
             try:
                 self.engine = engine_at(state.log, size, self.at, base=base, index=index, workdir=self.tmp / "engine",
@@ -208,7 +208,7 @@ class _At:
 
     def fs(self) -> str:
         names = self.view.filesystems()
-        if self.args.fs is not None:
+        if getattr(self.args, "fs", None) is not None:
             if self.args.fs not in names:
                 raise ValueError(f"--fs {self.args.fs}: no such file system at {self.when()} (there: "
                                  f"{', '.join(names) or 'none'})")
@@ -364,6 +364,18 @@ class Restorer:
             os.fchown(fd, e.uid, e.gid)  # before the mode: a chown clears set-id bits
         os.fchmod(fd, stat.S_IMODE(e.mode))
         os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
+
+
+def mount_at(args: argparse.Namespace) -> None:
+    """`mirrorfs mount --at WHEN`: the read-only view of every file system as of WHEN (the engine replayed up to
+    then, nothing followed), served until SIGINT/SIGTERM or `mirrorfs umount`. events.jsonl is left alone."""
+    from mirrorfs.view.serve import ViewServer
+    from tap.state import access
+
+    with _At(args) as at:
+        print(f"mirrorfs: the view of {at.when()} at {args.mountpoint}", file=sys.stderr, flush=True)
+        ViewServer(at.engine, Path(args.mountpoint), None, allow_other=args.allow_other, assemble=args.assemble,
+                   fsname=f"mirrorfs:{args.vm or args.state.name}@{at.at.seq}", group=access().gid).run()
 
 
 COMMANDS = {"history": cmd_history, "cat": cmd_cat, "restore": cmd_restore}

@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "it leaves as a read-only FUSE mount until SIGINT/SIGTERM or `mirrorfs umount`. For the live "
                     "view of a running attach, use `mirrorfs attach ... --mount MNT`. See mirrorfs-mount(1).",
         epilog="examples:\n  mirrorfs mount --state st/vm1 --base vm1-base.raw /mnt/vm1 &\n"
+               "  mirrorfs mount --state st/vm1 --at -1h /mnt/vm1-an-hour-ago &\n"
                "  find /mnt/vm1 -newer /mnt/vm1/etc/hostname\n  mirrorfs umount /mnt/vm1")
     _state_arg(p)
     src = p.add_mutually_exclusive_group()
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the disk image at the start of recording (default: what the last replay used)")
     src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
     p.add_argument("--vm", default="", help="VM name (default: the state dir's name)")
+    p.add_argument("--at", metavar="WHEN",
+                   help="the view as of WHEN instead of the log's end: a seq, an ISO-8601 time or -90s, -5min, -2h "
+                        "(see mirrorfs-history(1)); events.jsonl is left as it is")
     _hash_arg(p)
     _mount_args(p, "mountpoint")
     _group_arg(p)
@@ -595,6 +599,12 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     from tap.state import StateDir
+
+    if args.at is not None:
+        from mirrorfs.cli.history import mount_at
+        args.raw_image = raw_image
+        mount_at(args)
+        return
 
     state = StateDir(args.state)
     state.require_state()

@@ -9,6 +9,7 @@ the disk filled, so their blocks hold other files' bytes. Afterwards:
   oldest first, ending with the delete; the tree's files' events carry the sha256 of what the writer wrote;
 - `restore` of the deleted tree as of before the deletion equals the tree as written (content, modes, owners,
   mtimes, symlinks), and nothing lands outside DEST;
+- `mount --at` a time inside a version's interval shows what a loop mount of `replica --until` that point shows;
 - WHEN outside the history, and a path that did not exist then, are clear errors.
 """
 
@@ -33,7 +34,7 @@ from tests.tapharness import Attach, mirrorfs
 
 pytestmark = pytest.mark.integration
 
-PAUSE = 0.8  # between versions: each version's interval is [its sync's return, the next write)
+PAUSE = 0.6  # between versions: each version's interval is [its sync's return, the next write)
 
 
 def versions() -> list[tuple[str, bytes]]:
@@ -107,10 +108,10 @@ def iso(ns: int, zone: bool = True) -> str:
 
 def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     require_root()
-    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs")
+    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3")
     base = tmp_path / "base.raw"
     with open(base, "wb") as f:
-        f.truncate(48 << 20)
+        f.truncate(32 << 20)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(base)],
                    check=True, capture_output=True)
     disk = tmp_path / "disk.raw"
@@ -175,12 +176,14 @@ def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     got = subprocess.run([*_cli(), "cat", "--state", str(state), "--at", str(first), "/doc.txt"], capture_output=True)
     assert got.stdout == vers[0][1]
 
+    mount_at_equals_replica(tmp_path, state, base, (intervals[3][0] + intervals[3][1]) // 2)
+
     dest = tmp_path / "dest"
+    around = sorted(p.name for p in tmp_path.iterdir())
     out = mirrorfs("restore", "--state", state, "--at", iso(before_delete), "/tree", "-o", dest)
     assert "restored" in out.stderr
     assert manifest(dest / "tree") == written
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base.raw", "disk.raw", "state", "qsd", "dest",
-                                                                 "attach.log"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*around, "dest"])  # nothing beside DEST
     again = mirrorfs("restore", "--state", state, "--at", iso(before_delete), "/tree", "-o", dest, check=False)
     assert again.returncode == 1 and "exists" in again.stderr  # nothing is overwritten
 
@@ -190,6 +193,51 @@ def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     assert early.returncode == 1 and "before the retained history" in early.stderr
     late = mirrorfs("cat", "--state", state, "--at", "99999999", "/doc.txt", check=False)
     assert late.returncode == 1 and "after the end" in late.stderr
+
+
+def facts(root: Path) -> dict[str, tuple]:
+    """Every path below root with what `ls -l`, `stat` and `sha256sum` would say of it (atime aside)."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            s = p.lstat()
+            body = os.readlink(p) if stat.S_ISLNK(s.st_mode) else (
+                hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(s.st_mode) else None)
+            out[str(p.relative_to(root))] = (s.st_mode, s.st_uid, s.st_gid, s.st_size, s.st_mtime_ns, s.st_nlink, body)
+    return out
+
+
+def mount_at_equals_replica(tmp_path: Path, state: Path, base: Path, when_ns: int) -> None:
+    """`mount --at WHEN` shows what a loop mount of `replica --until` the same point shows."""
+    from tests.mountharness import force_unmount, wait_mounted, wait_unmounted
+
+    seq = max(r["seq"] for r in map(json.loads, mirrorfs("log", "--state", state, "--json").stdout.splitlines())
+              if r["time_ns"] <= when_ns)
+    replica = tmp_path / "replica.raw"
+    mirrorfs("replica", "--state", state, "--base", base, "--until", seq, "-o", replica)
+    loop_mnt, view = tmp_path / "loop", tmp_path / "at"
+    loop_mnt.mkdir()
+    view.mkdir()
+    dev = subprocess.run(["losetup", "-f", "--show", "-r", str(replica)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    proc = None
+    try:
+        subprocess.run(["mount", "-o", "ro,noload", "-t", "ext4", dev, str(loop_mnt)], check=True)
+        proc = subprocess.Popen([*_cli(), "mount", "--state", str(state), "--at", iso(when_ns), str(view)],
+                                stderr=subprocess.PIPE)
+        wait_mounted(view, proc)
+        got, want = facts(view), facts(loop_mnt)
+        assert got == want
+        assert ("doc.txt" in got) and got["doc.txt"][-1] == hashlib.sha256(versions()[3][1]).hexdigest()
+    finally:
+        if proc is not None:
+            mirrorfs("umount", view, check=False)
+            wait_unmounted(view)
+            force_unmount(view)
+            proc.wait(30)
+        subprocess.run(["umount", str(loop_mnt)], capture_output=True)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 def _cli() -> list[str]:
