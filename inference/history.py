@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from pathlib import Path
 from inference.events import Mutation
 
 BIRTHS = ("create", "mkdir", "symlink", "mknod")
-SCHEMA = 2
+SCHEMA = 3  # 3: paths as 64-bit keys (_key), checked against the event when read
 BATCH = 1 << 22  # bytes of events.jsonl indexed per transaction
 
 
@@ -53,7 +55,8 @@ class HistoryIndex:
         if version != SCHEMA:
             db.executescript("""
                 DROP TABLE IF EXISTS ev; DROP TABLE IF EXISTS meta;
-                CREATE TABLE ev (off INTEGER PRIMARY KEY, len INTEGER, fs TEXT, ino INTEGER, path BLOB, old BLOB);
+                CREATE TABLE ev (off INTEGER PRIMARY KEY, len INTEGER, fs TEXT, ino INTEGER, path INTEGER,
+                                 old INTEGER);
                 CREATE INDEX ev_path ON ev (path);
                 CREATE INDEX ev_old ON ev (old) WHERE old IS NOT NULL;
                 CREATE INDEX ev_ino ON ev (fs, ino);
@@ -96,10 +99,8 @@ class HistoryIndex:
                     nl = chunk.index(b"\n", pos)
                     line = chunk[pos:nl]
                     if line.strip():
-                        d = json.loads(line)
-                        old = d.get("old_path")
-                        rows.append((done + pos, nl - pos, d.get("fs", ""), d.get("ino", 0), _b(d.get("path", "")),
-                                     _b(old) if old is not None else None))
+                        fs, ino, path, old = _fields(line)
+                        rows.append((done + pos, nl - pos, fs, ino, _key(path), None if old is None else _key(old)))
                         last = line + b"\n"
                     pos = nl + 1
                 self.db.execute("BEGIN")
@@ -113,15 +114,16 @@ class HistoryIndex:
 
     def versions(self, path: str, fs: str | None = None) -> list[Mutation]:
         """Every event of every inode life that was at `path` (in `fs`, or any file system), oldest first."""
-        key = _b(path)
-        hits = self.db.execute("SELECT off, fs, ino FROM ev WHERE path=? UNION SELECT off, fs, ino FROM ev WHERE old=?",
-                               (key, key)).fetchall()
+        key = _key(_b(path))
+        hits = self.db.execute("SELECT off, len, fs, ino FROM ev WHERE path=? UNION "
+                               "SELECT off, len, fs, ino FROM ev WHERE old=?", (key, key)).fetchall()
         wanted: dict[tuple[str, int], list[int]] = {}
-        for off, f, ino in hits:
-            if fs is None or f == fs:
-                wanted.setdefault((f, ino), []).append(off)
         out: dict[int, Mutation] = {}
         with open(self.events, "rb") as log:
+            for off, n, f, ino in hits:
+                ev = _read(log, off, n)
+                if (fs is None or f == fs) and path in (ev.path, ev.old_path):  # not another path's key
+                    wanted.setdefault((f, ino), []).append(off)
             for (f, ino), offs in wanted.items():
                 rows = self.db.execute("SELECT off, len FROM ev WHERE fs=? AND ino=? ORDER BY off", (f, ino)).fetchall()
                 events = [(off, _read(log, off, n)) for off, n in rows]
@@ -132,6 +134,34 @@ class HistoryIndex:
 
     def close(self) -> None:
         self.db.close()
+
+
+_STR = rb'"((?:[^"\\]|\\.)*)"'
+_FS = re.compile(rb'"fs":' + _STR)
+_PATH = re.compile(rb'"path":' + _STR)
+_OLD = re.compile(rb'"old_path":' + _STR)
+_INO = re.compile(rb'"ino":(\d+)')
+
+
+def _fields(line: bytes) -> tuple[str, int, bytes, bytes | None]:
+    """(fs, ino, path, old_path) of one event line, without parsing all of it (the index's build time is mostly
+    JSON otherwise). The first "path": is the event's own: the keys before it (id, seq, time, vm, fs, kind) hold
+    no guest string, and a quote inside a JSON string is always escaped."""
+    fs, path, ino = _FS.search(line), _PATH.search(line), _INO.search(line)
+    old = _OLD.search(line) if b'"old_path":' in line else None
+    return (_unjson(fs.group(1)).decode("utf-8", "surrogateescape") if fs else "", int(ino.group(1)) if ino else 0,
+            _unjson(path.group(1)) if path else b"", _unjson(old.group(1)) if old else None)
+
+
+def _unjson(raw: bytes) -> bytes:
+    """A JSON string's body as the path's bytes (\\udcXX escapes back to the raw bytes they stand for)."""
+    if b"\\" not in raw:
+        return raw
+    return _b(json.loads(b'"' + raw + b'"'))
+
+
+def _key(path: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "big", signed=True)
 
 
 def _b(text: str) -> bytes:
