@@ -108,7 +108,7 @@ def iso(ns: int, zone: bool = True) -> str:
 
 def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     require_root()
-    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3")
+    require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "mactime")
     base = tmp_path / "base.raw"
     with open(base, "wb") as f:
         f.truncate(32 << 20)
@@ -186,6 +186,11 @@ def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*around, "dest"])  # nothing beside DEST
     again = mirrorfs("restore", "--state", state, "--at", iso(before_delete), "/tree", "-o", dest, check=False)
     assert again.returncode == 1 and "exists" in again.stderr  # nothing is overwritten
+
+    body = mirrorfs("events", "--state", state, "--format", "bodyfile").stdout  # a timeline by mactime (sleuthkit)
+    timeline = subprocess.run(["mactime", "-b", "-", "-d"], input=body, capture_output=True, text=True,
+                              check=True).stdout
+    assert "/doc.txt (deleted)" in timeline and "/tree/a/b/two (deleted)" in timeline
 
     gone = mirrorfs("cat", "--state", state, "--at", iso(after_all + 10**9), "/doc.txt", check=False)
     assert gone.returncode == 1 and "did not exist" in gone.stderr

@@ -16,7 +16,7 @@ from inference.hashes import Hasher
 from inference.history import HistoryIndex
 from inference.view import Entry
 from mirrorfs.cli.history import Restorer, join_at, parse_when
-from mirrorfs.stream.render import format_bodyfile
+from mirrorfs.stream.render import format_bodyfile, format_time
 
 NOW = 1_800_000_000 * 10**9
 
@@ -92,6 +92,13 @@ def test_hasher_hashes_content_events_and_reuses_for_the_rest() -> None:
     Hasher(read, limit=None).stamp(off)
     assert off[0].sha256 is None and off[0].hash_skipped is None
     assert '"sha256"' in later[0].to_json() and '"hash_skipped"' not in later[0].to_json()
+
+
+def test_timefmt() -> None:
+    t = 1_796_169_462.25
+    assert format_time(t, "iso") == dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="microseconds")
+    assert format_time(t, "%s") == "1796169462"
+    assert format_time(t, None) == dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
 
 
 def test_bodyfile_lines() -> None:
