@@ -18,7 +18,9 @@ from pathlib import Path
 
 from inference.errors import CorruptMetadata
 from inference.events import ErrorEvent, Kind, Mutation, fs_path
+from inference.ext.content import read_file
 from inference.ext.handler import ExtHandler
+from inference.hashes import DEFAULT_HASH_LIMIT, Hasher
 from inference.volume import Volume, VolumeMap
 from tap.replica import BlockReplica
 from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
@@ -151,6 +153,8 @@ class Engine:
         self.replica = BlockReplica(disk, size, base=base)
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
+        self.hash_limit: int | None = DEFAULT_HASH_LIMIT  # events' sha256 up to this size (None: no hashes)
+        self._hashers: dict[str, Hasher] = {}
         self.last_seq = self.last_time_ns = 0
         self._spent = -math.inf  # a deadline whose tick decided nothing: not due again before the next record
         self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
@@ -189,6 +193,7 @@ class Engine:
             if name in self.filesystems:
                 log.info("file system %s was made anew (new UUID): indexed again", name)
             self.filesystems[name] = FsEntry(vol, handler)
+            self._hashers.pop(name, None)  # a new file system under the name: its inode numbers mean new files
             self._scope_handler(handler)
             self.names_refused = True
 
@@ -298,7 +303,7 @@ class Engine:
             for vol, vol_off, _disk_off, piece in self.volumes.locate(offset, length):
                 fs = self.filesystems.get(vol.name)
                 if fs is not None:
-                    events += fs.handler.on_write(vol_off, piece, rec.seq, rec.time_ns)
+                    events += self._stamp(vol.name, fs.handler.on_write(vol_off, piece, rec.seq, rec.time_ns))
                 elif vol.name in self.unready and rec.time_ns - self.unready[vol.name] >= RETRY_NS:
                     rescan = True
             if rescan:
@@ -315,6 +320,18 @@ class Engine:
             if fs is not None:
                 a = disk_off - old_at
                 fs.handler.before_write(vol_off, piece, old[a:a + piece] if old is not None else None)
+
+    def _stamp(self, fs: str, events: list[Mutation]) -> list[Mutation]:
+        """Give a file system's new events their content hashes (inference/hashes.py) now, while the replica holds
+        exactly their point's bytes: the next record may overwrite them."""
+        if events and self.hash_limit is not None:
+            hasher = self._hashers.get(fs)
+            if hasher is None or hasher.limit != self.hash_limit:
+                handler = self.filesystems[fs].handler
+                hasher = self._hashers[fs] = Hasher(lambda ino, off, n: read_file(handler, ino, off, n),
+                                                    self.hash_limit)
+            hasher.stamp(events, cache=self.scope is None)
+        return events
 
     def idle_wait_s(self, now_ns: int) -> float | None:
         """How long a follower with no new records may sleep before `tick(now)` has something to decide: until
@@ -338,7 +355,7 @@ class Engine:
         events: list[Mutation] = []
         while (due := self.deadline_ns()) <= now_ns:
             for fs in self.filesystems.values():
-                events += fs.handler.tick(int(due))
+                events += self._stamp(fs.handler.name, fs.handler.tick(int(due)))
             if self.deadline_ns() <= due:  # it decided nothing: nothing will, before a record (never spin)
                 self._spent = due
                 break
@@ -369,7 +386,7 @@ class Engine:
         if self.names_refused:
             events += self._refused_names(self.last_time_ns)
         for fs in self.filesystems.values():
-            events += fs.handler.finish(self.last_seq, self.last_time_ns)
+            events += self._stamp(fs.handler.name, fs.handler.finish(self.last_seq, self.last_time_ns))
         return events
 
     def close(self) -> None:

@@ -97,6 +97,13 @@ class Mutation:
     xattr: dict[str, str | None] | None = None  # xattr: name -> new value (hex), None = removed
     message: str | None = None    # error: what was wrong, and what the engine did
     unconfirmed: bool | None = None  # True: a size shown without seeing its data written (bound or end); see reconcile
+    sha256: str | None = None     # regular file: hex SHA-256 of its bytes at the point (inference/hashes.py)
+    hash_skipped: bool | None = None  # True: a regular file larger than the hash limit, so no sha256
+    old_size: int | None = None   # modify, truncate: the size shown before
+    old_mode: int | None = None   # attrib: the values before, each only when it changed
+    old_uid: int | None = None
+    old_gid: int | None = None
+    old_target: str | None = None  # a symlink whose target changed under the same inode: the target before
     id: str | None = None         # "SEQ-N": N-th event (from 1) of that seq, given by the EventLog; stable position
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -120,7 +127,8 @@ class Mutation:
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
         for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
                      "atime_ns", "blocks", "links", "rdev", "flags", "old_flags", "parent", "old_parent", "ranges",
-                     "target", "xattr", "message", "unconfirmed"):
+                     "target", "xattr", "message", "unconfirmed", "sha256", "hash_skipped", "old_size", "old_mode",
+                     "old_uid", "old_gid", "old_target"):
             value = getattr(self, name)
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value

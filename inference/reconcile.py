@@ -728,12 +728,13 @@ class Reconciler:
             _update(node, new)
             content = False
             if new.size < old_size:
-                events.append(_event(ctx, "truncate", path, node))
+                events.append(_event(ctx, "truncate", path, node, old_size=old_size))
                 content = True
             elif new.size > old_size and new.type == "file":
                 ranges = _merge(ranges + [(old_size, new.size)], new.size)
             if ranges and new.type == "file":
                 events.append(_event(ctx, "modify", path, node, ranges=ranges,
+                                     old_size=old_size if old_size != new.size else None,
                                      **(flag if ino in unconfirmed else {})))
                 content = True
             # A directory's mtime moves with its entries, and those are events of their own (the entry and
@@ -750,7 +751,7 @@ class Reconciler:
                                      old_flags=flag_names(old.flags)))
             elif (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid) or atime_set or (
                     old.mtime_ns != new.mtime_ns and not content and not (new.type == "dir" and by_entries)):
-                events.append(_event(ctx, "attrib", path, node))
+                events.append(_event(ctx, "attrib", path, node, **_olds(old, new)))
             if (old.xattrs or {}) != (new.xattrs or {}):
                 diff = {k: v.hex() for k, v in (new.xattrs or {}).items() if (old.xattrs or {}).get(k) != v}
                 diff.update({k: None for k in (old.xattrs or {}) if k not in (new.xattrs or {})})
@@ -759,6 +760,15 @@ class Reconciler:
                     old.atime_ns, old.blocks, old.flags) != (new.atime_ns, new.blocks, new.flags):
                 self.quiet.add(ino)
         return events
+
+
+def _olds(old: Node, new: Node) -> dict:
+    """An attrib event's old_* fields: the attributes before, those that changed (mirrorfs-events(5))."""
+    out = {f"old_{k}": v for k, v, now in (("mode", stat.S_IMODE(old.mode), stat.S_IMODE(new.mode)),
+                                           ("uid", old.uid, new.uid), ("gid", old.gid, new.gid)) if v != now}
+    if new.type == "symlink" and old.target is not None and old.target != new.target:
+        out["old_target"] = fs_path(old.target)
+    return out
 
 
 def _copy(node: Node) -> Node:

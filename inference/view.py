@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from inference.engine import Engine
+from inference.ext.content import read_file
 from inference.ext.statfs import StatFs
 from inference.ext.statfs import statfs as ext_statfs
 from inference.shadow import ROOT_INO, Node
-
-MAX_READ = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +102,12 @@ class EngineView:
                     queue.append((ino, child))
 
     @_locked
+    def children(self, fs: str, ino: int) -> list[tuple[bytes, int]]:
+        """A directory's names now, sorted, as (name, inode) pairs (stat each as needed: a directory may hold a
+        million)."""
+        return sorted(self._handler(fs).tree.children.get(ino, {}).items())
+
+    @_locked
     def stat(self, fs: str, ino: int) -> Entry | None:
         """One inode's attributes now (path left empty): for attributes no event carries, such as a
         directory's mtime, which moves with its entries."""
@@ -124,31 +129,7 @@ class EngineView:
         kernel reads them). Shorter than asked where the engine's file ends: the caller decides what that means
         (the FUSE view answers EIO, never padding). Inline-data files (ext4 inline_data) read the bytes kept in
         the inode, from the committed metadata."""
-        handler = self._handler(fs)
-        node = handler.tree.nodes.get(ino)
-        if node is None or node.type != "file" or offset >= node.size or size <= 0:
-            return b""
-        size = min(size, node.size - offset, MAX_READ)
-        if not node.extents and handler.geo.inline_data and node.size <= handler.geo.block_size:
-            inline = handler.inline_bytes(ino, node.size)
-            if inline is not None:
-                return inline[offset:offset + size]
-        bs = handler.geo.block_size
-        first, last = offset // bs, (offset + size - 1) // bs
-        for logical, physical, length, uninit in node.extents:
-            if logical <= first and last < logical + length and not uninit:  # one written extent: one pread
-                return handler.read_data((physical + first - logical) * bs + offset % bs, size)
-        out = bytearray(size)
-        for logical, physical, length, uninit in node.extents:
-            lo, hi = max(first, logical), min(last + 1, logical + length)
-            if lo >= hi or uninit:
-                continue
-            data = handler.read_data((physical + lo - logical) * bs, (hi - lo) * bs)
-            start = lo * bs - offset
-            a, b = max(start, 0), min(start + len(data), size)
-            if a < b:
-                out[a:b] = data[a - start:b - start]
-        return bytes(out)
+        return read_file(self._handler(fs), ino, offset, size)
 
     @_locked
     def writing(self, fs: str, ino: int, start: int, end: int) -> bool:

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "alone: 0600, root's")
 
     _scope_args(p)
+    _hash_arg(p)
     p = sub.add_parser("log", help="list the write log's records",
                        description="List the records of a state directory's write log: seq, host receive "
                                    "time, kind, offset and length.")
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="ADDR",
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
     _scope_args(p)
+    _hash_arg(p)
     _mount_args(p, "--mount")
     _group_arg(p)
 
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "it leaves as a read-only FUSE mount until SIGINT/SIGTERM or `mirrorfs umount`. For the live "
                     "view of a running attach, use `mirrorfs attach ... --mount MNT`. See mirrorfs-mount(1).",
         epilog="examples:\n  mirrorfs mount --state st/vm1 --base vm1-base.raw /mnt/vm1 &\n"
+               "  mirrorfs mount --state st/vm1 --at -1h /mnt/vm1-an-hour-ago &\n"
                "  find /mnt/vm1 -newer /mnt/vm1/etc/hostname\n  mirrorfs umount /mnt/vm1")
     _state_arg(p)
     src = p.add_mutually_exclusive_group()
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the disk image at the start of recording (default: what the last replay used)")
     src.add_argument("--index", type=Path, metavar="INDEX", help="a pre-index of that image (mirrorfs index)")
     p.add_argument("--vm", default="", help="VM name (default: the state dir's name)")
+    p.add_argument("--at", metavar="WHEN",
+                   help="the view as of WHEN instead of the log's end: a seq, an ISO-8601 time or -90s, -5min, -2h "
+                        "(see mirrorfs-history(1)); events.jsonl is left as it is")
+    _hash_arg(p)
     _mount_args(p, "mountpoint")
     _group_arg(p)
 
@@ -226,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mirrorfs.cli import stream as cli_stream
     cli_stream.add_filter_args(p)
     cli_stream.add_output_args(p)
+    cli_stream.add_format_args(p)
     cli_stream.add_parsers(sub)
+    from mirrorfs.cli import history as cli_history
+    cli_history.add_parsers(sub, _state_arg, raw_image)
 
     p = sub.add_parser("index", help="pre-index a base image (the starting shadow tree)",
                        description="Walk every ext2/3/4 file system of a disk image (raw or qcow2; partition "
@@ -272,6 +282,29 @@ def _tls_psk_refused(args: argparse.Namespace) -> None:
     if args.tls_psk is not None:
         from tap.server import TLS_PSK_UNSUPPORTED
         raise CLIError(f"--tls-psk: {TLS_PSK_UNSUPPORTED}")
+
+
+def hash_limit(text: str) -> int | None:
+    """--hash-limit: bytes, with K, M or G (powers of 1024); `none`: no hashes at all."""
+    text = text.strip()
+    if text.lower() == "none":
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size (64M, 1G, 4096) or none: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size is not negative")
+    return value
+
+
+def _hash_arg(p: argparse.ArgumentParser) -> None:
+    from inference.hashes import DEFAULT_HASH_LIMIT
+    p.add_argument("--hash-limit", type=hash_limit, default=DEFAULT_HASH_LIMIT, metavar="SIZE",
+                   help="events of regular files up to SIZE carry the sha256 of their content at the point; larger "
+                        "ones say hash_skipped (default 64M; K, M, G suffixes; none: no hashing)")
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -341,6 +374,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         cmd += ["--metrics", args.metrics] if args.metrics else []
         cmd += [a for g in args.scope for a in ("--scope", g)]
         cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
+        cmd += ["--hash-limit", str(args.hash_limit) if args.hash_limit is not None else "none"]
         cmd += ["--group", args.access_group] if args.access_group else []
         if args.mount is not None:
             cmd += ["--mount", str(args.mount)] + (["--allow-other"] if args.allow_other else [])
@@ -546,6 +580,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
     progress.close()
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
+    engine.hash_limit = args.hash_limit
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:
@@ -583,6 +618,12 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     from tap.state import StateDir
+
+    if args.at is not None:
+        from mirrorfs.cli.history import mount_at
+        args.raw_image = raw_image
+        mount_at(args)
+        return
 
     state = StateDir(args.state)
     state.require_state()
@@ -737,9 +778,18 @@ def _stream_commands() -> dict:
 COMMANDS.update(_stream_commands())
 
 
+def _history_commands() -> dict:
+    from mirrorfs.cli.history import COMMANDS as HISTORY_COMMANDS  # history, cat, restore (issue 14)
+    return HISTORY_COMMANDS
+
+
+COMMANDS.update(_history_commands())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from mirrorfs.cli.history import join_at
+    args = parser.parse_args(join_at(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
         parser.print_help()
         return 2

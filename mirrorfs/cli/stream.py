@@ -38,6 +38,17 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--human", dest="json", action="store_false", help="one readable line per event (default)")
 
 
+def add_format_args(p: argparse.ArgumentParser) -> None:
+    """events only: --format (bodyfile for forensic timelines) and --timefmt (issue 14)."""
+    p.add_argument("--format", choices=["text", "json", "bodyfile"],
+                   help="text (default), json (as --json), or bodyfile: The Sleuth Kit's body format, one line an "
+                        "event, for `mactime -b FILE` timelines (MD5 column 0, deleted names end in ' (deleted)')")
+    p.add_argument("--timefmt", metavar="FMT",
+                   help="the text format's time stamp: a strftime(3) format as inotifywait --timefmt takes "
+                        "(e.g. '%%Y-%%m-%%dT%%H:%%M:%%S%%z'), or iso: ISO-8601 with microseconds and the zone "
+                        "(default %%H:%%M:%%S, local time)")
+
+
 def _redis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", required=True, metavar="URL",
                    help="redis://[user@]host:port/db (rediss:// for TLS); never a password here: everyone sees argv")
@@ -140,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_events(args: argparse.Namespace) -> None:
     from inference.eventlog import read_events
-    from mirrorfs.stream.render import format_event
+    from mirrorfs.stream.render import format_bodyfile, format_event
     from tap.state import StateDir
 
     state = StateDir(args.state)
@@ -150,9 +161,13 @@ def cmd_events(args: argparse.Namespace) -> None:
         raise ValueError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
                        "or attach with --base/--index")
     flt = filter_from_args(args)
+    fmt = "json" if args.json else getattr(args, "format", None) or "text"
+    timefmt = getattr(args, "timefmt", None)
     for ev in read_events(path, args.since, follow=args.follow):
         if flt.matches(ev):
-            print(format_event(ev, args.json), flush=args.follow)
+            line = format_bodyfile(ev) if fmt == "bodyfile" else format_event(ev, fmt == "json", timefmt)
+            if line is not None:
+                print(line, flush=args.follow)
 
 
 COMMANDS = {"publish": cmd_publish, "collect": cmd_collect, "status": cmd_status}

@@ -54,8 +54,9 @@ def probe_read(state: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "records": n, "bytes": nbytes}
 
 
-def probe_replay(rec_dir: Path) -> dict:
-    """What `mirrorfs replay --state DIR --base IMG` does, timed: Engine, LogFollower batches, EventLog, finish."""
+def probe_replay(rec_dir: Path, hash_limit: str = "default") -> dict:
+    """What `mirrorfs replay --state DIR --base IMG` does, timed: Engine, LogFollower batches, EventLog, finish.
+    `hash_limit`: "default", "none" (no content hashes in events) or a number of bytes."""
     from inference.engine import Engine
     from inference.eventlog import EventLog
     from tap.writelog import LogFollower
@@ -65,6 +66,8 @@ def probe_replay(rec_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="mfs-replay-", dir="/tmp") as tmp:
         t0 = time.perf_counter()
         engine = Engine(Path(tmp) / "engine", size, base=rec_dir / "base.raw")
+        if hash_limit != "default":
+            engine.hash_limit = None if hash_limit == "none" else int(hash_limit)
         t1 = time.perf_counter()
         kinds: dict[str, int] = {}
         with EventLog(Path(tmp) / "events.jsonl", truncate=True) as events, LogFollower(state / "log") as follower:
@@ -79,8 +82,11 @@ def probe_replay(rec_dir: Path) -> dict:
                 kinds[e.kind] = kinds.get(e.kind, 0) + 1
         t2 = time.perf_counter()
         stats = [fs.handler.stats.__dict__ for fs in engine.filesystems.values()]
+        hashers = list(engine._hashers.values())
         engine.close()
     return {"init_s": t1 - t0, "seconds": t2 - t1, "records": engine.last_seq, "kinds": kinds,
+            "hash_s": sum(h.seconds for h in hashers), "hashed_bytes": sum(h.hashed_bytes for h in hashers),
+            "hashed_files": sum(h.hashed_files for h in hashers),
             "metadata_blocks": sum(s["metadata_blocks"] for s in stats),
             "transactions": sum(s["transactions"] for s in stats), "errors": sum(s["errors"] for s in stats)}
 
@@ -125,7 +131,7 @@ def probe_heap(index: Path) -> dict:
     return {"current": current, "peak": peak, "inodes": inodes}
 
 
-PROBES = {"read": lambda a: probe_read(Path(a[0])), "replay": lambda a: probe_replay(Path(a[0])),
+PROBES = {"read": lambda a: probe_read(Path(a[0])), "replay": lambda a: probe_replay(Path(a[0]), *a[1:]),
           "build": lambda a: probe_build(Path(a[0]), Path(a[1])), "load": lambda a: probe_load(Path(a[0])),
           "heap": lambda a: probe_heap(Path(a[0]))}
 
