@@ -307,6 +307,7 @@ class Attachment:
             async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
                                    server=cfg.verify_nbd, tag=self.job_id) as reader:
                 out = await Verifier(reader, backend.replica, backend.tracker, mode=cfg.mode, repair=cfg.repair_base,
+                                     lock=backend.lock,
                                      repair_into=repair_into, progress=self.progress).run(regions)
         except VerifyError as exc:
             raise AttachError(str(exc)) from None
