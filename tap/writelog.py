@@ -454,6 +454,10 @@ class WriteLog:
         if self.fsync_policy != "never":
             self._sync()
 
+    def sync(self) -> None:
+        """Make every record appended so far durable, whatever the policy (a clean detach: see tap.attach)."""
+        self._sync()
+
     def close(self) -> None:
         if self._dir_fd < 0:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(then drain, finish, exit)")
     p.add_argument("--metrics", metavar="ADDR",
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
+    # the attach that started this engine: a newer attach of the state dir (after a kill) ends it too
+    p.add_argument("--attach-pid", type=int, default=None, help=argparse.SUPPRESS)
     _scope_args(p)
     _mount_args(p, "--mount")
     _group_arg(p)
@@ -309,7 +312,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         attachment.progress.close()
         if not wants_engine:
             return
-        cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
+        cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow",
+               "--attach-pid", str(os.getpid())]
         if attachment.base is not None and attachment.base != base:  # repaired: the index is of the old base
             cmd += ["--base", str(attachment.base)]
         else:
@@ -468,9 +472,12 @@ def raw_image(image: Path, workdir: Path) -> Path:
     return out
 
 
-def attach_finished(state) -> bool:
-    """A following engine ends once the latest attach of its state dir has detached (attach.json says so)."""
-    return bool((state.read_attach() or {}).get("detached"))
+def attach_finished(state, owner: int | None = None) -> bool:
+    """A following engine ends once the latest attach of its state dir has detached (attach.json says so), or,
+    started by attach `owner`, once another attach has taken the state dir over (`owner` was killed: the new
+    attach resynchronizes and starts an engine of its own, which replays the log from the start)."""
+    info = state.read_attach() or {}
+    return bool(info.get("detached")) or (owner is not None and info.get("pid") not in (None, owner))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -505,14 +512,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
                       assemble=args.assemble, group=access().gid,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
-                      finished=lambda: bool(stop) or attach_finished(state))
+                      finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
         finally:
             engine.close()
         return
     bar = Progress("replay", unit=" rec")
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         runner = Runner(engine, follower, follow=args.follow, watch=(state.path,),
-                        finished=lambda: bool(stop) or attach_finished(state))
+                        finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
         for sig in (signal.SIGINT, signal.SIGTERM):  # a signal ends the wait at once; the log is still drained
             signal.signal(sig, lambda *_: (stop.append(1), runner.halt()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)
