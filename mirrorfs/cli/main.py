@@ -92,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cont", action="store_true",
                    help="resume a paused VM (QEMU -S) once the mirror job is ready, so no write is missed")
     p.add_argument("--fsync", choices=["always", "flush", "never"], default="flush",
-                   help="when the write log is fsynced: after every write, on guest flushes and at exit "
-                        "(default), or never")
+                   help="when the write log is fsynced before the ack: always (every write: a host crash loses "
+                        "no acknowledged write), flush (default: on NBD FLUSH/FUA and once a second; a host crash "
+                        "loses up to ~1 s), never (a host crash loses what the kernel had not written back). A "
+                        "write is in the log file before its ack under every policy, so a killed mirrorfs loses "
+                        "nothing; after any unclean stop the next attach compares with the disk and logs what "
+                        "the log lost (man mirrorfs-attach, DURABILITY)")
     p.add_argument("--reconnect-delay", type=int, default=10, metavar="SECONDS",
                    help="how long QEMU holds writes and retries if this process dies (default 10)")
     p.add_argument("--base", type=Path, metavar="IMAGE",
