@@ -236,6 +236,7 @@ class Attachment:
             self.state.write_attach(self.info())
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_nbd, listeners, exports, backend)
+                nursery.start_soon(self._fsync_every_second)  # from the first write on, the base check included
                 if readers:
                     await nursery.start(partial(serve_nbd, readers, reader_exports, backend, tls=self.tls))
                 try:
@@ -545,11 +546,17 @@ class Attachment:
         except (QMPError, QMPConnectError) as exc:
             log.debug("blockdev-del %s: %s", self.node, exc)
 
-    async def _keep_info_current(self) -> None:
-        """Once a second: fsync the log in a worker thread (QEMU forwards almost no guest flushes,
-        so this bounds what a host crash can lose) and rewrite attach.json for scripts."""
+    async def _fsync_every_second(self) -> None:
+        """fsync the log (per --fsync) in a worker thread once a second: QEMU forwards almost no guest flushes,
+        so this bounds what a host crash can lose to about the last second (man mirrorfs-attach, DURABILITY)."""
+        assert self.backend is not None
         while True:
             await trio.sleep(1)
-            await trio.to_thread.run_sync(self.backend.writelog.flush)
+            await trio.to_thread.run_sync(self.backend.sync)
+
+    async def _keep_info_current(self) -> None:
+        """Rewrite attach.json for scripts once a second."""
+        while True:
+            await trio.sleep(1)
             self.state.write_attach(self.info())
 
