@@ -160,6 +160,8 @@ class Attachment:
         self.backend: TrackingBackend | None = None
         self.unclean: dict[str, Any] | None = None  # the previous attach's record when it did not stop cleanly
         self.resynced = False
+        self.after_detach = False  # a clean detach before: the disk may have changed since (resync unless resumed)
+        self.resumed = False  # the previous attach's mirror job was still there
         self.unclean_seen = False  # ... even if the resync could not start: then the next attach tries again
         self.tls: ssl.SSLContext | None = None
 
@@ -215,6 +217,10 @@ class Attachment:
         refused = False
         try:
             self.unclean = self._unclean(previous, writelog)
+            # detached cleanly before: the guest may have written since, with nobody recording
+            self.after_detach = bool(self.unclean is None and previous is not None and previous.get("detached")
+                                     and writelog.last_seq > 0 and cfg.sync == "none"
+                                     and (cfg.base or previous.get("base") or previous.get("sync") == "full"))
             if self.unclean is not None:
                 replica = self._rebuild(drive.size, self.unclean)
             else:
@@ -222,7 +228,7 @@ class Attachment:
                 replica.catch_up(self.state.log)
             self.backend = backend = TrackingBackend(
                 replica=replica, writelog=writelog,
-                tracker=WriteTracker() if self._checks_base() or self.unclean is not None else None)
+                tracker=WriteTracker() if self._checks_base() or self.unclean or self.after_detach else None)
             sock = self.state.nbd_socket
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
             # the writable export: root's (0600), or --qemu-group's too (0660), never --group's
@@ -243,6 +249,13 @@ class Attachment:
                     await self._start_job(qmp, sock)
                     try:
                         if self.unclean is not None:
+                            await self._resync(qmp, backend)
+                        elif self.after_detach and not self.resumed:
+                            assert previous is not None
+                            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["detached"]))
+                            print(f"mirrorfs: {self.state.path} was detached at {when}; the guest may have written "
+                                  "since, unrecorded: comparing the replica with the disk and logging what differs",
+                                  flush=True)
                             await self._resync(qmp, backend)
                         else:
                             await self._verify_base(qmp, backend)
@@ -339,7 +352,8 @@ class Attachment:
         return replica
 
     async def _resync(self, qmp: QMPClient, backend: TrackingBackend) -> None:
-        """After an unclean stop: compare the whole replica with the disk while the job already logs new writes;
+        """After an unclean stop (or a clean detach: the guest wrote on, unrecorded): compare the whole replica with
+        the disk while the job already logs new writes;
         what differs for CONFIRM_S, uncovered by a new write, is the disk's content the log lost: append it as
         WRITE records (so the engine and `replay` see it) and to the replica. Refuses to go on if it cannot."""
         assert self.drive is not None and backend.tracker is not None and backend.writelog is not None
@@ -353,8 +367,8 @@ class Attachment:
                                      lock=backend.lock, apply=backend.write, progress=self.progress
                                      ).run([(0, self.drive.size, "disk")])
         except VerifyError as exc:
-            raise AttachError(f"the previous attach did not stop cleanly and the log cannot be checked against the "
-                              f"disk: {exc}") from None
+            raise AttachError(f"the log may lack writes the disk has, and it cannot be checked against the disk: "
+                              f"{exc}; nothing was attached (the next attach tries again)") from None
         finally:
             backend.tracker = None
         seconds = trio.current_time() - t0
@@ -464,6 +478,7 @@ class Attachment:
         if job is not None:
             # A previous tap on this state dir was killed: QEMU is reconnecting to our socket.
             print(f"mirrorfs: resuming mirror job {self.job_id} left by a previous attach", flush=True)
+            self.resumed = True
             if job.get("paused") or job.get("status") == "paused":
                 await qmp.execute("block-job-resume", {"device": self.job_id})
             if job.get("ready"):

@@ -1,6 +1,6 @@
 """Issue 13: after an unclean stop, `attach` on the same state directory notices that the log may lack writes it
 acknowledged, resynchronizes with the running disk, and says so; the replica then equals the disk and the events
-cover every change.
+cover every change. After a clean detach the guest may write on unrecorded: the next attach resynchronizes too.
 
 The host kernel writes ext4 through qemu-storage-daemon (images/hostwriter.py) the whole time. Two ways to stop
 uncleanly: SIGKILL of the tap (the page cache keeps every record it acknowledged; QEMU re-sends what was in
@@ -138,8 +138,19 @@ def test_sigkill_of_the_tap_mid_run_is_noticed_and_resynchronized(tmp_path, host
         first.__exit__()
         if writer.poll() is None:
             writer.kill()
-    # a clean detach needs no resync: the next attach says nothing of it
     assert json.loads((state / "attach.json").read_text()).get("detached")
+    # detached cleanly, the disk changes with nobody recording: the next attach finds and logs that too
+    hw.mount()
+    assert hw.run("echo after > live/after && sync").returncode == 0
+    hw.unmount()
+    with Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), log=tmp_path / "third.log") as third:
+        out = third.output()
+        assert "was detached at" in out and "did not stop cleanly" not in out, out
+        assert re.search(r"resynchronized: \d+ range\(s\), [1-9]\d* bytes", out), out
+        third.detach()
+    assert same_bytes(state / "replica.img", disk)
+    events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("kind") == "create" and e.get("path") == "/live/after" for e in events)
 
 
 def test_a_host_crash_that_cut_the_logs_last_second_is_resynchronized(tmp_path, host):
