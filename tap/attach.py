@@ -250,6 +250,10 @@ class Attachment:
                     try:
                         if self.unclean is not None:
                             await self._resync(qmp, backend)
+                        elif self.after_detach and not self.resumed and cfg.verify == "none":
+                            print("mirrorfs: --verify none: the disk is not compared with the replica, although the "
+                                  "guest may have written since the last detach, unrecorded; if it did, the replica "
+                                  "and every event are wrong from here on", flush=True)
                         elif self.after_detach and not self.resumed:
                             assert previous is not None
                             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["detached"]))
