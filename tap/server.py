@@ -301,7 +301,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
     buf = bytearray(RECEIVE_SIZE)
     view = memoryview(buf)
     threshold = nbd.SEND_THRESHOLD
-    Write, FUA = nbd.Write, nbd.CMD_FLAG_FUA
+    Write, FUA, WAITALL = nbd.Write, nbd.CMD_FLAG_FUA, socket.MSG_WAITALL
     write, reply = backend.write, proto.reply
     while True:
         while (ev := next_event()) is not None:
@@ -321,7 +321,8 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
             sendall(out)
         if proto.closed:
             return
-        n = recv_into(buf)
+        wanted = proto.payload_wanted  # a WRITE's header came alone: wait for its whole payload in one recv
+        n = recv_into(buf, wanted, WAITALL) if 0 < wanted <= RECEIVE_SIZE else recv_into(buf)
         if not n:
             proto.connection_lost()
             return

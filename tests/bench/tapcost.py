@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+from pathlib import Path
 
 from tests.bench.common import GiB, Workspace, cpu_seconds, log, median, spread
+from tests.support import REPO
 
 MODES = ("exact", "async")
 _DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
@@ -28,9 +30,15 @@ def _bench(uri: str, count: int, offset: int) -> float:
     return float(m.group(1)) / count
 
 
-def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, count: int | None = None) -> dict:
+def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, count: int | None = None,
+               compare: Path | None = None) -> dict:
+    """`compare`: another checkout of mirrorfs whose attach runs too, as modes "exact@other" and "async@other",
+    in the same rounds (before/after numbers measured side by side)."""
+    import tests.tapharness
     from images.hostwriter import HostWriter
     from tests.tapharness import Attach
+
+    modes = [(m, REPO) for m in MODES] + ([(f"{m}@other", compare) for m in MODES] if compare else [])
 
     rounds = rounds or (1 if quick else 3)
     count = count or (1000 if quick else 3000)
@@ -43,11 +51,12 @@ def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, co
         offset = 0
         for r in range(rounds):
             res: dict = {"plain": []}
-            for mode in MODES:
+            for mode, repo in modes:
                 offset = (offset + count * 4096) % (GiB // 2)
                 res["plain"].append(_bench(uri, count, offset))
                 state = ws.path / f"cost-state-{r}-{mode}"
-                with Attach(hw.qmp, state, "--device", hw.node, "--mode", mode) as attach:
+                tests.tapharness.REPO = repo  # the checkout whose attach runs (its cwd)
+                with Attach(hw.qmp, state, "--device", hw.node, "--mode", mode.split("@")[0]) as attach:
                     assert attach.proc is not None
                     cpu0 = cpu_seconds(attach.proc.pid)
                     offset = (offset + count * 4096) % (GiB // 2)
@@ -59,11 +68,12 @@ def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, co
             res["plain"].append(_bench(uri, count, offset))
             plain = median(res["plain"])
             line = ", ".join(f"{m} +{(res[m] - plain) * 1e6:.0f} us (tap CPU {res[m + '_cpu'] * 1e6:.0f} us)"
-                             for m in MODES)
+                             for m, _ in modes)
             log(f"cost round {r + 1}: plain {plain * 1e6:.0f} us/write; {line}")
             res["plain_median"] = plain
             per_round.append(res)
-    return {"rounds": rounds, "count": count, "per_round": per_round}
+    tests.tapharness.REPO = REPO
+    return {"rounds": rounds, "count": count, "per_round": per_round, "modes": [m for m, _ in modes]}
 
 
 def cost_table(res: dict) -> list[str]:
@@ -71,8 +81,9 @@ def cost_table(res: dict) -> list[str]:
     lines = ["| 4 KiB O_DIRECT writes, depth 1 | per write | added by the mirror | tap CPU per write |",
              "|---|---|---|---|",
              f"| no mirror | {spread([r['plain_median'] * 1e6 for r in pr], '{:.0f}')} us | – | – |"]
-    for m in MODES:
-        lines.append(f"| `attach --mode {m}` | {spread([r[m] * 1e6 for r in pr], '{:.0f}')} us | "
+    for m in res.get("modes", MODES):
+        label = f"`attach --mode {m.split('@')[0]}`" + (" (the other checkout)" if "@" in m else "")
+        lines.append(f"| {label} | {spread([r[m] * 1e6 for r in pr], '{:.0f}')} us | "
                      f"{spread([(r[m] - r['plain_median']) * 1e6 for r in pr], '{:.0f}')} us | "
                      f"{spread([r[m + '_cpu'] * 1e6 for r in pr], '{:.0f}')} us |")
     return lines
@@ -82,9 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--count", type=int, default=3000)
+    ap.add_argument("--compare", type=Path, metavar="CHECKOUT", help="another mirrorfs checkout to run alongside")
     a = ap.parse_args()
     with Workspace() as ws:
-        res = bench_cost(ws, rounds=a.rounds, count=a.count)
+        res = bench_cost(ws, rounds=a.rounds, count=a.count, compare=a.compare)
     print("\n".join(cost_table(res)))
 
 
