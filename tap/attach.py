@@ -3,6 +3,12 @@
 Detach is always `block-job-cancel` (the guest stays on its own disk), never block-job-complete.
 A tap killed without detaching leaves the job alive: with reconnect-delay and on-target-error=stop,
 QEMU waits for us, and a new attach on the same state directory picks the job up again.
+
+Durability (man/mirrorfs-attach.1 "DURABILITY"): a write is in the log file before QEMU gets its ack, so a
+killed tap loses nothing it acknowledged; what the kernel had not written back when the host crashed is lost
+unless --fsync always (QEMU forwards no guest flushes). attach.json gets `detached` only after a clean stop, once
+the log is fsynced; an attach that finds it missing resynchronizes (`_resync`): the replica rebuilt from the
+base and the log, compared with the disk over QEMU's NBD export, what differs logged as new records.
 """
 
 from __future__ import annotations
@@ -152,6 +158,11 @@ class Attachment:
         self.ready = False
         self.started = time.time()
         self.backend: TrackingBackend | None = None
+        self.unclean: dict[str, Any] | None = None  # the previous attach's record when it did not stop cleanly
+        self.resynced = False
+        self.after_detach = False  # a clean detach before: the disk may have changed since (resync unless resumed)
+        self.resumed = False  # the previous attach's mirror job was still there
+        self.unclean_seen = False  # ... even if the resync could not start: then the next attach tries again
         self.tls: ssl.SSLContext | None = None
 
     def info(self, **extra: Any) -> dict[str, Any]:
@@ -199,15 +210,25 @@ class Attachment:
         self.drive = drive = await find_drive(qmp, cfg.device)
         self.job_id, self.node = job_names(drive.device, self.state.path)
         fresh = self.state.read_state() is None  # a refused base leaves no state behind in a new directory
+        previous = self.state.read_attach()
         self.state.init_state(drive.size, drive.device)
         writelog = WriteLog(self.state.log, fsync=cfg.fsync)
         fresh = fresh and writelog.last_seq == 0
         refused = False
         try:
-            replica = BlockReplica(self.state.replica, drive.size, base=cfg.base)
-            replica.catch_up(self.state.log)
-            self.backend = backend = TrackingBackend(replica=replica, writelog=writelog,
-                                                     tracker=WriteTracker() if self._checks_base() else None)
+            self.unclean = self._unclean(previous, writelog)
+            # detached cleanly before: the guest may have written since, with nobody recording
+            self.after_detach = bool(self.unclean is None and previous is not None and previous.get("detached")
+                                     and writelog.last_seq > 0 and cfg.sync == "none"
+                                     and (cfg.base or previous.get("base") or previous.get("sync") == "full"))
+            if self.unclean is not None:
+                replica = self._rebuild(drive.size, self.unclean)
+            else:
+                replica = BlockReplica(self.state.replica, drive.size, base=cfg.base)
+                replica.catch_up(self.state.log)
+            self.backend = backend = TrackingBackend(
+                replica=replica, writelog=writelog,
+                tracker=WriteTracker() if self._checks_base() or self.unclean or self.after_detach else None)
             sock = self.state.nbd_socket
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
             # the writable export: root's (0600), or --qemu-group's too (0660), never --group's
@@ -221,12 +242,27 @@ class Attachment:
             self.state.write_attach(self.info())
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_nbd, listeners, exports, backend)
+                nursery.start_soon(self._fsync_every_second)  # from the first write on, the base check included
                 if readers:
                     await nursery.start(partial(serve_nbd, readers, reader_exports, backend, tls=self.tls))
                 try:
                     await self._start_job(qmp, sock)
                     try:
-                        await self._verify_base(qmp, backend)
+                        if self.unclean is not None:
+                            await self._resync(qmp, backend)
+                        elif self.after_detach and not self.resumed and cfg.verify == "none":
+                            print("mirrorfs: --verify none: the disk is not compared with the replica, although the "
+                                  "guest may have written since the last detach, unrecorded; if it did, the replica "
+                                  "and every event are wrong from here on", flush=True)
+                        elif self.after_detach and not self.resumed:
+                            assert previous is not None
+                            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["detached"]))
+                            print(f"mirrorfs: {self.state.path} was detached at {when}; the guest may have written "
+                                  "since, unrecorded: comparing the replica with the disk and logging what differs",
+                                  flush=True)
+                            await self._resync(qmp, backend)
+                        else:
+                            await self._verify_base(qmp, backend)
                     except BaseException as exc:  # Ctrl-C or a broken QMP too: no job is left behind
                         refused = isinstance(exc, AttachError)
                         with trio.CancelScope(shield=True):
@@ -255,7 +291,9 @@ class Attachment:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            writelog.flush()
+            # `detached` in attach.json is the clean-stop mark: written only once the log is durable (whatever
+            # --fsync says) and the replica checkpointed; a kill or a crash before this leaves it out
+            writelog.sync()
             if self.backend:
                 self.backend.replica.checkpoint()
                 self.backend.replica.close()
@@ -263,8 +301,93 @@ class Attachment:
             self.ready = False
             if refused and fresh:
                 self._discard()
-            self.state.write_attach(self.info(detached=time.time()))
+            if not self.unclean_seen or self.resynced:
+                self.state.write_attach(self.info(detached=time.time()))
+            else:  # the log still may lack acknowledged writes: the next attach resynchronizes
+                self.state.write_attach(self.info(stopped=time.time(), resync_pending=True))
             remove_socket(self.state.nbd_socket)
+
+    def _unclean(self, previous: dict[str, Any] | None, writelog: WriteLog) -> dict[str, Any] | None:
+        """The previous attach's record if it did not stop cleanly (no `detached`) and its replica was meant to be
+        the disk (a base, or --sync full); None otherwise. Without a base the replica never was the disk: then
+        only a warning."""
+        if previous is not None and previous.get("resync_pending"):
+            pass  # an attach that found an unclean stop ended before its resync finished
+        elif previous is None or previous.get("detached") or "pid" not in previous:
+            if previous is None and writelog.last_seq:
+                previous = {}  # records but no attach.json: treat as unclean
+            else:
+                return None
+        base = self.cfg.base or (Path(previous["base"]) if previous.get("base") else None)
+        self.unclean_seen = True
+        full = "full" in (previous.get("sync"), self.cfg.sync)
+        if base is None and not full:
+            print(f"mirrorfs: the previous attach on {self.state.path} (pid {previous.get('pid', '?')}) did not "
+                  "stop cleanly; its log may lack writes it acknowledged, and with no base (and --sync none) the "
+                  "replica is not the disk, so nothing can be compared: give --base or attach with --sync full",
+                  flush=True)
+            self.unclean_seen = False
+            return None
+        if base is not None and not base.exists():
+            raise AttachError(f"the previous attach on {self.state.path} did not stop cleanly, and its base {base} "
+                              "is gone: give the base again with --base, or use a new --state with --sync full")
+        return {**previous, "base_path": str(base) if base else None}
+
+    def _rebuild(self, size: int, previous: dict[str, Any]) -> BlockReplica:
+        """The replica after an unclean stop: its file may hold writes a host crash cut from the log (or miss
+        some), so it is made again from the base and the log: then it is exactly what the log says."""
+        base = Path(previous["base_path"]) if previous.get("base_path") else None
+        t0 = time.monotonic()
+        self.state.replica.unlink(missing_ok=True)
+        self.state.replica.with_name("replica.img.seq").unlink(missing_ok=True)
+        replica = BlockReplica(self.state.replica, size, base=base)
+        try:
+            seq = replica.catch_up(self.state.log)
+        except BaseException:
+            replica.close()
+            raise
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["updated"])) \
+            if isinstance(previous.get("updated"), (int, float)) else "?"
+        print(f"mirrorfs: the previous attach on {self.state.path} (pid {previous.get('pid', '?')}, last seen "
+              f"{when}) did not stop cleanly (killed, or the host crashed): its write log may lack writes it "
+              "acknowledged, which QEMU will not send again. Rebuilt the replica from "
+              f"{base or 'the log alone'} and the log's {seq} records in {time.monotonic() - t0:.1f} s; it is "
+              "compared with the disk once the mirror job runs, and what differs is logged", flush=True)
+        return replica
+
+    async def _resync(self, qmp: QMPClient, backend: TrackingBackend) -> None:
+        """After an unclean stop (or a clean detach: the guest wrote on, unrecorded): compare the whole replica with
+        the disk while the job already logs new writes;
+        what differs for CONFIRM_S, uncovered by a new write, is the disk's content the log lost: append it as
+        WRITE records (so the engine and `replay` see it) and to the replica. Refuses to go on if it cannot."""
+        assert self.drive is not None and backend.tracker is not None and backend.writelog is not None
+        self.state.write_attach(self.info(verifying="resync"))
+        t0 = trio.current_time()
+        first = backend.writelog.last_seq + 1
+        try:
+            async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
+                                   server=self.cfg.verify_nbd, tag=self.job_id) as reader:
+                out = await Verifier(reader, backend.replica, backend.tracker, mode=self.cfg.mode, repair=True,
+                                     lock=backend.lock, apply=backend.write, progress=self.progress
+                                     ).run([(0, self.drive.size, "disk")])
+        except VerifyError as exc:
+            raise AttachError(f"the log may lack writes the disk has, and it cannot be checked against the disk: "
+                              f"{exc}; nothing was attached (the next attach tries again)") from None
+        finally:
+            backend.tracker = None
+        seconds = trio.current_time() - t0
+        self.verified = {"mode": "resync", "regions": out.regions, "bytes": out.compared,
+                         "seconds": round(seconds, 3), "writes_during": out.writes_during,
+                         "carried_bytes": out.carried, "repaired_bytes": out.repaired,
+                         "differing": len(out.mismatches)}
+        self.resynced = True
+        if out.mismatches:
+            print(f"mirrorfs: resynchronized: {len(out.mismatches)} range(s), {out.repaired} bytes, differed from "
+                  f"the disk (the first at byte {out.mismatches[0][0]}); logged as new records from seq {first} on, "
+                  f"so the events cover them; {out.compared} bytes compared in {seconds:.1f} s", flush=True)
+        else:
+            print(f"mirrorfs: resynchronized: the log and the disk agree ({out.compared} bytes compared in "
+                  f"{seconds:.1f} s); nothing was lost", flush=True)
 
     def _checks_base(self) -> bool:
         return self.cfg.sync == "none" and self.cfg.base is not None and self.cfg.verify != "none"
@@ -307,6 +430,7 @@ class Attachment:
             async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
                                    server=cfg.verify_nbd, tag=self.job_id) as reader:
                 out = await Verifier(reader, backend.replica, backend.tracker, mode=cfg.mode, repair=cfg.repair_base,
+                                     lock=backend.lock,
                                      repair_into=repair_into, progress=self.progress).run(regions)
         except VerifyError as exc:
             raise AttachError(str(exc)) from None
@@ -358,6 +482,7 @@ class Attachment:
         if job is not None:
             # A previous tap on this state dir was killed: QEMU is reconnecting to our socket.
             print(f"mirrorfs: resuming mirror job {self.job_id} left by a previous attach", flush=True)
+            self.resumed = True
             if job.get("paused") or job.get("status") == "paused":
                 await qmp.execute("block-job-resume", {"device": self.job_id})
             if job.get("ready"):
@@ -440,11 +565,17 @@ class Attachment:
         except (QMPError, QMPConnectError) as exc:
             log.debug("blockdev-del %s: %s", self.node, exc)
 
-    async def _keep_info_current(self) -> None:
-        """Once a second: fsync the log in a worker thread (QEMU forwards almost no guest flushes,
-        so this bounds what a host crash can lose) and rewrite attach.json for scripts."""
+    async def _fsync_every_second(self) -> None:
+        """fsync the log (per --fsync) in a worker thread once a second: QEMU forwards almost no guest flushes,
+        so this bounds what a host crash can lose to about the last second (man mirrorfs-attach, DURABILITY)."""
+        assert self.backend is not None
         while True:
             await trio.sleep(1)
-            await trio.to_thread.run_sync(self.backend.writelog.flush)
+            await trio.to_thread.run_sync(self.backend.sync)
+
+    async def _keep_info_current(self) -> None:
+        """Rewrite attach.json for scripts once a second."""
+        while True:
+            await trio.sleep(1)
             self.state.write_attach(self.info())
 

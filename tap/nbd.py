@@ -280,6 +280,15 @@ class NBDServer:
         """Received bytes not yet parsed; at most MAX_BUFFERED once next_event() has returned None."""
         return len(self._part) + len(self._cur) - self._pos + sum(map(len, self._more))
 
+    @property
+    def payload_wanted(self) -> int:
+        """Bytes still to receive to complete the WRITE payload being gathered (0 when none). A blocking transport
+        can wait for all of them in one call: QEMU sends a WRITE's header and payload in two `sendmsg`s."""
+        w = self._write
+        if w is None:
+            return 0
+        return max(0, w[2] - len(self._part) - (len(self._cur) - self._pos) - sum(map(len, self._more)))
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Queue received bytes; ignored once closed. End of stream is connection_lost(), not b""."""
         if self._closed or not data:

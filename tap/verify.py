@@ -23,11 +23,13 @@ import errno
 import logging
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractContextManager, aclosing, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -57,44 +59,66 @@ class VerifyError(Exception):
 # ---------------------------------------------------------------- writes seen by the tap
 
 class WriteTracker:
-    """Merged byte ranges the mirror job wrote since the attach began, and a wake-up on each new write."""
+    """Merged byte ranges the mirror job wrote since the attach began, and a wake-up on each new write.
+
+    `add` is called from the connections' threads (under the backend's lock), the rest from the trio thread:
+    ranges change under `_lock`, and the wake-up crosses into trio with the run's token."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self.writes = 0
-        self._event = trio.Event()
+        self._lock = threading.Lock()
+        self._waiter: tuple[trio.Event, trio.lowlevel.TrioToken, int] | None = None
         self._recent: list[tuple[int, int]] = []  # writes since mark()
 
     def add(self, offset: int, length: int) -> None:
         if length <= 0:
             return
-        self.writes += 1
-        self._recent.append((offset, length))
-        start, end = offset, offset + length
-        lo = bisect.bisect_left(self._ends, start)  # first range that ends at or after start
-        hi = bisect.bisect_right(self._starts, end)  # ranges from lo to hi-1 touch [start, end]
-        if lo < hi:
-            start, end = min(start, self._starts[lo]), max(end, self._ends[hi - 1])
-        self._starts[lo:hi], self._ends[lo:hi] = [start], [end]
-        self._event.set()
-        self._event = trio.Event()
+        with self._lock:
+            self.writes += 1
+            self._recent.append((offset, length))
+            start, end = offset, offset + length
+            lo = bisect.bisect_left(self._ends, start)  # first range that ends at or after start
+            hi = bisect.bisect_right(self._starts, end)  # ranges from lo to hi-1 touch [start, end]
+            if lo < hi:
+                start, end = min(start, self._starts[lo]), max(end, self._ends[hi - 1])
+            self._starts[lo:hi], self._ends[lo:hi] = [start], [end]
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            event, token, thread = waiter
+            if threading.get_ident() == thread:
+                event.set()
+            else:
+                try:
+                    token.run_sync_soon(event.set)
+                except trio.RunFinishedError:
+                    pass
 
     def covers(self, offset: int, length: int) -> bool:
-        i = bisect.bisect_right(self._starts, offset) - 1
-        return i >= 0 and self._ends[i] >= offset + length
+        with self._lock:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            return i >= 0 and self._ends[i] >= offset + length
 
     def mark(self) -> None:
-        self._recent.clear()
+        with self._lock:
+            self._recent.clear()
 
     def written_since_mark(self, offset: int, length: int) -> bool:
-        return any(o < offset + length and offset < o + n for o, n in self._recent)
+        with self._lock:
+            return any(o < offset + length and offset < o + n for o, n in self._recent)
 
     async def wait(self, timeout: float) -> bool:
         """True once a new write arrives, False after `timeout` seconds without one."""
+        event = trio.Event()
+        with self._lock:
+            self._waiter = (event, trio.lowlevel.current_trio_token(), threading.get_ident())
         with trio.move_on_after(timeout):
-            await self._event.wait()
+            await event.wait()
             return True
+        with self._lock:
+            if self._waiter is not None and self._waiter[0] is event:
+                self._waiter = None
         return False
 
 
@@ -104,15 +128,21 @@ class TrackingBackend(TapBackend):
 
     tracker: WriteTracker | None = field(default=None)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        super().write(offset, data)
-        if self.tracker is not None:
-            self.tracker.add(offset, len(data))
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        with self.lock:  # the record and its note together: a repair checks both under this lock
+            super().write(offset, data)
+            if (tracker := self.tracker) is not None:  # set to None by the trio thread when the check ends
+                tracker.add(offset, len(data))
+        if fua:
+            self.sync()
 
-    def zeroes(self, offset: int, length: int) -> None:
-        super().zeroes(offset, length)
-        if self.tracker is not None:
-            self.tracker.add(offset, length)
+    def zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        with self.lock:
+            super().zeroes(offset, length)
+            if (tracker := self.tracker) is not None:
+                tracker.add(offset, length)
+        if fua:
+            self.sync()
 
 
 # ---------------------------------------------------------------- a read-only NBD client
@@ -301,10 +331,17 @@ class Verifier:
 
     def __init__(self, reader: NBDReader, replica: BlockReplica, tracker: WriteTracker, *, mode: str = "exact",
                  repair_into: BlockReplica | None = None, repair: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 lock: AbstractContextManager[Any] | None = None,
+                 apply: Callable[[int, bytes], None] | None = None) -> None:
+        """`lock`: the backend's, held while a repair checks for new writes and writes (connections write from
+        their own threads). `apply(offset, data)` writes a repair (default: into the replica; a resync after an
+        unclean stop logs it as a record, so the engine sees it)."""
         self.reader, self.replica, self.tracker = reader, replica, tracker
         self.confirm_s = CONFIRM_S.get(mode, CONFIRM_S["async"])
         self.repair, self.repair_into = repair, repair_into
+        self.lock = lock if lock is not None else nullcontext()
+        self.apply = apply if apply is not None else replica.write
         self.progress = progress
         self.outcome = Outcome()
 
@@ -386,9 +423,10 @@ class Verifier:
         if not self.repair:
             self.outcome.mismatches.append(region)
             return True
-        if self.tracker.written_since_mark(off, length):
-            return False  # a write arrived since the read: its bytes are in the replica, what is left is rechecked
-        self.replica.write(off, disk)
+        with self.lock:
+            if self.tracker.written_since_mark(off, length):
+                return False  # a write arrived since the read: its bytes are in the replica, what is left is rechecked
+            self.apply(off, disk)
         if self.repair_into is not None:
             self.repair_into.write(off, disk)
         self.outcome.mismatches.append(region)

@@ -70,6 +70,7 @@ _KINDS = frozenset(Kind)
 
 HEADER = struct.Struct("<4sIQQQIB3x")
 MAGIC = b"WLR1"
+_REST = struct.Struct("<QQQIB3x")  # HEADER after magic and crc: what the crc covers, packed once per append
 SEGMENT_HEADER = struct.Struct("<8sIIQ")
 SEGMENT_MAGIC = b"MFSWLOG\n"
 FORMAT_VERSION = 1
@@ -401,10 +402,10 @@ class WriteLog:
             self._roll()
         seq = self._last_seq + 1
         try:
-            rest = HEADER.pack(MAGIC, 0, seq, time.time_ns(), offset, length, kind)
+            rest = _REST.pack(seq, time.time_ns(), offset, length, kind)
         except struct.error as exc:
             raise ValueError(f"record out of range: offset {offset}, length {length}") from exc
-        header = MAGIC + zlib.crc32(payload, zlib.crc32(rest[8:])).to_bytes(4, "little") + rest[8:]
+        header = MAGIC + zlib.crc32(payload, zlib.crc32(rest)).to_bytes(4, "little") + rest
         total = HEADER.size + n
         try:
             written = os.writev(self._fd, (header, payload)) if n else os.write(self._fd, header)
@@ -453,6 +454,10 @@ class WriteLog:
         on NBD FLUSH and once a second, so the ack path never waits for the disk."""
         if self.fsync_policy != "never":
             self._sync()
+
+    def sync(self) -> None:
+        """Make every record appended so far durable, whatever the policy (a clean detach: see tap.attach)."""
+        self._sync()
 
     def close(self) -> None:
         if self._dir_fd < 0:

@@ -104,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cont", action="store_true",
                    help="resume a paused VM (QEMU -S) once the mirror job is ready, so no write is missed")
     p.add_argument("--fsync", choices=["always", "flush", "never"], default="flush",
-                   help="when the write log is fsynced: after every write, on guest flushes and at exit "
-                        "(default), or never")
+                   help="when the write log is fsynced before the ack: always (every write: a host crash loses "
+                        "no acknowledged write), flush (default: on NBD FLUSH/FUA and once a second; a host crash "
+                        "loses up to ~1 s), never (a host crash loses what the kernel had not written back). A "
+                        "write is in the log file before its ack under every policy, so a killed mirrorfs loses "
+                        "nothing; after any unclean stop the next attach compares with the disk and logs what "
+                        "the log lost (man mirrorfs-attach, DURABILITY)")
     p.add_argument("--reconnect-delay", type=int, default=10, metavar="SECONDS",
                    help="how long QEMU holds writes and retries if this process dies (default 10)")
     p.add_argument("--base", type=Path, metavar="IMAGE",
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(then drain, finish, exit)")
     p.add_argument("--metrics", metavar="ADDR",
                    help="with --follow: serve Prometheus metrics on HOST:PORT (or :PORT, on 127.0.0.1)")
+    # the attach that started this engine: a newer attach of the state dir (after a kill) ends it too
+    p.add_argument("--attach-pid", type=int, default=None, help=argparse.SUPPRESS)
     _scope_args(p)
     _hash_arg(p)
     _mount_args(p, "--mount")
@@ -366,7 +372,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         attachment.progress.close()
         if not wants_engine:
             return
-        cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow"]
+        cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow",
+               "--attach-pid", str(os.getpid())]
         if attachment.base is not None and attachment.base != base:  # repaired: the index is of the old base
             cmd += ["--base", str(attachment.base)]
         else:
@@ -534,9 +541,12 @@ def raw_image(image: Path, workdir: Path) -> Path:
     return out
 
 
-def attach_finished(state) -> bool:
-    """A following engine ends once the latest attach of its state dir has detached (attach.json says so)."""
-    return bool((state.read_attach() or {}).get("detached"))
+def attach_finished(state, owner: int | None = None) -> bool:
+    """A following engine ends once the latest attach of its state dir has detached (attach.json says so), or,
+    started by attach `owner`, once another attach has taken the state dir over (`owner` was killed: the new
+    attach resynchronizes and starts an engine of its own, which replays the log from the start)."""
+    info = state.read_attach() or {}
+    return bool(info.get("detached")) or (owner is not None and info.get("pid") not in (None, owner))
 
 
 def check_replay_args(args: argparse.Namespace, state) -> None:
@@ -590,14 +600,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
                       assemble=args.assemble, group=access().gid,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
-                      finished=lambda: bool(stop) or attach_finished(state))
+                      finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
         finally:
             engine.close()
         return
     bar = Progress("replay", unit=" rec")
     with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
         runner = Runner(engine, follower, follow=args.follow, watch=(state.path,),
-                        finished=lambda: bool(stop) or attach_finished(state))
+                        finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
         for sig in (signal.SIGINT, signal.SIGTERM):  # a signal ends the wait at once; the log is still drained
             signal.signal(sig, lambda *_: (stop.append(1), runner.halt()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)

@@ -5,7 +5,7 @@
     .venv/bin/python -m tests.bench.run --quick  # smaller and one round, for development: prints only
 
 Tap benchmarks: overhead (1: guest write overhead of the mirror), ingest (2: tap MB/s and writes/s),
-latency (3: guest write -> write-log record).
+latency (3: guest write -> write-log record), cost (4: added latency and tap CPU per 4 KiB write).
 Engine benchmarks: replay (1: replay throughput vs reading the log), index (2: pre-index speed vs fls -r),
 memory (3: RSS per tracked inode at 100k and 1M files), synclat (4: guest sync -> emitted event).
 Event-stream benchmark: stream (events/s event log -> publisher -> Redis -> collector, and bytes on the network
@@ -34,7 +34,7 @@ from pathlib import Path
 from tests.bench.common import Stopwatch, Workspace, log, make_disk
 from tests.support import CACHE, REPO
 
-TAP_NAMES = ("ingest", "overhead", "latency")
+TAP_NAMES = ("ingest", "overhead", "latency", "cost")
 ENGINE_NAMES = ("replay", "index", "memory", "synclat")
 STREAM_NAMES = ("stream",)
 MOUNT_NAMES = ("views", "inotify", "live")
@@ -49,6 +49,7 @@ TITLES = {
     "overhead": "1. Guest write overhead (TCG guest, guest-timed)",
     "ingest": "2. Tap ingest (local NBD client → tap)",
     "latency": "3. Latency from the guest's write to its record in the write log",
+    "cost": "4. Added latency and tap CPU per 4 KiB write, through qemu-storage-daemon (issue 13)",
     "replay": "1. Replay throughput (recorded logs, offline)",
     "index": "2. Pre-index speed (100k-file image) and index load time",
     "memory": "3. Memory per tracked inode (100k and 1M files)",
@@ -71,6 +72,14 @@ timing: `dd if=/dev/zero of=$MNT/big bs=1M count=N conv=fsync`, then, after `syn
 pseudo-random sequence of X (the same in every run). Ratios are mirror / no mirror throughput within the same
 round; the table gives the median of the per-round ratios and their range. The tap rows give what the attach
 process recorded and the CPU time it used while the guest ran.""",
+    "cost": """\
+`qemu-img bench -f raw -w -t none -d 1 -s 4096 -c 3000 -o OFFSET 'nbd+unix:///disk0?socket=EXPORT'` writes into
+qemu-storage-daemon's own NBD export of a sparse 1 GiB raw disk (`images/hostwriter.py`, daemon 1 only), with no
+mirror and with `mirrorfs attach --mode exact` / `--mode async` recording (no base, so no engine: the tap alone),
+in the order plain, exact, plain, async, plain within each round (`tests/bench/tapcost.py`). "Added" is the
+mirrored run's time per write less the median of the round's plain runs; "tap CPU" is the attach process's
+user+system time over the run divided by the writes. Plain runs vary by tens of percent from run to run, hence the
+interleaving; the async row is within that noise.""",
     "ingest": """\
 `qemu-img bench -w -f raw` (QEMU's own block layer, as in a mirror job) writes into the real tap code
 (`tests/bench/tapserver.py`: `tap.server.serve_nbd` with a `TapBackend` of a `WriteLog` and a `BlockReplica` in a
@@ -299,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.bench.livebench import bench_live, live_table
     from tests.bench.streambench import bench_stream, stream_table
     from tests.bench.synclat import bench_synclat, synclat_table
+    from tests.bench.tapcost import bench_cost, cost_table
 
     total = Stopwatch()
     results: dict[str, dict] = {}
@@ -309,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             sw = Stopwatch()
             if name == "ingest":
                 res, table = bench_ingest(ws, args.quick), ingest_table
+            elif name == "cost":
+                res, table = bench_cost(ws, args.quick), cost_table
             elif name == "overhead":
                 res, table = bench_overhead(ws, pristine, args.quick), overhead_table
             elif name == "latency":

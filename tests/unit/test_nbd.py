@@ -294,6 +294,18 @@ def test_write_payload_is_a_view_of_the_received_chunk() -> None:
     assert isinstance(ev, Write) and isinstance(ev.data, memoryview) and ev.data.obj is chunk
 
 
+def test_payload_wanted_counts_down_a_write_whose_header_came_alone() -> None:
+    """QEMU sends a WRITE's header and payload in two sendmsgs; the transport asks for exactly what is missing."""
+    server, client = rw_server()
+    stream = client.request(nbd.CMD_WRITE, 3, 4096, payload=b"y" * 4096)
+    assert server.payload_wanted == 0
+    assert events(server, stream[:nbd.REQUEST_SIZE]) == [] and server.payload_wanted == 4096
+    assert events(server, stream[nbd.REQUEST_SIZE:nbd.REQUEST_SIZE + 1000]) == [] and server.payload_wanted == 3096
+    server.receive_data(stream[nbd.REQUEST_SIZE + 1000:])
+    assert server.payload_wanted == 0  # all there, not parsed yet
+    assert events(server) == [Write(3, 4096, b"y" * 4096, 0)] and server.payload_wanted == 0
+
+
 def test_large_write_in_many_chunks() -> None:
     server, client = rw_server(size=64 << 20)
     payload = bytes(range(256)) * (nbd.MAX_PAYLOAD // 256)

@@ -1,0 +1,104 @@
+"""4. The tap's cost per guest write: `qemu-img bench -w -d 1 -s 4096` into qemu-storage-daemon's own NBD export
+of a disk, with no mirror and with `mirrorfs attach --mode exact|async` recording, alternated within each round
+(plain runs vary by tens of percent run to run, so each mirrored run is compared with the plain runs around it).
+
+    .venv/bin/python -m tests.bench.tapcost [--rounds N] [--count N]   # prints the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+
+from tests.bench.common import GiB, Workspace, cpu_seconds, log, median, spread
+from tests.support import REPO
+
+MODES = ("exact", "async")
+_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def _bench(uri: str, count: int, offset: int) -> float:
+    """Seconds per write of one depth-1 4 KiB O_DIRECT run."""
+    argv = ["qemu-img", "bench", "-f", "raw", "-w", "-t", "none", "-d", "1", "-s", "4096", "-c", str(count),
+            "-o", str(offset), uri]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    m = _DONE.search(p.stdout)
+    if p.returncode or not m:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return float(m.group(1)) / count
+
+
+def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, count: int | None = None,
+               compare: Path | None = None) -> dict:
+    """`compare`: another checkout of mirrorfs whose attach runs too, as modes "exact@other" and "async@other",
+    in the same rounds (before/after numbers measured side by side)."""
+    import tests.tapharness
+    from images.hostwriter import HostWriter
+    from tests.tapharness import Attach
+
+    modes = [(m, REPO) for m in MODES] + ([(f"{m}@other", compare) for m in MODES] if compare else [])
+
+    rounds = rounds or (1 if quick else 3)
+    count = count or (1000 if quick else 3000)
+    disk = ws.path / "cost-disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(GiB)
+    per_round: list[dict] = []
+    with HostWriter(disk, ws.path / "cost-qsd") as hw:
+        uri = f"nbd+unix:///{hw.node}?socket={hw.export_sock}"
+        offset = 0
+        for r in range(rounds):
+            res: dict = {"plain": []}
+            for mode, repo in modes:
+                offset = (offset + count * 4096) % (GiB // 2)
+                res["plain"].append(_bench(uri, count, offset))
+                state = ws.path / f"cost-state-{r}-{mode}"
+                tests.tapharness.REPO = repo  # the checkout whose attach runs (its cwd)
+                with Attach(hw.qmp, state, "--device", hw.node, "--mode", mode.split("@")[0]) as attach:
+                    assert attach.proc is not None
+                    cpu0 = cpu_seconds(attach.proc.pid)
+                    offset = (offset + count * 4096) % (GiB // 2)
+                    res[mode] = _bench(uri, count, offset)
+                    res[f"{mode}_cpu"] = (cpu_seconds(attach.proc.pid) - cpu0) / count
+                    attach.detach()
+                subprocess.run(["rm", "-rf", str(state)], check=False)
+            offset = (offset + count * 4096) % (GiB // 2)
+            res["plain"].append(_bench(uri, count, offset))
+            plain = median(res["plain"])
+            line = ", ".join(f"{m} +{(res[m] - plain) * 1e6:.0f} us (tap CPU {res[m + '_cpu'] * 1e6:.0f} us)"
+                             for m, _ in modes)
+            log(f"cost round {r + 1}: plain {plain * 1e6:.0f} us/write; {line}")
+            res["plain_median"] = plain
+            per_round.append(res)
+    tests.tapharness.REPO = REPO
+    return {"rounds": rounds, "count": count, "per_round": per_round, "modes": [m for m, _ in modes]}
+
+
+def cost_table(res: dict) -> list[str]:
+    pr = res["per_round"]
+    lines = ["| 4 KiB O_DIRECT writes, depth 1 | per write | added by the mirror | tap CPU per write |",
+             "|---|---|---|---|",
+             f"| no mirror | {spread([r['plain_median'] * 1e6 for r in pr], '{:.0f}')} us | – | – |"]
+    for m in res.get("modes", MODES):
+        label = f"`attach --mode {m.split('@')[0]}`" + (" (the other checkout)" if "@" in m else "")
+        lines.append(f"| {label} | {spread([r[m] * 1e6 for r in pr], '{:.0f}')} us | "
+                     f"{spread([(r[m] - r['plain_median']) * 1e6 for r in pr], '{:.0f}')} us | "
+                     f"{spread([r[m + '_cpu'] * 1e6 for r in pr], '{:.0f}')} us |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--count", type=int, default=3000)
+    ap.add_argument("--compare", type=Path, metavar="CHECKOUT", help="another mirrorfs checkout to run alongside")
+    a = ap.parse_args()
+    with Workspace() as ws:
+        res = bench_cost(ws, rounds=a.rounds, count=a.count, compare=a.compare)
+    print("\n".join(cost_table(res)))
+
+
+if __name__ == "__main__":
+    main()
