@@ -19,6 +19,7 @@ from pathlib import Path
 from inference.errors import CorruptMetadata
 from inference.events import ErrorEvent, Kind, Mutation, fs_path
 from inference.ext.handler import ExtHandler
+from inference.shadow import gc_paused
 from inference.volume import Volume, VolumeMap
 from tap.replica import BlockReplica
 from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
@@ -415,14 +416,14 @@ def build_index(image: Path, out: Path, *, progress: Callable[[int, int], None] 
         data = {"format": INDEX_FORMAT, "base": str(image.resolve()), "size": size,
                 "mtime_ns": image.stat().st_mtime_ns, "handlers": handlers}
         tmpfile = Path(tmp) / "index"
-        with open(tmpfile, "wb") as f:
+        with open(tmpfile, "wb") as f, gc_paused():
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
         tmpfile.replace(out)
     return data
 
 
 def load_index(path: Path) -> dict:
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, gc_paused():
         data = pickle.load(f)  # noqa: S301 - our own file, written by build_index
     if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path} is not a mirrorfs index (or from another version): rebuild it with mirrorfs index")

@@ -5,12 +5,29 @@ File-system agnostic: handlers fill it from their own layouts. Paths are bytes a
 
 from __future__ import annotations
 
+import gc
 import operator
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 ROOT_INO = 2
 MAX_DEPTH = 4096  # a path deeper than this means a cycle (hostile metadata)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Build or load a whole tree without the cyclic collector: it makes ~10 container objects per inode and no
+    garbage cycles, and collections scanning the growing heap for none took 3/4 of loading an index (100k
+    inodes: 0.9 -> 0.22 s of CPU) and a quarter of indexing an image. Refcounting still frees everything."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @dataclass(slots=True)
