@@ -273,8 +273,12 @@ class ExtHandler:
 
     def index(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Build the shadow tree from the current view (the base image, or the disk after a full sync)."""
-        with gc_paused():
-            self._index(progress)
+        self.reader.bulk = True
+        try:
+            with gc_paused():
+                self._index(progress)
+        finally:
+            self.reader.bulk, self.reader._window = False, None
 
     def _index(self, progress: Callable[[int, int], None] | None) -> None:
         tree = self.tree
