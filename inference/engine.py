@@ -26,8 +26,8 @@ from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 
 log = logging.getLogger("mirrorfs.engine")
 
-INDEX_FORMAT = 4  # 2: shadow-tree nodes as tuples; 3: names checked by the name policy, refused ones kept to report;
-#                  4: nodes keep atime, i_blocks and i_flags
+INDEX_FORMAT = 5  # 2: shadow-tree nodes as tuples; 3: names checked by the name policy, refused ones kept to report;
+#                  4: nodes keep atime, i_blocks and i_flags; 5: nodes as columns (ShadowTree.__getstate__)
 RETRY_NS = 200_000_000  # how often writes to a not-yet-readable file system retry indexing it
 
 

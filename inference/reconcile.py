@@ -595,7 +595,7 @@ class Reconciler:
                 if new is None:
                     return
                 new = _copy(new)
-                new.names = []
+                new.names = ()
                 tree.add_node(new)
                 created.add(op.ino)
                 tree.add_name(d, n, op.ino)
@@ -763,7 +763,7 @@ class Reconciler:
 
 
 def _copy(node: Node) -> Node:
-    return Node(**{f: getattr(node, f) for f in Node.__slots__ if f != "names"}, names=list(node.names))
+    return Node(**{f: getattr(node, f) for f in Node.__slots__ if f != "names"}, names=node.names)
 
 
 def _update(node: Node, new: Node) -> None:
