@@ -16,6 +16,7 @@ bound passes, or the replay ends.
 from __future__ import annotations
 
 import math
+import operator
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -762,17 +763,21 @@ class Reconciler:
         return events
 
 
+_ALL_FIELDS = operator.attrgetter(*Node.__slots__)  # (names last: a tuple, shared safely by a copy)
+_TAKEN = tuple(f for f in Node.__slots__ if f not in ("names", "name_ctime_ns", "entries_changed"))
+_TAKEN_FIELDS = operator.attrgetter(*_TAKEN)
+
+
 def _copy(node: Node) -> Node:
-    return Node(**{f: getattr(node, f) for f in Node.__slots__ if f != "names"}, names=node.names)
+    return Node(*_ALL_FIELDS(node))  # (attrgetter in C: a per-field getattr loop was 1/10 of the meta replay)
 
 
 def _update(node: Node, new: Node) -> None:
     """Take the re-read attributes; names and the name bookkeeping stay the tree's."""
     if node is new:
         return
-    for f in Node.__slots__:
-        if f not in ("names", "name_ctime_ns", "entries_changed"):
-            setattr(node, f, getattr(new, f))
+    for f, v in zip(_TAKEN, _TAKEN_FIELDS(new), strict=True):
+        setattr(node, f, v)
 
 
 def _real_end(start: int, end: int, extents: tuple, seen, bs: int) -> int:
