@@ -423,7 +423,7 @@ def build_index(image: Path, out: Path, *, progress: Callable[[int, int], None] 
 
 
 def load_index(path: Path) -> dict:
-    with open(path, "rb") as f, gc_paused():
+    with open(path, "rb") as f, gc_paused(freeze=True):
         data = pickle.load(f)  # noqa: S301 - our own file, written by build_index
     if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path} is not a mirrorfs index (or from another version): rebuild it with mirrorfs index")

@@ -17,18 +17,20 @@ MAX_DEPTH = 4096  # a path deeper than this means a cycle (hostile metadata)
 
 
 @contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused(*, freeze: bool = False) -> Iterator[None]:
     """Build or load a whole tree without the cyclic collector: it makes ~10 container objects per inode and no
-    garbage cycles, and collections scanning the growing heap for none took 3/4 of loading an index (100k
-    inodes: 0.9 -> 0.22 s of CPU) and a quarter of indexing an image. Refcounting still frees everything."""
+    garbage cycles (keep it so: a cycle made in here waits for the next collection), and collections scanning
+    the growing heap for none took 3/4 of loading an index (100k inodes: 0.9 -> 0.22 s of CPU). `freeze`: what
+    exists at the end is long-lived (a process that just loaded its index): move it out of the collector's
+    generations, so no later collection walks it (the first one after a load took ~0.2 s per 100k inodes).
+    Frozen objects are still freed by refcounting, but a cycle among them never is."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        # What survived is long-lived: out of the collector's generations (else the first collection after this
-        # walks all of it once, ~0.2 s per 100k inodes, and every full one again). Refcounting still frees it.
-        gc.freeze()
+        if freeze:
+            gc.freeze()
         if was:
             gc.enable()
 
