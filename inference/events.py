@@ -7,6 +7,7 @@ stream to a tree without reading the disk: replaying the events on the tree at T
 from __future__ import annotations
 
 import json
+import operator
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -125,11 +126,7 @@ class Mutation:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id} if self.id else {}
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
-        for name in ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns",
-                     "atime_ns", "blocks", "links", "rdev", "flags", "old_flags", "parent", "old_parent", "ranges",
-                     "target", "xattr", "message", "unconfirmed", "sha256", "hash_skipped", "old_size", "old_mode",
-                     "old_uid", "old_gid", "old_target"):
-            value = getattr(self, name)
+        for name, value in zip(_OPTIONAL, _optional(self), strict=True):
             if value is not None and not (name == "ino" and self.kind == "error" and not value):
                 d[name] = [list(r) for r in value] if name == "ranges" else value
         if self.extra:
@@ -159,6 +156,13 @@ class Mutation:
     @classmethod
     def from_json(cls, line: str) -> Mutation:
         return cls.from_dict(json.loads(line))
+
+
+_OPTIONAL = ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns", "atime_ns",
+             "blocks", "links", "rdev", "flags", "old_flags", "parent", "old_parent", "ranges", "target", "xattr",
+             "message", "unconfirmed", "sha256", "hash_skipped", "old_size", "old_mode", "old_uid", "old_gid",
+             "old_target")  # to_dict's fields after the fixed ones, in its order
+_optional = operator.attrgetter(*_OPTIONAL)  # (one C call, not 30 getattr: to_dict ran once per event)
 
 
 @dataclass(slots=True)

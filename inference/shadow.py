@@ -5,12 +5,34 @@ File-system agnostic: handlers fill it from their own layouts. Paths are bytes a
 
 from __future__ import annotations
 
+import gc
 import operator
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 ROOT_INO = 2
 MAX_DEPTH = 4096  # a path deeper than this means a cycle (hostile metadata)
+
+
+@contextmanager
+def gc_paused(*, freeze: bool = False) -> Iterator[None]:
+    """Build or load a whole tree without the cyclic collector: it makes ~10 container objects per inode and no
+    garbage cycles (keep it so: a cycle made in here waits for the next collection), and collections scanning
+    the growing heap for none took 3/4 of loading an index (100k inodes: 0.9 -> 0.22 s of CPU). `freeze`: what
+    exists at the end is long-lived (a process that just loaded its index): move it out of the collector's
+    generations, so no later collection walks it (the first one after a load took ~0.2 s per 100k inodes).
+    Frozen objects are still freed by refcounting, but a cycle among them never is."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if was:
+            gc.enable()
 
 
 @dataclass(slots=True)
@@ -37,14 +59,16 @@ class Node:
     name_ctime_ns: int = 0  # ctime when its names last changed: a later rename must move it
     entries_changed: bool = False  # a directory whose entries changed since its mtime was last reported
     sig: int = 0            # the handler's checksum of what else it compares cheaply (e.g. the block-map root)
-    names: list[tuple[int, bytes]] = field(default_factory=list)  # (parent ino, name)
+    names: tuple[tuple[int, bytes], ...] = ()  # (parent ino, name); a tuple: 48 B for one name, a list 88
 
     @property
     def perm(self) -> int:
         return stat.S_IMODE(self.mode)
 
 
-_NODE_ROW = operator.attrgetter(*Node.__slots__)  # a Node as the tuple of its fields, in Node(*row) order
+_FIELDS = Node.__slots__
+_SHARED = ("type", "mode", "uid", "gid", "links", "flags", "rdev")  # few distinct values: one object per value
+_SAME_AS_CTIME = ("mtime_ns", "atime_ns", "name_ctime_ns")  # often equal to ctime_ns: then the same int object
 
 
 class ShadowTree:
@@ -58,12 +82,23 @@ class ShadowTree:
         return len(self.nodes)
 
     def __getstate__(self) -> dict:
-        """For the index file: nodes as plain tuples, which pickle 5x and load 2.4x faster than slotted
-        objects (measured on 100k nodes)."""
-        return {"rows": list(map(_NODE_ROW, self.nodes.values())), "children": self.children}
+        """For the index file: nodes as one list per field (columns). They pickle 5x and load 2.4x faster than
+        slotted objects (measured on 100k nodes), and unlike one tuple per node (rows) leave nothing per node
+        to free after the load: rows kept ~240 B per inode of RSS (the peak) in a loaded process."""
+        nodes = list(self.nodes.values())
+        cols = {f: list(map(operator.attrgetter(f), nodes)) for f in _FIELDS}
+        return {"columns": cols, "children": self.children}
 
     def __setstate__(self, state: dict) -> None:
-        self.nodes = {row[0]: Node(*row) for row in state["rows"]}
+        cols = state["columns"]
+        # Equal values as one object (each int here costs 28-36 B): map over dict methods runs in C.
+        for f in _SHARED:
+            pool: dict = {}
+            cols[f] = list(map(pool.setdefault, cols[f], cols[f]))
+        ctime = cols["ctime_ns"]
+        for f in _SAME_AS_CTIME:
+            cols[f] = [c if v == c else v for v, c in zip(cols[f], ctime, strict=True)]
+        self.nodes = dict(zip(cols["ino"], map(Node, *(cols[f] for f in _FIELDS)), strict=True))
         self.children = state["children"]
 
     def add_node(self, node: Node) -> None:
@@ -80,15 +115,13 @@ class ShadowTree:
         self.children.setdefault(parent, {})[name] = ino
         node = self.nodes.get(ino)
         if node is not None and (parent, name) not in node.names:
-            node.names.append((parent, name))
+            node.names += ((parent, name),)
 
     def remove_name(self, parent: int, name: bytes) -> int | None:
         ino = self.children.get(parent, {}).pop(name, None)
-        if ino is not None and (node := self.nodes.get(ino)) is not None:
-            try:
-                node.names.remove((parent, name))
-            except ValueError:
-                pass
+        if ino is not None and (node := self.nodes.get(ino)) is not None and (parent, name) in node.names:
+            i = node.names.index((parent, name))
+            node.names = node.names[:i] + node.names[i + 1:]
         return ino
 
     def lookup(self, parent: int, name: bytes) -> int | None:

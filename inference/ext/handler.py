@@ -28,7 +28,7 @@ from inference.ext import layout as L
 from inference.ext import reader as R
 from inference.ext.journal import JournalGap, JournalTracker, parse_journal_superblock
 from inference.reconcile import Change, Context, Reconciler
-from inference.shadow import ROOT_INO, Node, ShadowTree
+from inference.shadow import ROOT_INO, Node, ShadowTree, gc_paused
 
 log = logging.getLogger("mirrorfs.ext")
 
@@ -273,6 +273,14 @@ class ExtHandler:
 
     def index(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Build the shadow tree from the current view (the base image, or the disk after a full sync)."""
+        self.reader.bulk = True
+        try:
+            with gc_paused():
+                self._index(progress)
+        finally:
+            self.reader.bulk, self.reader._window = False, None
+
+    def _index(self, progress: Callable[[int, int], None] | None) -> None:
         tree = self.tree
         root = self._load(ROOT_INO)
         if root is None:
