@@ -42,6 +42,7 @@ COPY_MODES = {"exact": "write-blocking", "async": "background"}
 VERIFY_MODES = ("metadata", "full", "none")
 RegionsFn = Callable[[Callable[[int, int], bytes], int], Sequence[Region]]
 DETACH_TIMEOUT = 120.0
+COPY_POLL = 0.5  # seconds between asking QEMU how far a --sync full copy is
 
 
 class AttachError(Exception):
@@ -145,11 +146,13 @@ class Attachment:
     """One attach run: the state dir, the log, the replica, the NBD server and the mirror job."""
 
     def __init__(self, cfg: AttachConfig, *, regions: RegionsFn | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 copy_progress: Callable[[int, int], None] | None = None) -> None:
         """`regions(read, size)` lists what `--verify metadata` compares (the caller's layer knows file systems);
-        `progress(done, total)` draws `--verify full`'s bar."""
+        `progress(done, total)` draws `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's."""
         self.cfg = cfg
-        self.regions_fn, self.progress = regions, progress
+        self.regions_fn, self.progress, self.copy_progress = regions, progress, copy_progress
+        self.copied: tuple[int, int] | None = None  # --sync full: (bytes copied, of) as QEMU last said
         self.base: Path | None = cfg.base  # the base the engine must start from: DIR/base.img once repaired
         self.verified: dict[str, Any] | None = None
         self.state = StateDir(cfg.state)
@@ -175,6 +178,8 @@ class Attachment:
             "writes": b.stats.writes if b else 0, "bytes": b.stats.bytes if b else 0,
             "nbd_socket": str(self.state.nbd_socket), "started": self.started, "updated": time.time(),
             "base": str(self.base) if self.base else None, "verify": self.verified,
+            "copy": {"done": self.copied[0], "total": self.copied[1]} if self.copied else None,
+            "write_latency": b.stats.latency() if b else None,
             **extra,
         }
 
@@ -505,14 +510,36 @@ class Attachment:
                         "killed without detaching: attach again with its --state, or block-job-cancel it)"
                         if jobs else "")
                 raise AttachError(f"QEMU refused the mirror job: {exc.desc}{hint}") from exc
-        ev = await qmp.wait_event(
-            lambda e: e.data.get("device") == self.job_id and e.name in (
-                "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"))
+        async with trio.open_nursery() as nursery:
+            if cfg.sync == "full":
+                nursery.start_soon(self._report_copy, qmp)
+            ev = await qmp.wait_event(
+                lambda e: e.data.get("device") == self.job_id and e.name in (
+                    "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"))
+            nursery.cancel_scope.cancel()
         if ev is None:
             raise AttachError(f"lost QEMU before the mirror job was ready: {qmp.close_reason}")
-        if ev.name != "BLOCK_JOB_READY":
+        if ev.name == "BLOCK_JOB_READY" and cfg.sync == "full":
+            await self._copy_once(qmp)  # the copy's end: the bar (and attach.json) reach 100%
             await self._drop_node(qmp)
             raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
+
+    async def _report_copy(self, qmp: QMPClient) -> None:
+        """--sync full: how far QEMU's whole-disk copy is, for the bar (`copy_progress`) and attach.json's `copy`.
+        QEMU reports a job's offset and length only when asked (no event carries them), so this asks every
+        COPY_POLL seconds until the job is ready."""
+        while True:
+            await self._copy_once(qmp)
+            await trio.sleep(COPY_POLL)
+
+    async def _copy_once(self, qmp: QMPClient) -> None:
+        job = await _job(qmp, self.job_id)
+        if job is not None:
+            done, total = int(job.get("offset") or 0), int(job.get("len") or 0)
+            self.copied = (done, total)
+            if self.copy_progress is not None:
+                self.copy_progress(done, total)
+            self.state.write_attach(self.info())
 
     async def _wait_for_end(self, qmp: QMPClient, signals: AsyncIterator[int]) -> str:
         """Block until a signal (→ '') or the job/QEMU ends on its own (→ the reason)."""

@@ -19,6 +19,8 @@ import os
 import socket
 import ssl
 import threading
+import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +79,12 @@ def server_tls_context(creds: Path) -> ssl.SSLContext:
     return ctx
 
 
+# Upper bounds (ns) of the write-latency histogram's buckets: the ack path's own cost is tens of µs, a slow disk's
+# fsync (FUA, --fsync always) milliseconds.
+LATENCY_BOUNDS_NS = (25_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 20_000_000,
+                     100_000_000)
+
+
 @dataclass
 class TapStats:
     writes: int = 0
@@ -87,6 +95,22 @@ class TapStats:
     refused: int = 0  # connections closed at once: over MAX_CONNECTIONS
     errors: int = 0
     last_error: str = ""
+    # writes by the time from their request's arrival to their reply's send (LATENCY_BOUNDS_NS, then +Inf)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    latency_sum_ns: int = 0
+
+    def observe(self, elapsed_ns: int, writes: int) -> None:
+        """`writes` writes answered `elapsed_ns` after their request arrived (one receive's batch)."""
+        self.latency_counts[bisect_left(LATENCY_BOUNDS_NS, elapsed_ns)] += writes
+        self.latency_sum_ns += elapsed_ns * writes
+
+    def latency(self) -> dict:
+        """Prometheus-style cumulative buckets in seconds, for attach.json (the engine's metrics serve them)."""
+        total, buckets = 0, []
+        for bound, n in zip((*LATENCY_BOUNDS_NS, None), self.latency_counts, strict=True):
+            total += n
+            buckets.append(["+Inf" if bound is None else bound / 1e9, total])
+        return {"buckets": buckets, "sum": self.latency_sum_ns / 1e9}
 
 
 @dataclass
@@ -303,7 +327,10 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
     threshold = nbd.SEND_THRESHOLD
     Write, FUA, WAITALL = nbd.Write, nbd.CMD_FLAG_FUA, socket.MSG_WAITALL
     write, reply = backend.write, proto.reply
+    stats, clock = backend.stats, time.perf_counter_ns
+    arrived = clock()
     while True:
+        answered = 0  # writes of this receive's batch
         while (ev := next_event()) is not None:
             if type(ev) is Write:
                 try:
@@ -312,6 +339,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
                     _failed(proto, ev, backend, exc)
                 else:
                     reply(ev.handle)
+                    answered += 1
             else:
                 _handle_sync(proto, ev, backend)
             if proto.queued_output >= threshold:
@@ -319,6 +347,8 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
         out = data_to_send()
         if out:
             sendall(out)
+        if answered:
+            stats.observe(clock() - arrived, answered)
         if proto.closed:
             return
         wanted = proto.payload_wanted  # a WRITE's header came alone: wait for its whole payload in one recv
@@ -326,6 +356,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
         if not n:
             proto.connection_lost()
             return
+        arrived = clock()
         receive_data(view[:n])
 
 

@@ -361,7 +361,19 @@ def cmd_attach(args: argparse.Namespace) -> None:
                        cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
                        base=base, listen=tuple(args.listen), tls_creds=args.tls_creds, verify=args.verify,
                        repair_base=args.repair_base, verify_nbd=args.verify_nbd)
-    attachment = Attachment(cfg, regions=_trusted_regions, progress=Progress("verify", unit=" B"))
+    copy_bar = Progress("copy", unit=" B")
+    shown = [-1]
+
+    def copying(done: int, total: int) -> None:
+        """--sync full: the bar on a terminal, and the service manager's status line (each whole percent)."""
+        copy_bar(done, total)
+        pct = done * 100 // total if total else 100
+        if pct != shown[0]:
+            shown[0] = pct
+            notify(f"STATUS=copying the whole disk: {pct}% of {total} bytes")
+
+    attachment = Attachment(cfg, regions=_trusted_regions, progress=Progress("verify", unit=" B"),
+                            copy_progress=copying)
     engine: list[subprocess.Popen] = []
     wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
     if args.mount is not None and not wants_engine:
@@ -370,6 +382,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
     def start_engine() -> None:
         """The engine runs in its own process, following the log: it never slows the ack path."""
         attachment.progress.close()
+        copy_bar.close()
         if not wants_engine:
             return
         cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -43,3 +44,13 @@ def test_host_kernel_writes_through_qsd_replica_equals_disk(tmp_path, mode, sync
     assert same_bytes(out, disk)
     seqs = log_seqs(state)
     assert seqs == list(range(1, len(seqs) + 1))
+    info = json.loads((state / "attach.json").read_text())
+    # every write the tap answered is in its latency histogram (the metrics endpoint serves it from here)
+    hist = info["write_latency"]
+    assert hist["buckets"][-1] == ["+Inf", info["writes"]] and info["writes"] > 0 and hist["sum"] > 0
+    counts = [n for _, n in hist["buckets"]]
+    assert counts == sorted(counts)  # cumulative
+    if sync == "full":  # the whole-disk copy's progress, as QEMU last reported it before the job was ready
+        assert info["copy"]["total"] >= disk.stat().st_size and info["copy"]["done"] == info["copy"]["total"]
+    else:
+        assert info["copy"] is None

@@ -42,3 +42,15 @@ def test_tap_write_latency_histogram_from_attach_json(tmp_path):
     assert m["mirrorfs_tap_write_latency_seconds_count"] == 9
     bad = _scrape(tmp_path, {"last_seq": 40, "write_latency": {"buckets": [["x", "y"]]}})  # never a failed scrape
     assert not [k for k in bad if k.startswith("mirrorfs_tap_write_latency")]
+
+
+def test_the_taps_latency_buckets_are_cumulative_and_count_every_write():
+    from tap.server import LATENCY_BOUNDS_NS, TapStats
+
+    stats = TapStats()
+    stats.observe(30_000, 2)             # two writes of one receive, 30 µs
+    stats.observe(10**9, 1)              # one behind a slow fsync: past the last bound
+    hist = stats.latency()
+    assert len(hist["buckets"]) == len(LATENCY_BOUNDS_NS) + 1
+    assert hist["buckets"][0] == [25e-6, 0] and hist["buckets"][1] == [50e-6, 2]
+    assert hist["buckets"][-1] == ["+Inf", 3] and abs(hist["sum"] - (2 * 30e-6 + 1.0)) < 1e-9
