@@ -519,10 +519,11 @@ class Attachment:
             nursery.cancel_scope.cancel()
         if ev is None:
             raise AttachError(f"lost QEMU before the mirror job was ready: {qmp.close_reason}")
-        if ev.name == "BLOCK_JOB_READY" and cfg.sync == "full":
-            await self._copy_once(qmp)  # the copy's end: the bar (and attach.json) reach 100%
+        if ev.name != "BLOCK_JOB_READY":
             await self._drop_node(qmp)
             raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
+        if cfg.sync == "full":
+            await self._copy_once(qmp)  # the copy's end: the bar (and attach.json) reach 100%
 
     async def _report_copy(self, qmp: QMPClient) -> None:
         """--sync full: how far QEMU's whole-disk copy is, for the bar (`copy_progress`) and attach.json's `copy`.
