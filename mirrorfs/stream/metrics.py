@@ -107,8 +107,8 @@ class EngineMetrics:
         ready = running and bool(attach.get("ready"))
         yield gauge("mirrorfs_mirror_job_ready", "1 once QEMU's mirror job is ready (every write reaches the "
                     "tap), 0 before (the initial copy) and after the detach.", int(ready))
-        yield gauge("mirrorfs_qmp_connected", "1 while the attach holds its QMP connection to QEMU.",
-                    int(attach.get("qmp_connected", running)))
+        # an attach holds its QMP connection for its whole life and ends when it loses it (tap.attach)
+        yield gauge("mirrorfs_qmp_connected", "1 while the attach holds its QMP connection to QEMU.", int(running))
         events = CounterMetricFamily("mirrorfs_events", "Mutation events emitted, by kind.", labels=["kind"])
         for k, n in sorted(by_kind.items()):
             events.add_metric([k], n)
