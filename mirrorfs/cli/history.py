@@ -120,14 +120,11 @@ def add_parsers(sub, state_arg, raw_image) -> None:
 def cmd_history(args: argparse.Namespace) -> None:
     from inference.history import HistoryIndex
     from inference.names import escape_name as esc
+    from mirrorfs.cli.stream import require_events
     from tap.state import StateDir
 
     state = StateDir(args.state)
-    state.require_state()
-    events = state.path / "events.jsonl"
-    if not events.exists():
-        raise ValueError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
-                         "or attach with --base/--index")
+    events = require_events(state)
     index = HistoryIndex(events, state.path / "history.db")
     try:
         index.update()

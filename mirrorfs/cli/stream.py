@@ -149,17 +149,23 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=1) if args.json else format_status(info))
 
 
+def require_events(state) -> Path:
+    """A recorded state directory's events.jsonl, or a clear error saying how to make it."""
+    state.require_state()
+    path = state.path / "events.jsonl"
+    if not path.exists():
+        raise ValueError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
+                         "or attach with --base/--index")
+    return path
+
+
 def cmd_events(args: argparse.Namespace) -> None:
     from inference.eventlog import read_events
     from mirrorfs.stream.render import format_bodyfile, format_event
     from tap.state import StateDir
 
     state = StateDir(args.state)
-    state.require_state()
-    path = state.path / "events.jsonl"
-    if not path.exists():
-        raise ValueError(f"no event log in {state.path}: run `mirrorfs replay --state {state.path} --base IMAGE` "
-                       "or attach with --base/--index")
+    path = require_events(state)
     flt = filter_from_args(args)
     fmt = "json" if args.json else getattr(args, "format", None) or "text"
     timefmt = getattr(args, "timefmt", None)
