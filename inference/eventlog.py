@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -41,12 +42,37 @@ def last_position(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
+_SEQ = re.compile(rb'"seq":(\d+)')
+
+
+def cut_after(path: Path, seq: int) -> None:
+    """Drop the events after `seq` (and a torn last line) from an event log: those a replay from a checkpoint
+    at `seq` makes again. Events come in seq order, so everything from the first later one goes."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with f:
+        keep = 0
+        for line in f:
+            m = _SEQ.search(line, 0, 200)
+            if not line.endswith(b"\n") or (m is not None and int(m.group(1)) > seq):
+                break
+            keep += len(line)
+        f.truncate(keep)
+
+
 class EventLog:
     """Appends events; each line is complete when written (one write per batch), so readers never see half."""
 
-    def __init__(self, path: Path, *, truncate: bool = False) -> None:
+    def __init__(self, path: Path, *, truncate: bool = False, keep_until: int | None = None) -> None:
+        """`truncate`: start a new log; with `keep_until` (a replay from a retention checkpoint at that seq) the
+        events up to it stay, and ids go on from the last of them."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate and keep_until is not None:
+            cut_after(self.path, keep_until)
+            truncate = False
         self._last = (0, 0) if truncate else last_position(self.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
         self._fd = os.open(self.path, flags, 0o640)

@@ -207,13 +207,19 @@ class HistoryError(ValueError):
     """WHEN outside the retained history, or a path that did not exist then."""
 
 
-def moment(log: Path, *, seq: int | None = None, time_ns: int | None = None, now_ns: int | None = None) -> Moment:
-    """Resolve a seq or a time to the log's point, or say clearly why it is outside the retained history."""
+def moment(log: Path, *, seq: int | None = None, time_ns: int | None = None, now_ns: int | None = None,
+           checkpoint=None) -> Moment:
+    """Resolve a seq or a time to the log's point, or say clearly why it is outside the retained history.
+    `checkpoint` (tap.retention.Checkpoint): the log was folded up to it, which is where the history starts."""
     from tap.writelog import Gap, read_records
 
-    first = last = None
+    first = last = (checkpoint.seq, checkpoint.time_ns) if checkpoint is not None else None
     chosen: tuple[int, int] | None = None
-    for rec in read_records(log):
+    if checkpoint is not None and seq == checkpoint.seq:
+        chosen = first
+    for rec in read_records(log, checkpoint.seq + 1 if checkpoint is not None else 1):
+        if chosen is not None:
+            break
         if type(rec) is Gap:
             continue
         if first is None:
@@ -232,8 +238,10 @@ def moment(log: Path, *, seq: int | None = None, time_ns: int | None = None, now
         return Moment(chosen[0], chosen[1] if seq is not None else time_ns, seq is None)
     end = _last_record(log) or last
     span = f"the retained history is seq {first[0]} ({_iso(first[1])}) to seq {end[0]} ({_iso(end[1])})"
+    if checkpoint is not None:
+        span += "; what came before was folded into a checkpoint (attach --retain) and is gone"
     if seq is not None:
-        if seq == 0:
+        if seq == 0 and checkpoint is None:
             return Moment(0, 0, False)
         if seq < first[0]:
             raise HistoryError(f"seq {seq} is before the retained history: {span}")
@@ -242,7 +250,8 @@ def moment(log: Path, *, seq: int | None = None, time_ns: int | None = None, now
         return Moment(chosen[0], chosen[1], False)
     assert time_ns is not None
     if time_ns < first[1]:
-        raise HistoryError(f"{_iso(time_ns)} is before the retained history: {span} (--at 0 is the base image)")
+        raise HistoryError(f"{_iso(time_ns)} is before the retained history: {span}"
+                           + (" (--at 0 is the base image)" if checkpoint is None else ""))
     if chosen is None:
         if now_ns is not None and time_ns > now_ns:
             raise HistoryError(f"{_iso(time_ns)} is after the end of the history (in the future): {span}")
@@ -266,19 +275,38 @@ def _iso(ns: int) -> str:
         "+00:00", "Z")
 
 
-def engine_at(log: Path, size: int, at: Moment, *, base: Path | None = None, index: Path | None = None,
-              workdir: Path | None = None, progress: Callable[[int, int], None] | None = None):
-    """An Engine replayed from the base over the records up to `at` (its replica in a temporary `workdir`,
-    removed by the caller). At a time, what fell due by then (a settle, data waiting for its commit) is decided
-    as the live view would have; nothing pending is forced out (no finish): the tree is the last point's."""
+def engine_start(workdir: Path, size: int, checkpoint=None, *, base: Path | None = None, index: Path | None = None,
+                 vm: str = "", progress: Callable[[int, int], None] | None = None):
+    """An Engine at the start of the retained history: the base (or its index) at seq 0, or a retention
+    checkpoint (tap.retention.Checkpoint: its image and index) at its seq, which `base` and `index` then do not
+    override. From a checkpoint the names its index refused are not reported again: the events before it did."""
     from inference.engine import Engine
+
+    if checkpoint is None:
+        return Engine(workdir, size, base=base, index=index, vm=vm, progress=progress)
+    engine = Engine(workdir, size, base=checkpoint.image, index=checkpoint.index, vm=vm, progress=progress)
+    engine.last_seq, engine.last_time_ns = checkpoint.seq, checkpoint.time_ns
+    engine.names_refused = False
+    return engine
+
+
+def engine_at(log: Path, size: int, at: Moment, *, base: Path | None = None, index: Path | None = None,
+              workdir: Path | None = None, progress: Callable[[int, int], None] | None = None, checkpoint=None):
+    """An Engine replayed from the base (or the retention `checkpoint`) over the records up to `at` (its replica in
+    a temporary `workdir`, removed by the caller). At a time, what fell due by then (a settle, data waiting for
+    its commit) is decided as the live view would have; nothing pending is forced out (no finish): the tree is
+    the last point's."""
     from tap.writelog import Gap, read_records
 
+    start = checkpoint.seq if checkpoint is not None else 0
+    if at.seq < start:
+        raise HistoryError(f"seq {at.seq} is before the retained history: the write log was folded into a "
+                           f"checkpoint at seq {start}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mirrorfs-at-"))
-    engine = Engine(workdir, size, base=base, index=index)
+    engine = engine_start(workdir, size, checkpoint, base=base, index=index)
     engine.hash_limit = None  # nobody reads these events
     batch: list = []
-    for rec in read_records(log, 1, at.seq) if at.seq else ():
+    for rec in read_records(log, start + 1, at.seq) if at.seq > start else ():
         if type(rec) is Gap:
             continue
         batch.append(rec)

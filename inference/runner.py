@@ -49,6 +49,8 @@ class Runner:
         self.on_batch: Callable[[int], None] | None = None  # after each batch, with its last seq (progress)
         self.before_poll: Callable[[], None] | None = None  # e.g. the engine's scope from the subscribers
         self.on_exit: Callable[[], None] | None = None  # run_thread's end, however it ended
+        self.on_segment: Callable[[int], None] | None = None  # the follower moved to a segment (retention waits)
+        self._segment = -1
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.wake: DirWake | None = None
@@ -82,6 +84,9 @@ class Runner:
             self._step(lambda part=batch[i:i + CHUNK]: self._process(part))
         if self.on_batch is not None:
             self.on_batch(batch[-1].seq)
+        if self.on_segment is not None and self.follower.position[0] != self._segment:
+            self._segment = self.follower.position[0]
+            self.on_segment(self._segment)
 
     def catch_up(self) -> None:
         """Everything logged so far (a view is then built from the engine's tree)."""

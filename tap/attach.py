@@ -31,6 +31,9 @@ import trio
 from tap import nbd
 from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
 from tap.replica import BlockReplica
+from tap.retention import Policy, Segments, open_replica, plan_log, reader_position
+from tap.retention import current as current_checkpoint
+from tap.retention import start as replica_start
 from tap.server import TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
 from tap.state import EXPORT_NAME, StateDir, access, remove_socket, socket_path, warn_unreachable
 from tap.verify import Region, TrackingBackend, Verifier, VerifyError, WriteTracker, qemu_export, repaired_base
@@ -65,6 +68,8 @@ class AttachConfig:
     verify: str = "metadata"  # is --base the disk? metadata | full | none (issue 16)
     repair_base: bool = False  # copy what differs into the state's replica and DIR/base.img instead of refusing
     verify_nbd: Path | None = None  # the unix socket of an NBD server QEMU already runs
+    segment_bytes: int = 64 << 20  # write-log segment size: the unit retention folds
+    retain: Policy | None = None  # fold old history into a checkpoint (tap.retention); None: keep it all
 
 
 @dataclass
@@ -147,10 +152,15 @@ class Attachment:
 
     def __init__(self, cfg: AttachConfig, *, regions: RegionsFn | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 copy_progress: Callable[[int, int], None] | None = None) -> None:
+                 copy_progress: Callable[[int, int], None] | None = None,
+                 fold_cmd: Callable[[int], list[str]] | None = None, reader: bool = False) -> None:
         """`regions(read, size)` lists what `--verify metadata` compares (the caller's layer knows file systems);
-        `progress(done, total)` draws `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's."""
+        `progress(done, total)` draws `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's.
+        `fold_cmd(seq)`: the command that folds the log up to seq into a checkpoint (`cfg.retain`; the caller's
+        layer indexes it); `reader`: a live engine reads the log, and retention waits for it (tap.retention)."""
         self.cfg = cfg
+        self.fold_cmd, self.reader = fold_cmd, reader
+        self.checkpoint: dict[str, Any] | None = None
         self.regions_fn, self.progress, self.copy_progress = regions, progress, copy_progress
         self.copied: tuple[int, int] | None = None  # --sync full: (bytes copied, of) as QEMU last said
         self.base: Path | None = cfg.base  # the base the engine must start from: DIR/base.img once repaired
@@ -180,6 +190,7 @@ class Attachment:
             "base": str(self.base) if self.base else None, "verify": self.verified,
             "copy": {"done": self.copied[0], "total": self.copied[1]} if self.copied else None,
             "write_latency": b.stats.latency() if b else None,
+            "checkpoint": self.checkpoint,
             **extra,
         }
 
@@ -217,7 +228,10 @@ class Attachment:
         fresh = self.state.read_state() is None  # a refused base leaves no state behind in a new directory
         previous = self.state.read_attach()
         self.state.init_state(drive.size, drive.device)
-        writelog = WriteLog(self.state.log, fsync=cfg.fsync)
+        writelog = WriteLog(self.state.log, fsync=cfg.fsync, segment_bytes=cfg.segment_bytes)
+        ck = current_checkpoint(self.state.path)
+        if ck is not None:
+            self.checkpoint = {"seq": ck.seq, "time_ns": ck.time_ns}
         fresh = fresh and writelog.last_seq == 0
         refused = False
         try:
@@ -229,8 +243,7 @@ class Attachment:
             if self.unclean is not None:
                 replica = self._rebuild(drive.size, self.unclean)
             else:
-                replica = BlockReplica(self.state.replica, drive.size, base=cfg.base)
-                replica.catch_up(self.state.log)
+                replica = open_replica(self.state.path, self.state.replica, drive.size, cfg.base)
             self.backend = backend = TrackingBackend(
                 replica=replica, writelog=writelog,
                 tracker=WriteTracker() if self._checks_base() or self.unclean or self.after_detach else None)
@@ -289,6 +302,8 @@ class Attachment:
                         if on_ready is not None:
                             on_ready()
                         nursery.start_soon(self._keep_info_current)
+                        if cfg.retain is not None and self.fold_cmd is not None:
+                            nursery.start_soon(self._retain, writelog.last_seq if cfg.sync == "full" else 0)
                         reason = await self._wait_for_end(qmp, signals)
                     if reason:
                         raise AttachError(reason)
@@ -333,7 +348,7 @@ class Attachment:
                   flush=True)
             self.unclean_seen = False
             return None
-        if base is not None and not base.exists():
+        if base is not None and not base.exists() and current_checkpoint(self.state.path) is None:
             raise AttachError(f"the previous attach on {self.state.path} did not stop cleanly, and its base {base} "
                               "is gone: give the base again with --base, or use a new --state with --sync full")
         return {**previous, "base_path": str(base) if base else None}
@@ -341,11 +356,12 @@ class Attachment:
     def _rebuild(self, size: int, previous: dict[str, Any]) -> BlockReplica:
         """The replica after an unclean stop: its file may hold writes a host crash cut from the log (or miss
         some), so it is made again from the base and the log: then it is exactly what the log says."""
-        base = Path(previous["base_path"]) if previous.get("base_path") else None
+        base, base_seq = replica_start(self.state.path, Path(previous["base_path"]) if previous.get("base_path")
+                                       else None)
         t0 = time.monotonic()
         self.state.replica.unlink(missing_ok=True)
         self.state.replica.with_name("replica.img.seq").unlink(missing_ok=True)
-        replica = BlockReplica(self.state.replica, size, base=base)
+        replica = BlockReplica(self.state.replica, size, base=base, base_seq=base_seq)
         try:
             seq = replica.catch_up(self.state.log)
         except BaseException:
@@ -600,6 +616,37 @@ class Attachment:
         while True:
             await trio.sleep(1)
             await trio.to_thread.run_sync(self.backend.sync)
+
+    async def _retain(self, floor: int) -> None:
+        """Retention (tap.retention): fold the oldest segments into a checkpoint when the policy says so, in a
+        child process (never on the ack path). Checked once a second: free space has no event to wake on, and a
+        check is a statvfs and a stat of the newest segment. `floor`: no fold before it (a --sync full copy)."""
+        assert self.fold_cmd is not None and self.cfg.retain is not None
+        segs = Segments(self.state.log)
+        failed_at = -1.0
+        while True:
+            await trio.sleep(1)
+            reader = reader_position(self.state.path) if self.reader else None
+            got = plan_log(self.state.log, segs, self.cfg.retain, now_ns=time.time_ns(), reader=reader, floor=floor)
+            if got is None or trio.current_time() - failed_at < 60:
+                continue
+            until, why = got
+            if reader is not None and until >= reader:
+                print(f"mirrorfs: free space on {self.state.path} is short: folding the log up to seq {until} although "
+                      f"the engine has not read past seq {reader - 1}; it reports the seqs it misses as an error event",
+                      flush=True)
+            t0 = trio.current_time()
+            proc = await trio.run_process(self.fold_cmd(until), check=False)
+            if proc.returncode != 0:
+                failed_at = trio.current_time()
+                log.warning("folding the write log up to seq %d failed (exit %d); retrying in a minute", until,
+                            proc.returncode)
+                continue
+            ck = current_checkpoint(self.state.path)
+            if ck is not None:
+                self.checkpoint = {"seq": ck.seq, "time_ns": ck.time_ns}
+                print(f"mirrorfs: history before {ck.describe()} folded into a checkpoint ({why}) in "
+                      f"{trio.current_time() - t0:.1f} s", flush=True)
 
     async def _keep_info_current(self) -> None:
         """Rewrite attach.json for scripts once a second."""

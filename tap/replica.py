@@ -59,7 +59,8 @@ def _sparse_copy(src: int, dst: int, size: int) -> None:
 class BlockReplica:
     """A sparse image file of the disk, updated by `apply` (or by `write`/`zero` from the tap)."""
 
-    def __init__(self, path: Path, size: int, *, base: Path | None = None) -> None:
+    def __init__(self, path: Path, size: int, *, base: Path | None = None, base_seq: int = 0) -> None:
+        """`base_seq`: the seq `base` is the disk at (a retention checkpoint's, tap.retention); 0 for a base image."""
         self.path = Path(path)
         self.size = size
         self.seq_path = _sidecar(self.path)
@@ -82,7 +83,7 @@ class BlockReplica:
                         os.close(src)
                 else:
                     os.ftruncate(self._fd, size)
-                self.applied_seq = 0
+                self.applied_seq = base_seq if base is not None else 0
                 self.checkpoint()
             else:
                 have = os.fstat(self._fd).st_size
@@ -234,13 +235,14 @@ class BlockReplica:
         self.close()
 
 
-def build_replica(log_dir: Path, out: Path, size: int, *, base: Path | None = None, until: int | None = None,
+def build_replica(log_dir: Path, out: Path, size: int, *, base: Path | None = None, base_seq: int = 0,
+                  until: int | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   on_gap: Callable[[Gap], None] | None = None) -> int:
     """Write the disk as the log makes it at seq `until` (default: the log's end now) to `out`.
 
     Built beside `out` and renamed into place, with its sidecar, so `out` is a BlockReplica that a later
-    `catch_up` can continue. Returns the last applied seq.
+    `catch_up` can continue. `base_seq`: the seq `base` is the disk at (a checkpoint). Returns the last applied seq.
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -248,7 +250,7 @@ def build_replica(log_dir: Path, out: Path, size: int, *, base: Path | None = No
     for p in (tmp, tmp_seq):
         p.unlink(missing_ok=True)
     try:
-        with BlockReplica(tmp, size, base=base) as replica:
+        with BlockReplica(tmp, size, base=base, base_seq=base_seq) as replica:
             seq = replica.catch_up(log_dir, until, progress, on_gap)
             replica.checkpoint()
         _sidecar(out).unlink(missing_ok=True)  # a crash before the last rename leaves out without a sidecar

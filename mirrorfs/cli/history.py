@@ -134,6 +134,13 @@ def cmd_history(args: argparse.Namespace) -> None:
     if not versions:
         raise ValueError(f"{args.path}: no event names it in {events} (never changed since recording began, or "
                          "never existed)")
+    from tap.retention import current
+    ck = current(state.path)
+    folded = sum(ev.seq < ck.seq for ev in versions) if ck is not None else 0
+    if folded:
+        print(f"mirrorfs: history before {ck.describe()} was folded into a checkpoint (attach --retain): the first "
+              f"{folded} version(s) listed are what the events said then; their content is gone (cat, restore and "
+              f"mount --at start at seq {ck.seq})", file=sys.stderr, flush=True)
     out = sys.stdout
     for ev in versions:
         if args.json:
@@ -168,13 +175,17 @@ class _At:
         from inference.history import engine_at, moment
         from inference.view import EngineView
         from mirrorfs.cli.progress import Progress
+        from tap.retention import current
         from tap.state import StateDir
 
         args = self.args
         state = StateDir(args.state)
         size = state.require_state()["size"]
         base, index = args.base, args.index
-        if base is None and index is None:
+        ck = current(state.path)  # attach --retain folded the log: the history starts at this checkpoint
+        if ck is not None:
+            base = index = None
+        elif base is None and index is None:
             try:
                 source = json.loads((state.path / "engine" / "source.json").read_text())
             except (OSError, ValueError):
@@ -185,7 +196,7 @@ class _At:
                 raise ValueError("the engine needs the disk as it was when recording began: --base IMAGE or "
                                "--index INDEX (or one `mirrorfs replay` with them first)")
         seq, time_ns = parse_when(args.at)
-        self.at = moment(state.log, seq=seq, time_ns=time_ns, now_ns=time.time_ns())
+        self.at = moment(state.log, seq=seq, time_ns=time_ns, now_ns=time.time_ns(), checkpoint=ck)
         self.tmp = Path(tempfile.mkdtemp(prefix="mirrorfs-at-", dir=state.path if os.access(state.path, os.W_OK)
                                          else None))
         try:
@@ -194,7 +205,7 @@ class _At:
             progress = Progress("replay", unit=" rec")
             try:
                 self.engine = engine_at(state.log, size, self.at, base=base, index=index, workdir=self.tmp / "engine",
-                                        progress=progress)
+                                        progress=progress, checkpoint=ck)
             finally:
                 progress.close()
         except BaseException:

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "libvirt-qemu); the socket's directory must be searchable by it. Default, and with --group "
                         "alone: 0600, root's")
 
+    from mirrorfs.cli import retain as cli_retain
+    cli_retain.add_attach_args(p)
     _scope_args(p)
     _hash_arg(p)
     p = sub.add_parser("log", help="list the write log's records",
@@ -346,8 +348,10 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
     import trio
 
+    from mirrorfs.cli.retain import fold_command, retention_policy
     from mirrorfs.cli.service import notify
     from tap.attach import AttachConfig, Attachment
+    from tap.retention import READING
 
     _tls_psk_refused(args)
     base = args.base
@@ -360,7 +364,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
     cfg = AttachConfig(qmp=args.qmp, state=args.state, device=args.device, mode=args.mode, sync=args.sync,
                        cont=args.cont, fsync=args.fsync, reconnect_delay=args.reconnect_delay,
                        base=base, listen=tuple(args.listen), tls_creds=args.tls_creds, verify=args.verify,
-                       repair_base=args.repair_base, verify_nbd=args.verify_nbd)
+                       repair_base=args.repair_base, verify_nbd=args.verify_nbd, segment_bytes=args.segment_size,
+                       retain=retention_policy(args))
     copy_bar = Progress("copy", unit=" B")
     shown = [-1]
 
@@ -372,10 +377,11 @@ def cmd_attach(args: argparse.Namespace) -> None:
             shown[0] = pct
             notify(f"STATUS=copying the whole disk: {pct}% of {total} bytes")
 
+    wants_engine = bool(not args.no_engine and (args.base or args.index or args.sync == "full"))
     attachment = Attachment(cfg, regions=_trusted_regions, progress=Progress("verify", unit=" B"),
-                            copy_progress=copying)
+                            copy_progress=copying, reader=wants_engine,
+                            fold_cmd=fold_command(args.state, lambda: attachment.base, args.access_group))
     engine: list[subprocess.Popen] = []
-    wants_engine = not args.no_engine and (args.base or args.index or args.sync == "full")
     if args.mount is not None and not wants_engine:
         raise CLIError("--mount needs the inference engine: give --base or --index (or --sync full)")
 
@@ -385,6 +391,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         copy_bar.close()
         if not wants_engine:
             return
+        (Path(args.state) / READING).unlink(missing_ok=True)  # an earlier engine's: retention waits for this one's
         cmd = [sys.executable, "-m", "mirrorfs.cli", "replay", "--state", str(args.state), "--follow",
                "--attach-pid", str(os.getpid())]
         if attachment.base is not None and attachment.base != base:  # repaired: the index is of the old base
@@ -442,12 +449,25 @@ def format_record(r, as_json: bool) -> str:
     return f"{r.seq:>10} {stamp} {kind:<6} {r.offset:>14} {r.length:>9}"
 
 
+def _after_checkpoint(state, since: int, doing: str) -> int:
+    """`since`, or the first seq after the checkpoint retention folded the log into (said on stderr)."""
+    from tap.retention import current
+
+    ck = current(state.path)
+    if ck is None or since > ck.seq:
+        return since
+    print(f"mirrorfs: the write log up to {ck.describe()} was folded into a checkpoint (attach --retain): {doing} "
+          f"from seq {ck.seq + 1}", file=sys.stderr, flush=True)
+    return ck.seq + 1
+
+
 def cmd_log(args: argparse.Namespace) -> None:
     from tap.state import StateDir
     from tap.writelog import LogFollower, read_records
 
     state = StateDir(args.state)
     state.require_state()
+    args.since = _after_checkpoint(state, args.since, "listing")
     out = sys.stdout
     if not args.follow:
         for r in read_records(state.log, since=args.since, until=args.until):
@@ -469,15 +489,24 @@ def cmd_log(args: argparse.Namespace) -> None:
 
 def cmd_replica(args: argparse.Namespace) -> None:
     from tap.replica import build_replica
+    from tap.retention import current
     from tap.state import StateDir
 
     state = StateDir(args.state)
     size = state.require_state()["size"]
-    if args.base is not None and not args.base.is_file():
-        raise CLIError(f"base image {args.base} does not exist")
+    base, base_seq = args.base, 0
+    ck = current(state.path)
+    if ck is not None:
+        if args.until is not None and args.until < ck.seq:
+            raise CLIError(f"seq {args.until} is before the retained history: the write log up to {ck.describe()} was "
+                           f"folded into a checkpoint (attach --retain); the earliest replica is --until {ck.seq}")
+        base, base_seq = ck.image, ck.seq  # the disk at ck.seq: --base is not needed (nor used)
+    if base is not None and not base.is_file():
+        raise CLIError(f"base image {base} does not exist")
     progress = Progress("replica", unit=" rec")
     try:
-        last = build_replica(state.log, args.output, size, base=args.base, until=args.until, progress=progress,
+        last = build_replica(state.log, args.output, size, base=base, base_seq=base_seq, until=args.until,
+                             progress=progress,
                              on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; {args.output} lacks their writes",
                                                       file=sys.stderr, flush=True))
     finally:
@@ -489,7 +518,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import trio
 
     from tap import nbd
-    from tap.replica import BlockReplica
+    from tap.retention import open_replica
     from tap.server import TapBackend, open_listeners, serve_nbd, server_tls_context
     from tap.state import EXPORT_NAME, StateDir
 
@@ -498,8 +527,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     state = StateDir(args.state)
     size = state.require_state()["size"]
     state.lock()
-    replica = BlockReplica(state.replica, size)
-    replica.catch_up(state.log)
+    replica = open_replica(state.path, state.replica, size, None)
     addrs = args.listen or [f"unix:{state.nbd_socket}"]
 
     async def main() -> None:
@@ -571,7 +599,8 @@ def check_replay_args(args: argparse.Namespace, state) -> None:
     for what, path in (("base image", args.base), ("index", args.index)):
         if path is not None and not Path(path).is_file():
             raise CLIError(f"{what} {path} does not exist")
-    if args.base is None and args.index is None:
+    from tap.retention import current
+    if args.base is None and args.index is None and current(state.path) is None:
         attach = state.read_attach() or {}
         if attach.get("sync") != "full":
             used = f" (the attach used {attach['base']})" if attach.get("base") else ""
@@ -582,10 +611,11 @@ def check_replay_args(args: argparse.Namespace, state) -> None:
 def cmd_replay(args: argparse.Namespace) -> None:
     import signal
 
-    from inference.engine import Engine
     from inference.eventlog import EventLog
+    from inference.history import engine_start
     from inference.runner import Runner
     from mirrorfs.stream.live import start_live
+    from tap.retention import READING, current
     from tap.state import StateDir, make_dir, write_json_atomic
     from tap.writelog import LogFollower, last_seq
 
@@ -598,19 +628,29 @@ def cmd_replay(args: argparse.Namespace) -> None:
     state.prepare()  # root's alone (or --group's), whatever an older run or the umask left
     workdir = state.path / "engine"
     make_dir(workdir, what="engine directory")
-    base = raw_image(args.base, workdir) if args.base else None
+    ck = current(state.path)
+    base = raw_image(args.base, workdir) if args.base and ck is None else None
     progress = Progress("index", unit=" inodes")
-    engine = Engine(workdir, size, base=base, index=args.index, vm=args.vm or state.path.name, progress=progress)
+    engine = engine_start(workdir, size, ck, base=base, index=args.index, vm=args.vm or state.path.name,
+                          progress=progress)
     progress.close()
+    # from a checkpoint (attach --retain): the events up to it stay as they are, the rest are made again
+    since, keep = (ck.seq + 1, ck.seq) if ck is not None else (1, None)
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
     engine.hash_limit = args.hash_limit
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
+
+    def reading(segment: int) -> None:
+        """Where the live engine reads the log: retention never removes that segment or a later one."""
+        write_json_atomic(state.path / READING, {"segment": segment, "pid": os.getpid()})
+
     if getattr(args, "mount", None) is not None:
         from mirrorfs.view.serve import serve_log
         from tap.state import access
         try:
-            serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other,
+            serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other, since=since,
+                      keep_until=keep, on_segment=reading if args.follow else None,
                       assemble=args.assemble, group=access().gid,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
                       finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
@@ -618,9 +658,12 @@ def cmd_replay(args: argparse.Namespace) -> None:
             engine.close()
         return
     bar = Progress("replay", unit=" rec")
-    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+    with EventLog(state.path / "events.jsonl", truncate=True, keep_until=keep) as events, \
+            LogFollower(state.log, since) as follower:
         runner = Runner(engine, follower, follow=args.follow, watch=(state.path,),
                         finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
+        if args.follow:
+            runner.on_segment = reading
         for sig in (signal.SIGINT, signal.SIGTERM):  # a signal ends the wait at once; the log is still drained
             signal.signal(sig, lambda *_: (stop.append(1), runner.halt()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)

@@ -303,15 +303,19 @@ class ViewServer:
 
 def serve_log(engine, state, mnt: Path, *, follow: bool, allow_other: bool = False, assemble: bool = False,
               live: Callable | None = None, finished: Callable[[], bool] | None = None,
-              group: int | None = None) -> None:
+              group: int | None = None, since: int = 1, keep_until: int | None = None,
+              on_segment: Callable[[int], None] | None = None) -> None:
     """`replay [--follow] --mount` and `mount`: catch up with the log (events to DIR/events.jsonl), build the
-    view, then serve it while (with follow) the engine keeps following the log."""
+    view, then serve it while (with follow) the engine keeps following the log. From a retention checkpoint:
+    records from `since`, the events up to `keep_until` kept."""
     from inference.eventlog import EventLog
     from tap.writelog import LogFollower
 
-    with EventLog(state.path / "events.jsonl", truncate=True) as events, LogFollower(state.log) as follower:
+    with EventLog(state.path / "events.jsonl", truncate=True, keep_until=keep_until) as events, \
+            LogFollower(state.log, since) as follower:
         services = live(follower, events) if live is not None and follow else None  # issue 5's socket, metrics
         loop = Runner(engine, follower, follow=follow, finished=finished, watch=(state.path,))
+        loop.on_segment = on_segment
         loop.sinks.append(events.append)
         try:
             loop.catch_up()
