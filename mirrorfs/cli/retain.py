@@ -103,12 +103,9 @@ def cmd_fold(args: argparse.Namespace) -> None:
         pass
     state = StateDir(args.state)
     size_ = state.require_state()["size"]
-    ck = fold(state.path, state.log, size_, args.until, base=args.base,
-              index=lambda image, out: build_index(image, out),
-              on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; the checkpoint lacks their writes", file=sys.stderr,
-                                       flush=True))
-    print(f"mirrorfs: checkpoint at {ck.describe()}: {ck.image}" + (f", index {ck.index}" if ck.index else ""),
-          file=sys.stderr)
+    fold(state.path, state.log, size_, args.until, base=args.base, index=lambda image, out: build_index(image, out),
+         on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; the checkpoint lacks their writes", file=sys.stderr,
+                                  flush=True))  # the attach says what was folded
 
 
 def main(argv: list[str] | None = None) -> int:
