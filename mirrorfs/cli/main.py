@@ -691,9 +691,11 @@ def cmd_mount(args: argparse.Namespace) -> None:
         mount_at(args)
         return
 
+    from tap.retention import current
+
     state = StateDir(args.state)
     state.require_state()
-    if args.base is None and args.index is None:
+    if args.base is None and args.index is None and current(state.path) is None:
         try:
             source = json.loads((state.path / "engine" / "source.json").read_text())
         except (OSError, ValueError):

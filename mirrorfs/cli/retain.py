@@ -94,6 +94,7 @@ def fold_command(state: Path, base, group: str | None):
 
 def cmd_fold(args: argparse.Namespace) -> None:
     from inference.engine import build_index
+    from inference.errors import CorruptMetadata
     from tap.retention import fold
     from tap.state import StateDir
 
@@ -103,7 +104,13 @@ def cmd_fold(args: argparse.Namespace) -> None:
         pass
     state = StateDir(args.state)
     size_ = state.require_state()["size"]
-    fold(state.path, state.log, size_, args.until, base=args.base, index=lambda image, out: build_index(image, out),
+
+    def index(image: Path, out: Path) -> None:
+        try:
+            build_index(image, out)
+        except CorruptMetadata as exc:  # no readable file system at this point: replays scan the image instead
+            raise ValueError(str(exc)) from exc
+    fold(state.path, state.log, size_, args.until, base=args.base, index=index,
          on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; the checkpoint lacks their writes", file=sys.stderr,
                                   flush=True))  # the attach says what was folded
 

@@ -48,6 +48,9 @@ def gather_status(state_dir: Path) -> dict[str, Any]:
     } if attach else None
     from tap.writelog import last_seq
     info["log_last_seq"] = last_seq(state.log) if sizes else 0
+    from tap.retention import current
+    ck = current(state.path)
+    info["checkpoint"] = {"seq": ck.seq, "time": ck.time_ns / 1e9, "index": ck.index is not None} if ck else None
     events = state.path / "events.jsonl"
     if events.exists():
         seq, n = last_position(events)
@@ -83,6 +86,11 @@ def format_status(info: dict[str, Any]) -> str:
                      f"{'ready' if a['ready'] else 'not ready'}, updated {_ago(a['updated'])})")
     lines.append(f"write log  {info['log_bytes'] / mib:.1f} MiB in {info['log_segments']} segment(s), "
                  f"last seq {info['log_last_seq']}")
+    ck = info.get("checkpoint")
+    if ck:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ck["time"]))
+        lines.append(f"history    from seq {ck['seq']} ({when}): what came before was folded into a checkpoint "
+                     "(attach --retain)")
     ev = info.get("events")
     if ev is None:
         lines.append("events     none (no engine has run: attach with --base/--index, or mirrorfs replay)")

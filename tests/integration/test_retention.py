@@ -145,6 +145,7 @@ def test_retention_folds_while_a_writer_keeps_writing(tmp_path: Path) -> None:
     assert "folded into a checkpoint" in hist.stderr
     assert hashlib.sha256(old_doc).hexdigest() in hist.stdout  # the events still tell of it
     assert "folded into a checkpoint" in mirrorfs("log", "--state", state).stderr
+    assert f"history    from seq {ck.seq}" in mirrorfs("status", "--state", state).stdout
 
     # a replay starts at the checkpoint: the events up to it stay as they were, the later ones come again
     kept = [e for e in events if e["seq"] <= ck.seq]
