@@ -6,6 +6,9 @@ Layout (everything mirrorfs writes for a disk stays in here):
   attach.json     the running (or last) attach: pid, device, mode, sync, ready, last seq
   log/            the write log (tap.writelog)
   replica.img     the disk as the log makes it now (tap.replica), with replica.img.seq
+  checkpoint/     with retention (tap.retention): S.img (+ .seq), S.mfsidx, S.json: the disk at seq S, where the
+                  history starts; the log's segments up to S are gone
+  reading.json    the live engine's reading position: retention keeps that segment and the later ones
   nbd.sock        the NBD socket QEMU's mirror job writes to
 
 Who may read it (issue 9): the guest's whole disk is in here (log/, replica.img, engine/disk.img) and its file
