@@ -9,7 +9,9 @@ second. Meanwhile and afterwards:
 - segments are removed and the replica equals the disk; `replica` (from the checkpoint) equals it too;
 - a version of a file from before the checkpoint is refused by `cat --at` (and seq 1 by `cat`, `replica --until`)
   with a message naming the folded history; `history` says so; a version after it is exact;
-- `replay` without a base starts at the checkpoint and keeps the events up to it as they were.
+- `replay` without a base starts at the checkpoint and keeps the events up to it as they were;
+- later attaches start there too: after a clean detach (the disk compared), and after a kill, when the replica is
+  rebuilt from the checkpoint and the log and compared with the disk.
 """
 
 from __future__ import annotations
@@ -106,13 +108,27 @@ def test_retention_folds_while_a_writer_keeps_writing(tmp_path: Path) -> None:
             after = (after[1], time.time_ns())
             hw.unmount()
             out = attach.detach()
+            ck = current(state)
+            assert ck is not None
+            # later attaches start at the checkpoint: one after the clean detach (the disk compared), killed; the
+            # next one finds the unclean stop and rebuilds the replica from the checkpoint and the log
+            again = Attach(hw.qmp, state, "--device", hw.node, "--base", str(base),
+                           log=tmp_path / "again.log").start()
+            hw.mount()
+            assert hw.run("echo again > again.txt && sync").returncode == 0
+            again.kill()
+            with Attach(hw.qmp, state, "--device", hw.node, "--base", str(base), log=tmp_path / "third.log") as third:
+                out3 = third.output()
+                assert "did not stop cleanly" in out3 and f"Rebuilt the replica from {ck.image}" in out3, out3
+                assert "resynchronized" in out3
+                hw.unmount()
+                third.detach()
     finally:
         if attach is not None and attach.proc is not None and attach.proc.poll() is None:
             attach.proc.kill()
             attach.proc.wait(10)
         force_unmount(view)
-    assert "Traceback" not in out, out
-    ck = current(state)
+    assert "Traceback" not in out + out3, out + out3
     assert ck is not None and ck.index is not None and ck.time_ns > changed, out
     assert list_segments(state / "log")[0] == ck.seq + 1  # the segments it replaced are gone
     assert json.loads((state / "attach.json").read_text())["checkpoint"]["seq"] == ck.seq
@@ -122,7 +138,7 @@ def test_retention_folds_while_a_writer_keeps_writing(tmp_path: Path) -> None:
     created = {e["path"] for e in events if e.get("kind") == "create"}
     missing = [i for i in range(n) if f"/live/f{i}" not in created]
     assert n > 20 and not missing, f"{len(missing)} of {n} files have no create event: {missing[:10]}"
-    assert "/late.txt" in created
+    assert "/late.txt" in created and "/again.txt" in created
 
     # the disk: the tap's replica, and a replica made from the checkpoint and the log
     assert same_bytes(state / "replica.img", disk)
