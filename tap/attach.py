@@ -632,9 +632,9 @@ class Attachment:
                 continue
             until, why = got
             if reader is not None and until >= reader:
+                where = f"reads at seq {reader}" if reader else "has not started reading"
                 print(f"mirrorfs: free space on {self.state.path} is short: folding the log up to seq {until} although "
-                      f"the engine has not read past seq {reader - 1}; it reports the seqs it misses as an error event",
-                      flush=True)
+                      f"the engine {where}; it reports the seqs it misses as an error event", flush=True)
             t0 = trio.current_time()
             proc = await trio.run_process(self.fold_cmd(until), check=False)
             if proc.returncode != 0:
