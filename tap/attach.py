@@ -153,11 +153,12 @@ class Attachment:
     def __init__(self, cfg: AttachConfig, *, regions: RegionsFn | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  copy_progress: Callable[[int, int], None] | None = None,
-                 fold_cmd: Callable[[int], list[str]] | None = None, reader: bool = False) -> None:
+                 fold_cmd: Callable[[int, bool], list[str]] | None = None, reader: bool = False) -> None:
         """`regions(read, size)` lists what `--verify metadata` compares (the caller's layer knows file systems);
         `progress(done, total)` draws `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's.
-        `fold_cmd(seq)`: the command that folds the log up to seq into a checkpoint (`cfg.retain`; the caller's
-        layer indexes it); `reader`: a live engine reads the log, and retention waits for it (tap.retention)."""
+        `fold_cmd(seq, force)`: the command that folds the log up to seq into a checkpoint (`cfg.retain`; the
+        caller's layer indexes it; `force`: free space is short, remove what readers use too); `reader`: a live
+        engine reads the log, and retention waits for it (tap.retention)."""
         self.cfg = cfg
         self.fold_cmd, self.reader = fold_cmd, reader
         self.checkpoint: dict[str, Any] | None = None
@@ -636,7 +637,7 @@ class Attachment:
                 print(f"mirrorfs: free space on {self.state.path} is short: folding the log up to seq {until} although "
                       f"the engine {where}; it reports the seqs it misses as an error event", flush=True)
             t0 = trio.current_time()
-            proc = await trio.run_process(self.fold_cmd(until), check=False)
+            proc = await trio.run_process(self.fold_cmd(until, why == "free space"), check=False)
             if proc.returncode != 0:
                 failed_at = trio.current_time()
                 log.warning("folding the write log up to seq %d failed (exit %d); retrying in a minute", until,

@@ -22,13 +22,15 @@ never stalls the guest. Otherwise a segment the engine has not finished reading 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +226,27 @@ def reader_position(state_path: Path) -> int:
 
 # -- the fold
 
+LOCK = "retain.lock"  # readers of a checkpoint and the log after it hold it shared; a fold removes only with it
+
+
+@contextmanager
+def reading(state_path: Path) -> Iterator[None]:
+    """Hold while reading the checkpoint and the log after it (cat, restore, mount --at, replica, replay): a fold
+    meanwhile leaves the segments and the checkpoint it replaces for a later fold, unless free space is short.
+    The live engine needs none of this: retention follows its reading position. Without write access to the
+    state directory and no lock file yet, nothing is held (no fold has run either)."""
+    try:
+        fd = os.open(Path(state_path) / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 IndexFn = Callable[[Path, Path], None]  # (image, index out): raise ValueError when the image has nothing to index
 
 
@@ -249,9 +272,11 @@ def _write_durable(path: Path, text: str) -> None:
 
 def fold(state_path: Path, log_dir: Path, size: int, until: int, *, base: Path | None = None,
          index: IndexFn | None = None, progress: Callable[[int, int], None] | None = None,
-         on_gap: Callable[[Gap], None] | None = None, steps: Callable[[str], None] | None = None) -> Checkpoint:
+         on_gap: Callable[[Gap], None] | None = None, steps: Callable[[str], None] | None = None,
+         force: bool = False) -> Checkpoint:
     """Fold the log up to seq `until` (the last seq of a segment) into a new checkpoint, then remove what it
-    replaces. `steps(name)` is called before each step (tests crash there)."""
+    replaces, unless a reader (`reading`) uses it: then a later fold does (`force`: free space is short, remove it
+    anyway). `steps(name)` is called before each step (tests crash there)."""
     step = steps or (lambda _name: None)
     state_path, log_dir = Path(state_path), Path(log_dir)
     d = state_path / CHECKPOINT_DIR
@@ -266,7 +291,7 @@ def fold(state_path: Path, log_dir: Path, size: int, until: int, *, base: Path |
     rec = next((r for r in read_records(log_dir, until, until) if type(r) is not Gap), None)
     if rec is None:
         raise RetentionError(f"seq {until} is not in the write log (lost, or folded already)")
-    _remove_orphans(d, keep=prev.seq if prev else None)
+    _remove_orphans(d, keep=prev.seq if prev else None, older=False)
     image = d / f"{_name(until)}.img"
     step("image")
     src, src_seq = (prev.image, prev.seq) if prev is not None else (base, 0)
@@ -284,6 +309,28 @@ def fold(state_path: Path, log_dir: Path, size: int, until: int, *, base: Path |
     _write_durable(d / f"{_name(until)}.json", json.dumps(
         {"seq": until, "time_ns": rec.time_ns, "index": idx is not None, "made": time.time()}) + "\n")
     step("segments")
+    lock = os.open(state_path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        if free or force:
+            if not free:
+                log.warning("free space is short: removing history a reader (cat, restore, replay, replica) uses")
+            _drop(log_dir, firsts, until, d, step)
+        else:  # a reader started from what this fold replaces: a later fold removes it
+            log.info("checkpoint %d made; a reader still uses the older history, kept until a later fold", until)
+    finally:
+        os.close(lock)
+    ck = current(state_path)
+    assert ck is not None and ck.seq == until
+    return ck
+
+
+def _drop(log_dir: Path, firsts: list[int], until: int, d: Path, step: Callable[[str], None]) -> None:
+    """Remove the segments holding only seqs <= until, oldest first, then every other checkpoint's files."""
     removed = 0
     for i, first in enumerate(firsts):
         nxt = firsts[i + 1] if i + 1 < len(firsts) else None
@@ -294,19 +341,18 @@ def fold(state_path: Path, log_dir: Path, size: int, until: int, *, base: Path |
     if removed:
         _fsync_dir(log_dir)
     step("old")
-    _remove_orphans(d, keep=until)
-    ck = current(state_path)
-    assert ck is not None and ck.seq == until
-    return ck
+    _remove_orphans(d, keep=until, older=True)
 
 
-def _remove_orphans(d: Path, keep: int | None) -> None:
-    """Every file of the checkpoint directory that is not checkpoint `keep`'s: older checkpoints, and what a
-    fold that did not reach its S.json left."""
+def _remove_orphans(d: Path, keep: int | None, *, older: bool) -> None:
+    """What a fold that did not reach its S.json left (files of a later seq than `keep`, temporaries), and with
+    `older` the older checkpoints too: every file of the checkpoint directory but checkpoint `keep`'s."""
     mine = _name(keep) if keep is not None else None
     for n in os.listdir(d):
         if mine is not None and n[:20] == mine and not n.startswith("."):
             continue
+        if not older and n[:20].isdigit() and (mine is None or n[:20] < mine):
+            continue  # an older checkpoint: a reader may use it; removed under the lock
         p = d / n
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -170,20 +170,26 @@ class _At:
         self.args = args
 
     def __enter__(self):
-        import tempfile
-
-        from inference.history import engine_at, moment
         from inference.view import EngineView
-        from mirrorfs.cli.progress import Progress
-        from tap.retention import current
+        from tap.retention import current, reading
         from tap.state import StateDir
 
         args = self.args
         state = StateDir(args.state)
         size = state.require_state()["size"]
+        with reading(state.path):  # a fold meanwhile leaves the checkpoint and the log after it alone
+            self._start(args, state, size, current(state.path))
+        self.view = EngineView(self.engine)
+        return self
+
+    def _start(self, args: argparse.Namespace, state, size: int, ck) -> None:
+        import tempfile
+
+        from inference.history import engine_at, moment
+        from mirrorfs.cli.progress import Progress
+
         base, index = args.base, args.index
-        ck = current(state.path)  # attach --retain folded the log: the history starts at this checkpoint
-        if ck is not None:
+        if ck is not None:  # attach --retain folded the log: the history starts at this checkpoint
             base = index = None
         elif base is None and index is None:
             try:
@@ -211,8 +217,6 @@ class _At:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        self.view = EngineView(self.engine)
-        return self
 
     def fs(self) -> str:
         names = self.view.filesystems()

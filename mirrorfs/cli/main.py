@@ -488,12 +488,19 @@ def cmd_log(args: argparse.Namespace) -> None:
 
 
 def cmd_replica(args: argparse.Namespace) -> None:
-    from tap.replica import build_replica
-    from tap.retention import current
+    from tap.retention import reading
     from tap.state import StateDir
 
     state = StateDir(args.state)
     size = state.require_state()["size"]
+    with reading(state.path):  # a fold meanwhile leaves the checkpoint and the log after it alone
+        _replica(args, state, size)
+
+
+def _replica(args: argparse.Namespace, state, size: int) -> None:
+    from tap.replica import build_replica
+    from tap.retention import current
+
     base, base_seq = args.base, 0
     ck = current(state.path)
     if ck is not None:
@@ -518,7 +525,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import trio
 
     from tap import nbd
-    from tap.retention import open_replica
+    from tap.retention import open_replica, reading
     from tap.server import TapBackend, open_listeners, serve_nbd, server_tls_context
     from tap.state import EXPORT_NAME, StateDir
 
@@ -527,7 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     state = StateDir(args.state)
     size = state.require_state()["size"]
     state.lock()
-    replica = open_replica(state.path, state.replica, size, None)
+    with reading(state.path):
+        replica = open_replica(state.path, state.replica, size, None)
     addrs = args.listen or [f"unix:{state.nbd_socket}"]
 
     async def main() -> None:
@@ -609,15 +617,11 @@ def check_replay_args(args: argparse.Namespace, state) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
+    import contextlib
     import signal
 
-    from inference.eventlog import EventLog
-    from inference.history import engine_start
-    from inference.runner import Runner
-    from mirrorfs.stream.live import start_live
-    from tap.retention import READING, current
-    from tap.state import StateDir, make_dir, write_json_atomic
-    from tap.writelog import LogFollower, last_seq
+    from tap.retention import reading
+    from tap.state import StateDir
 
     stop: list[int] = []  # first thing: a SIGTERM during start-up must still drain the log, not kill us
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -626,6 +630,23 @@ def cmd_replay(args: argparse.Namespace) -> None:
     size = state.require_state()["size"]
     check_replay_args(args, state)
     state.prepare()  # root's alone (or --group's), whatever an older run or the umask left
+    with contextlib.ExitStack() as stack:
+        if not args.follow:  # a fold meanwhile leaves the checkpoint and the log after it alone (a live engine
+            stack.enter_context(reading(state.path))  # needs no lock: retention follows its reading position)
+        _replay(args, state, size, stop)
+
+
+def _replay(args: argparse.Namespace, state, size: int, stop: list[int]) -> None:
+    import signal
+
+    from inference.eventlog import EventLog
+    from inference.history import engine_start
+    from inference.runner import Runner
+    from mirrorfs.stream.live import start_live
+    from tap.retention import READING, current
+    from tap.state import make_dir, write_json_atomic
+    from tap.writelog import LogFollower, last_seq
+
     workdir = state.path / "engine"
     make_dir(workdir, what="engine directory")
     ck = current(state.path)
@@ -641,7 +662,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
 
-    def reading(segment: int) -> None:
+    def mark_reading(segment: int) -> None:
         """Where the live engine reads the log: retention never removes that segment or a later one."""
         write_json_atomic(state.path / READING, {"segment": segment, "pid": os.getpid()})
 
@@ -650,7 +671,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         from tap.state import access
         try:
             serve_log(engine, state, args.mount, follow=args.follow, allow_other=args.allow_other, since=since,
-                      keep_until=keep, on_segment=reading if args.follow else None,
+                      keep_until=keep, on_segment=mark_reading if args.follow else None,
                       assemble=args.assemble, group=access().gid,
                       live=lambda follower, events: start_live(args, state.path, engine, follower, events),
                       finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
@@ -663,7 +684,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         runner = Runner(engine, follower, follow=args.follow, watch=(state.path,),
                         finished=lambda: bool(stop) or attach_finished(state, args.attach_pid))
         if args.follow:
-            runner.on_segment = reading
+            runner.on_segment = mark_reading
         for sig in (signal.SIGINT, signal.SIGTERM):  # a signal ends the wait at once; the log is still drained
             signal.signal(sig, lambda *_: (stop.append(1), runner.halt()))
         live = start_live(args, state.path, engine, follower, events)  # subscription socket, metrics (issue 5)

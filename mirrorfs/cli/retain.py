@@ -85,9 +85,10 @@ def retention_policy(args: argparse.Namespace):
 
 def fold_command(state: Path, base, group: str | None):
     """`fold_cmd` of tap.attach.Attachment: the `mirrorfs fold` child for a seq (`base()`: the base then)."""
-    def cmd(until: int) -> list[str]:
+    def cmd(until: int, force: bool) -> list[str]:
         b = base()
         return ([sys.executable, "-m", "mirrorfs.cli.retain", "--state", str(state), "--until", str(until)]
+                + (["--force"] if force else [])
                 + (["--base", str(b)] if b is not None else []) + (["--group", group] if group else []))
     return cmd
 
@@ -110,7 +111,7 @@ def cmd_fold(args: argparse.Namespace) -> None:
             build_index(image, out)
         except CorruptMetadata as exc:  # no readable file system at this point: replays scan the image instead
             raise ValueError(str(exc)) from exc
-    fold(state.path, state.log, size_, args.until, base=args.base, index=index,
+    fold(state.path, state.log, size_, args.until, base=args.base, index=index, force=args.force,
          on_gap=lambda gap: print(f"mirrorfs: warning: {gap}; the checkpoint lacks their writes", file=sys.stderr,
                                   flush=True))  # the attach says what was folded
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--until", type=int, required=True, metavar="SEQ")
     p.add_argument("--base", type=Path, metavar="IMAGE", help="the base image, for the first checkpoint")
     p.add_argument("--group", metavar="GROUP", help="as attach --group")
+    p.add_argument("--force", action="store_true",
+                   help="free space is short: remove the folded history even if a reader (cat, replay) uses it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="mirrorfs: %(message)s")
     try:

@@ -202,3 +202,25 @@ def test_sizes_durations_and_min_free_parse_with_clear_errors() -> None:
 def test_checkpoint_describe() -> None:
     ck = Checkpoint(42, 1_800_000_000_123_000_000, Path("x"), None, 0)
     assert ck.describe() == "seq 42 (2027-01-15T08:00:00.123Z)"
+
+
+def test_a_reader_keeps_what_it_started_from_until_a_later_fold(tmp_path: Path) -> None:
+    from tap.retention import reading
+
+    state, recs = make_log(tmp_path)
+    ends = [f - 1 for f in list_segments(state / "log")[1:]]
+    first = fold(state, state / "log", DISK, ends[1])
+    segments = list_segments(state / "log")
+    with reading(state):  # a `cat --at` that started from `first`
+        ck = fold(state, state / "log", DISK, ends[3])
+        assert current(state) == ck and list_segments(state / "log") == segments  # nothing it reads is gone
+        assert first.image.is_file()
+        img, seq = first.image, first.seq  # what it started from still rebuilds the disk
+        with BlockReplica(tmp_path / "r.img", DISK, base=img, base_seq=seq) as rep:
+            rep.catch_up(state / "log", on_gap=lambda g: pytest.fail(str(g)))
+            assert rep.read(0, DISK) == disk_at(recs, len(recs))
+        forced = fold(state, state / "log", DISK, ends[4], force=True)  # free space short: gone anyway
+        assert list_segments(state / "log")[0] == forced.seq + 1 and not first.image.exists()
+    later = fold(state, state / "log", DISK, ends[5])
+    assert list_segments(state / "log")[0] == later.seq + 1
+    assert sorted(os.listdir(state / "checkpoint")) == [f"{later.seq:020d}.{x}" for x in ("img", "img.seq", "json")]
