@@ -9,6 +9,7 @@ Layout (everything mirrorfs writes for a disk stays in here):
   checkpoint/     with retention (tap.retention): S.img (+ .seq), S.mfsidx, S.json: the disk at seq S, where the
                   history starts; the log's segments up to S are gone
   reading.json    the live engine's reading position: retention keeps that segment and the later ones
+  retain.lock     held shared by readers of a checkpoint and the log after it (cat, replay): a fold leaves them
   nbd.sock        the NBD socket QEMU's mirror job writes to
 
 Who may read it (issue 9): the guest's whole disk is in here (log/, replica.img, engine/disk.img) and its file
