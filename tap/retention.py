@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from tap.replica import BlockReplica, build_replica
 from tap.state import make_dir
-from tap.writelog import HEADER, SEGMENT_HEADER, Gap, list_segments, read_records, segment_name
+from tap.writelog import HEADER, MAGIC, SEGMENT_HEADER, Gap, list_segments, read_records, segment_name
 
 log = logging.getLogger("mirrorfs.retention")
 
@@ -173,9 +172,9 @@ class Segments:
                 hdr = f.read(HEADER.size)
         except OSError:
             return None
-        if len(hdr) < HEADER.size:
-            return None
-        return struct.unpack_from("<Q", hdr, 16)[0]
+        if len(hdr) < HEADER.size or hdr[:4] != MAGIC:
+            return None  # being written, or damaged: not folded on a guess
+        return HEADER.unpack(hdr)[3]
 
     def complete(self) -> list[Segment]:
         """The complete segments, oldest first, then the one being written (`plan` never folds that one)."""

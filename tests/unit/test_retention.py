@@ -157,6 +157,17 @@ def test_segments_lists_complete_ones_with_their_end_times(tmp_path: Path) -> No
     assert [s.end_ns for s in listed[:-1]] == [starts[f] for f in firsts[1:]]
 
 
+def test_plan_log_folds_past_the_engine_when_free_space_is_short(tmp_path: Path) -> None:
+    from tap.retention import plan_log
+
+    state, _ = make_log(tmp_path, 20)
+    firsts = list_segments(state / "log")
+    segs = Segments(state / "log")
+    assert plan_log(state / "log", segs, Policy(keep_s=10**6), now_ns=0, reader=0) is None
+    short = Policy(min_free_fraction=0, min_free_bytes=1 << 62)  # more than any file system has free
+    assert plan_log(state / "log", segs, short, now_ns=0, reader=0) == (firsts[-1] - 1, "free space")
+
+
 def test_history_starts_at_the_checkpoint(tmp_path: Path) -> None:
     state, recs = make_log(tmp_path)
     s = boundary(state, 3)
