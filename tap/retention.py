@@ -17,7 +17,9 @@ Only whole segments are folded, and never the one being written. The fold runs i
 (its CPU never sits on the ack path), started when `plan` says so: segments older than `keep_s`, beyond
 `keep_bytes`, or the oldest while free space on the state's file system is under `min_free` — the last even past
 the live engine's reading position (it then reports the seqs it lost as an error event), so a full state disk
-never stalls the guest. Otherwise a segment the engine has not finished reading is never removed.
+never stalls the guest. Otherwise a segment the engine has not finished reading is never removed, nor what other
+readers (cat, restore, mount, replica, a replay that does not follow) started from: they hold LOCK shared while
+they read (`reading`), and a fold that cannot take it leaves the removal to a later fold.
 """
 
 from __future__ import annotations
