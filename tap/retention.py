@@ -188,9 +188,9 @@ class Segments:
                 try:
                     size = os.stat(self.directory / segment_name(a)).st_size
                 except FileNotFoundError:
-                    continue
+                    break
                 if t is None:
-                    break  # the next one is being created: ask again later
+                    break  # the next one is being created: ask again later (it counts as the writer's now)
                 self._known[a] = (size, t)
             size, t = self._known[a]
             out.append(Segment(a, size, t))

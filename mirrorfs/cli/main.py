@@ -525,7 +525,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import trio
 
     from tap import nbd
-    from tap.retention import open_replica, reading
+    from tap.retention import open_replica
     from tap.server import TapBackend, open_listeners, serve_nbd, server_tls_context
     from tap.state import EXPORT_NAME, StateDir
 
@@ -533,9 +533,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tls = server_tls_context(args.tls_creds) if args.tls_creds is not None else None
     state = StateDir(args.state)
     size = state.require_state()["size"]
-    state.lock()
-    with reading(state.path):
-        replica = open_replica(state.path, state.replica, size, None)
+    state.lock()  # no attach, so no fold, meanwhile
+    replica = open_replica(state.path, state.replica, size, None)
     addrs = args.listen or [f"unix:{state.nbd_socket}"]
 
     async def main() -> None:
