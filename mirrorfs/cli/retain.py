@@ -76,15 +76,12 @@ def retention_policy(args: argparse.Namespace):
 
     if args.retain is None and args.retain_size is None and args.min_free is None:
         return None
-    policy = Policy(keep_s=args.retain, keep_bytes=args.retain_size)
-    if args.min_free is not None:
-        policy = Policy(keep_s=args.retain, keep_bytes=args.retain_size, min_free_fraction=args.min_free[0],
-                        min_free_bytes=args.min_free[1])
-    return policy
+    floor = {} if args.min_free is None else {"min_free_fraction": args.min_free[0], "min_free_bytes": args.min_free[1]}
+    return Policy(keep_s=args.retain, keep_bytes=args.retain_size, **floor)
 
 
 def fold_command(state: Path, base, group: str | None):
-    """`fold_cmd` of tap.attach.Attachment: the `mirrorfs fold` child for a seq (`base()`: the base then)."""
+    """`fold_cmd` of tap.attach.Attachment: the fold child for a seq (`base()`: the attach's base by then)."""
     def cmd(until: int, force: bool) -> list[str]:
         b = base()
         return ([sys.executable, "-m", "mirrorfs.cli.retain", "--state", str(state), "--until", str(until)]
