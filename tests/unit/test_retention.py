@@ -235,3 +235,30 @@ def test_a_reader_keeps_what_it_started_from_until_a_later_fold(tmp_path: Path) 
     later = fold(state, state / "log", DISK, ends[5])
     assert list_segments(state / "log")[0] == later.seq + 1
     assert sorted(os.listdir(state / "checkpoint")) == [f"{later.seq:020d}.{x}" for x in ("img", "img.seq", "json")]
+
+
+def test_the_runner_says_which_segment_its_follower_reads(tmp_path: Path) -> None:
+    """What retention waits for (DIR/reading.json): the segment the engine's follower is in, as it moves on."""
+    import threading
+
+    from inference.runner import Runner
+    from tap.writelog import LogFollower
+
+    state, recs = make_log(tmp_path, 30)
+
+    class Engine:  # the runner's side of an engine, no file system behind it
+        lock = threading.RLock()
+        vm, last_time_ns = "", 0
+
+        def process(self, batch):
+            return []
+
+        def finish(self):
+            return []
+
+    seen: list[int] = []
+    with LogFollower(state / "log", max_records=3) as follower:
+        runner = Runner(Engine(), follower, follow=False)
+        runner.on_segment = seen.append
+        runner.run()
+    assert seen == list_segments(state / "log")  # each once, in order, ending with the writer's
