@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 import re
 import sqlite3
 import tempfile
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.events import Mutation
+
+log = logging.getLogger("mirrorfs.history")
 
 BIRTHS = ("create", "mkdir", "symlink", "mknod")
 SCHEMA = 3  # 3: paths as 64-bit keys (_key), checked against the event when read
@@ -284,7 +288,12 @@ def engine_start(workdir: Path, size: int, checkpoint=None, *, base: Path | None
 
     if checkpoint is None:
         return Engine(workdir, size, base=base, index=index, vm=vm, progress=progress)
-    engine = Engine(workdir, size, base=checkpoint.image, index=checkpoint.index, vm=vm, progress=progress)
+    try:
+        engine = Engine(workdir, size, base=checkpoint.image, index=checkpoint.index, vm=vm, progress=progress)
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:  # an index not of this image (the state
+        # directory moved, say), or unreadable: it only saves time, so the image is indexed instead
+        log.warning("checkpoint %d: %s; indexing its image instead", checkpoint.seq, exc)
+        engine = Engine(workdir, size, base=checkpoint.image, vm=vm, progress=progress)
     engine.last_seq, engine.last_time_ns = checkpoint.seq, checkpoint.time_ns
     engine.names_refused = False
     return engine
