@@ -32,6 +32,7 @@ log = logging.getLogger("mirrorfs.attach")
 
 DEFAULT_URI = "qemu:///system"
 MAX_EVENTS = 10_000
+STALE_EVENT_WAIT = 10.0  # seconds for the end event of a job aborted before a new start
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -222,6 +223,11 @@ class LibvirtJob(MirrorJob):
             print(f"mirrorfs: aborting the block copy a previous attach left on {self.target}; starting a new one",
                   flush=True)
             await self._abort()
+            with trio.move_on_after(STALE_EVENT_WAIT):  # its end event must not pass for the new job's
+                while (ev := await self._next())[0] != "job" or ev[1] != self.target \
+                        or ev[2] == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+                    if ev[0] != "job":
+                        raise AttachError(f"the block copy of {self.target} cannot start: {_why(ev[0], ev[1])}")
         dest = (f"<disk type='network'><driver type='raw'/><source protocol='nbd' name={quoteattr(EXPORT_NAME)}>"
                 f"<host transport='unix' socket={quoteattr(str(sock))}/></source></disk>")
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB

@@ -229,6 +229,22 @@ def test_attach_by_name_events_and_mount_then_detach_leaves_domain_on_its_disk(l
     mirrorfs("replica", "--state", state, "-o", tmp_path / "replica.raw")
 
 
+def test_a_killed_attach_leaves_a_job_the_next_one_replaces(libvirt_domain: Libvirt) -> None:
+    """SIGKILL leaves libvirt's copy behind (its target gone); the next attach on the state dir aborts it, copies
+    the disk again (which covers whatever the killed one lost) and detaches cleanly."""
+    lv = libvirt_domain
+    state = lv.dir / "state-kill"
+    _attach(lv, state, "--disk", "vda").start(60).kill()
+    assert "Block Copy" in lv.virsh("blockjob", NAME, "vda", "--info")
+    again = _attach(lv, state, "--disk", "vda", "--no-engine")
+    again.log_path = lv.dir / "again.log"
+    with again:
+        out = again.detach()
+    assert "aborting the block copy a previous attach left on vda" in out and "logged the disk again" in out, out
+    assert "No current block job" in lv.virsh("blockjob", NAME, "vda", "--info")
+    assert lv.virsh("domstate", NAME).split()[0] == "running"
+
+
 def test_disk_all_watches_every_writable_disk(libvirt_domain: Libvirt) -> None:
     """vda and vdc (vdb is read-only), each into DIR/TARGET, in one process; one SIGINT detaches both."""
     lv = libvirt_domain
