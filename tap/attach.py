@@ -79,8 +79,8 @@ def _let_search(path: Path) -> None:
         os.fchmod(fd, mode | stat.S_IXOTH)
     finally:
         os.close(fd)
-        print(f"mirrorfs: {path} is now searchable by other users (o+x, no listing) so that QEMU reaches nbd.sock; "
-              "its files keep their own modes", flush=True)
+    print(f"mirrorfs: {path} is now searchable by other users (o+x, no listing) so that QEMU reaches nbd.sock; "
+          "its files keep their own modes", flush=True)
 
 
 class Attachment:
