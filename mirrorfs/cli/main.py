@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--domain", metavar="NAME",
                         help="a running libvirt domain: libvirt's own block copy job (virsh blockjob shows it), "
                              "which always copies the whole disk first (so --sync full, no --base). QEMU runs as "
-                             "libvirt-qemu: nbd.sock is made 0660 for its group, whose members must be able to "
-                             "search DIR and the directories above it (man mirrorfs-attach, LIBVIRT)")
+                             "libvirt-qemu: nbd.sock is made 0660 for its group and DIR searchable (o+x, no "
+                             "listing); the directories above DIR must be searchable too (man mirrorfs-attach, "
+                             "LIBVIRT: also AppArmor and SELinux)")
     _state_arg(p)
     p.add_argument("--device", metavar="DRIVE",
                    help="drive id, qdev id or node name to mirror (default: the only drive)")
