@@ -10,7 +10,8 @@ export MIRRORFS_CACHE := $(abspath $(CACHE))
 
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev qemu-system-x86 qemu-utils busybox-static fuse3 \
 	libfuse3-dev pkg-config e2fsprogs inotify-tools libnbd-bin fdisk gdisk lvm2 xz-utils cpio \
-	kmod util-linux sleuthkit redis-server clamav aide tripwire attr acl openssl logrotate less systemd
+	kmod util-linux sleuthkit redis-server clamav aide tripwire attr acl openssl logrotate less systemd \
+	libvirt-daemon-system libvirt-clients libvirt-dev
 
 # Only the benchmarks need these (guestmount, the third view of the mount benchmark); `make test` does not.
 BENCH_APT_PACKAGES := libguestfs-tools

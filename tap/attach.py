@@ -1,8 +1,7 @@
-"""Attach to a running QEMU: serve the NBD target, start the mirror job, record until told to stop.
+"""Attach to a running VM: serve the NBD target, start the mirror job, record until told to stop.
 
-Detach is always `block-job-cancel` (the guest stays on its own disk), never block-job-complete.
-A tap killed without detaching leaves the job alive: with reconnect-delay and on-target-error=stop,
-QEMU waits for us, and a new attach on the same state directory picks the job up again.
+The job itself is a driver's (tap.job): QEMU's QMP socket (tap.qmp_job) or a libvirt domain (tap.libvirt_job).
+Detach always cancels it without a pivot, so the guest stays on its own disk.
 
 Durability (man/mirrorfs-attach.1 "DURABILITY"): a write is in the log file before QEMU gets its ack, so a
 killed tap loses nothing it acknowledged; what the kernel had not written back when the host crashed is lost
@@ -13,14 +12,15 @@ base and the log, compared with the disk over QEMU's NBD export, what differs lo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import signal
 import ssl
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,32 +29,27 @@ from typing import Any
 import trio
 
 from tap import nbd
-from tap.qmp_client import QMPClient, QMPConnectError, QMPError, open_qmp
+from tap.job import COPY_MODES, AttachError, Drive, MirrorJob
+from tap.qmp_job import QMPJob
 from tap.replica import BlockReplica
 from tap.retention import Policy, Segments, open_replica, plan_log, reader_position
 from tap.retention import current as current_checkpoint
 from tap.retention import start as replica_start
 from tap.server import TLSConfigError, check_listen, open_listeners, serve_nbd, server_tls_context
 from tap.state import EXPORT_NAME, StateDir, access, remove_socket, socket_path, warn_unreachable
-from tap.verify import Region, TrackingBackend, Verifier, VerifyError, WriteTracker, qemu_export, repaired_base
+from tap.verify import Region, TrackingBackend, Verifier, VerifyError, WriteTracker, repaired_base
 from tap.writelog import WriteLog
 
 log = logging.getLogger("mirrorfs.attach")
 
-COPY_MODES = {"exact": "write-blocking", "async": "background"}
 VERIFY_MODES = ("metadata", "full", "none")
 RegionsFn = Callable[[Callable[[int, int], bytes], int], Sequence[Region]]
-DETACH_TIMEOUT = 120.0
 COPY_POLL = 0.5  # seconds between asking QEMU how far a --sync full copy is
-
-
-class AttachError(Exception):
-    """Attach cannot go on; the message names the cause and the fix."""
 
 
 @dataclass
 class AttachConfig:
-    qmp: Path
+    qmp: Path | None
     state: Path
     device: str | None = None
     mode: str = "exact"
@@ -72,94 +67,45 @@ class AttachConfig:
     retain: Policy | None = None  # fold old history into a checkpoint (tap.retention); None: keep it all
 
 
-@dataclass
-class Drive:
-    device: str  # what blockdev-mirror's `device` takes: a drive id or a node name
-    size: int
-    description: str
-    node: str = ""  # the block node under the drive (block-export-add takes it; QEMU's '#block..' names too)
+async def _once(event: trio.Event) -> AsyncIterator[None]:
+    """A signal receiver's stand-in for attaches that share one: yields once `event` is set."""
+    await event.wait()
+    yield
 
 
-def _drive_names(entry: dict[str, Any]) -> list[str]:
-    inserted = entry.get("inserted") or {}
-    names = (entry.get("device"), entry.get("qdev"), inserted.get("node-name"))
-    return [n for n in names if n and not n.startswith("#")]  # '#block123' are QEMU's internal names
-
-
-async def find_drive(qmp: QMPClient, wanted: str | None) -> Drive:
-    """Resolve --device against query-block (VMs) and query-named-block-nodes (qemu-storage-daemon)."""
-    candidates: list[Drive] = []
-    for entry in await qmp.execute("query-block"):
-        inserted = entry.get("inserted")
-        if not inserted:
-            continue
-        names = _drive_names(entry)
-        size = (inserted.get("image") or {}).get("virtual-size")
-        if not names or not isinstance(size, int):
-            continue
-        device = entry.get("device") or inserted.get("node-name")
-        d = Drive(device, size, " / ".join(names), inserted.get("node-name") or device)
-        if wanted in names or (wanted is None and not inserted.get("ro")):
-            candidates.append(d)  # by default only writable drives: read-only ones never change
-    if wanted is not None and not candidates:
-        for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
-            if node.get("node-name") == wanted:
-                size = (node.get("image") or {}).get("virtual-size")
-                if isinstance(size, int):
-                    candidates.append(Drive(wanted, size, wanted, wanted))
-                break
-    if len(candidates) == 1:
-        return candidates[0]
-    listing = await list_drives(qmp)
-    if wanted is None and candidates:
-        raise AttachError("QEMU has several drives; choose one with --device:\n" + listing)
-    raise AttachError(
-        (f"drive {wanted!r} not found" if wanted else "QEMU has no writable drive with a medium") +
-        "; choose one of these with --device:\n" + listing)
-
-
-async def list_drives(qmp: QMPClient) -> str:
-    lines = []
-    for entry in await qmp.execute("query-block"):
-        inserted = entry.get("inserted") or {}
-        size = (inserted.get("image") or {}).get("virtual-size", "?")
-        lines.append(f"  {' / '.join(_drive_names(entry)) or '(anonymous)'}  {size} bytes"
-                     + ("" if inserted else "  (no medium)") + ("  (read-only)" if inserted.get("ro") else ""))
-    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
-        if node.get("node-name") and not node["node-name"].startswith("#"):
-            size = (node.get("image") or {}).get("virtual-size", "?")
-            lines.append(f"  node {node['node-name']}  {node.get('drv', '?')}  {size} bytes")
-    return "\n".join(lines) or "  (none)"
-
-
-def job_names(device: str, state: Path) -> tuple[str, str]:
-    """(job id, target node name): derived from the device and the state directory, so a restarted
-    tap finds its own job, and an attach with another state directory never takes it over."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in device)
-    tag = hashlib.sha1(os.fsencode(Path(state).absolute())).hexdigest()[:8]
-    return f"mirrorfs-{safe}-{tag}", f"mirrorfs-tgt-{safe}-{tag}"
-
-
-async def _job(qmp: QMPClient, job_id: str) -> dict[str, Any] | None:
-    for job in await qmp.execute("query-block-jobs"):
-        if job.get("device") == job_id:
-            return job
-    return None
+def _let_search(path: Path) -> None:
+    """o+x (search, no listing) on the state directory, so a QEMU of another user reaches nbd.sock in it; everything
+    inside keeps its own mode (files 0600 or 0640, nbd.sock 0660 for QEMU's group only)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & stat.S_IXOTH:
+            return
+        os.fchmod(fd, mode | stat.S_IXOTH)
+    finally:
+        os.close(fd)
+    print(f"mirrorfs: {path} is now searchable by other users (o+x, no listing) so that QEMU reaches nbd.sock; "
+          "its files keep their own modes", flush=True)
 
 
 class Attachment:
     """One attach run: the state dir, the log, the replica, the NBD server and the mirror job."""
 
-    def __init__(self, cfg: AttachConfig, *, regions: RegionsFn | None = None,
+    def __init__(self, cfg: AttachConfig, *, job: MirrorJob | None = None, regions: RegionsFn | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  copy_progress: Callable[[int, int], None] | None = None,
                  fold_cmd: Callable[[int, bool], list[str]] | None = None, reader: bool = False) -> None:
-        """`regions(read, size)` lists what `--verify metadata` compares (the caller's layer knows file systems);
-        `progress(done, total)` draws `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's.
-        `fold_cmd(seq, force)`: the command that folds the log up to seq into a checkpoint (`cfg.retain`; the
-        caller's layer indexes it; `force`: free space is short, remove what readers use too); `reader`: a live
-        engine reads the log, and retention waits for it (tap.retention)."""
+        """`job` runs the mirror job (default: QEMU's QMP socket `cfg.qmp`); `regions(read, size)` lists what
+        `--verify metadata` compares (the caller's layer knows file systems); `progress(done, total)` draws
+        `--verify full`'s bar, `copy_progress(done, total)` the --sync full copy's. `fold_cmd(seq, force)`: the
+        command that folds the log up to seq into a checkpoint (`cfg.retain`; the caller's layer indexes it;
+        `force`: free space is short, remove what readers use too); `reader`: a live engine reads the log, and
+        retention waits for it (tap.retention)."""
         self.cfg = cfg
+        if job is None:
+            assert cfg.qmp is not None, "a QMP socket or a job driver"
+            job = QMPJob(cfg.qmp)
+        self.job = job
         self.fold_cmd, self.reader = fold_cmd, reader
         self.checkpoint: dict[str, Any] | None = None
         self.regions_fn, self.progress, self.copy_progress = regions, progress, copy_progress
@@ -168,7 +114,6 @@ class Attachment:
         self.verified: dict[str, Any] | None = None
         self.state = StateDir(cfg.state)
         self.drive: Drive | None = None
-        self.job_id = self.node = ""
         self.ready = False
         self.started = time.time()
         self.backend: TrackingBackend | None = None
@@ -182,8 +127,8 @@ class Attachment:
     def info(self, **extra: Any) -> dict[str, Any]:
         b = self.backend
         return {
-            "pid": os.getpid(), "qmp": str(self.cfg.qmp), "device": self.drive.device if self.drive else None,
-            "size": self.drive.size if self.drive else None, "job": self.job_id, "node": self.node,
+            "pid": os.getpid(), **self.job.where(), "device": self.drive.device if self.drive else None,
+            "size": self.drive.size if self.drive else None, "job": self.job.job_id, "node": self.job.node,
             "mode": self.cfg.mode, "sync": self.cfg.sync, "ready": self.ready,
             "last_seq": b.writelog.last_seq if b and b.writelog else 0,
             "writes": b.stats.writes if b else 0, "bytes": b.stats.bytes if b else 0,
@@ -195,9 +140,13 @@ class Attachment:
             **extra,
         }
 
-    async def run(self, *, announce=print, on_ready=None) -> None:
-        """Attach, record until a signal or the job's end, detach. `on_ready()` runs once the job is ready."""
+    async def run(self, *, announce=print, on_ready=None, stop: trio.Event | None = None) -> None:
+        """Attach, record until a signal (or `stop`, for attaches that share one) or the job's end, detach.
+        `on_ready()` runs once the job is ready."""
         cfg = self.cfg
+        if self.job.whole_copy and (cfg.sync != "full" or cfg.base is not None):
+            raise AttachError("this mirror job always copies the whole disk first: attach with --sync full, "
+                              "without --base or --index")
         if cfg.mode not in COPY_MODES:
             raise AttachError(f"unknown --mode {cfg.mode!r}: use exact or async")
         if cfg.sync not in ("none", "full"):
@@ -215,17 +164,15 @@ class Attachment:
             raise AttachError(str(exc)) from None
         self.state.lock()
         try:
-            async with open_qmp(cfg.qmp) as qmp:
-                await self._run(qmp, announce, on_ready)
-        except QMPConnectError as exc:
-            raise AttachError(str(exc)) from exc
+            async with self.job.connect():
+                await self._run(announce, on_ready, stop)
         finally:
             self.state.unlock()
 
-    async def _run(self, qmp: QMPClient, announce, on_ready) -> None:
+    async def _run(self, announce, on_ready, stop: trio.Event | None) -> None:
         cfg = self.cfg
-        self.drive = drive = await find_drive(qmp, cfg.device)
-        self.job_id, self.node = job_names(drive.device, self.state.path)
+        self.drive = drive = await self.job.find_drive(cfg.device)
+        self.job.name(drive, self.state.path)
         fresh = self.state.read_state() is None  # a refused base leaves no state behind in a new directory
         previous = self.state.read_attach()
         self.state.init_state(drive.size, drive.device)
@@ -252,7 +199,9 @@ class Attachment:
             exports = {EXPORT_NAME: nbd.Export(name=EXPORT_NAME, size=drive.size)}
             # the writable export: root's (0600), or --qemu-group's too (0660), never --group's
             listeners = await open_listeners([f"unix:{sock}"])
-            if access().qemu_gid is not None:
+            if self.job.open_state_dir and access().qemu_gid is not None and sock.parent == self.state.path:
+                _let_search(sock.parent)
+            if access().qemu_gid is not None:  # the group QEMU runs as must reach the socket
                 warn_unreachable(sock, access().qemu_gid, access().qemu_group)
             # --listen is for readers (nbdinfo, nbdcopy): a read-only export, so only QEMU's mirror job
             # writes the log, and a connection limit of its own, so readers cannot crowd QEMU out.
@@ -265,10 +214,16 @@ class Attachment:
                 if readers:
                     await nursery.start(partial(serve_nbd, readers, reader_exports, backend, tls=self.tls))
                 try:
-                    await self._start_job(qmp, sock)
+                    await self._start_job(sock)
                     try:
-                        if self.unclean is not None:
-                            await self._resync(qmp, backend)
+                        if self.unclean is not None and self.job.whole_copy:
+                            # the copy that just ended re-sent every byte of the disk: what the log lost is in it
+                            backend.tracker = None
+                            self.resynced = True
+                            print("mirrorfs: the previous attach did not stop cleanly; the whole-disk copy just "
+                                  "logged the disk again, so nothing it lost is missing", flush=True)
+                        elif self.unclean is not None:
+                            await self._resync(backend)
                         elif self.after_detach and not self.resumed and cfg.verify == "none":
                             print("mirrorfs: --verify none: the disk is not compared with the replica, although the "
                                   "guest may have written since the last detach, unrecorded; if it did, the replica "
@@ -279,36 +234,36 @@ class Attachment:
                             print(f"mirrorfs: {self.state.path} was detached at {when}; the guest may have written "
                                   "since, unrecorded: comparing the replica with the disk and logging what differs",
                                   flush=True)
-                            await self._resync(qmp, backend)
+                            await self._resync(backend)
                         else:
-                            await self._verify_base(qmp, backend)
-                    except BaseException as exc:  # Ctrl-C or a broken QMP too: no job is left behind
+                            await self._verify_base(backend)
+                    except BaseException as exc:  # Ctrl-C or a broken connection too: no job is left behind
                         refused = isinstance(exc, AttachError)
                         with trio.CancelScope(shield=True):
                             try:
-                                await self._detach(qmp)
-                            except (AttachError, QMPError, QMPConnectError) as why:
+                                await self.job.detach()
+                            except self.job.errors as why:
                                 log.warning("detaching after the base check: %s", why)
                         raise
                     if cfg.cont:
-                        status = await qmp.execute("query-status")
-                        if not status.get("running"):
-                            await qmp.execute("cont")
+                        await self.job.cont()
                     # caught from before attach.json says ready: a script's SIGINT right then still detaches
-                    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    with (trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if stop is None
+                          else nullcontext(_once(stop))) as signals:
                         self.ready = True
                         self.state.write_attach(self.info())
-                        announce(f"mirrorfs: attached to {drive.device} ({drive.size} bytes), mode {cfg.mode}, "
-                                 f"sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)", flush=True)
+                        announce(f"mirrorfs: attached to {self.job.label(drive)} ({drive.size} bytes), mode "
+                                 f"{cfg.mode}, sync {cfg.sync}; recording into {self.state.path} (Ctrl-C detaches)",
+                                 flush=True)
                         if on_ready is not None:
                             on_ready()
                         nursery.start_soon(self._keep_info_current)
                         if cfg.retain is not None and self.fold_cmd is not None:
                             nursery.start_soon(self._retain, writelog.last_seq if cfg.sync == "full" else 0)
-                        reason = await self._wait_for_end(qmp, signals)
+                        reason = await self._wait_for_end(signals)
                     if reason:
                         raise AttachError(reason)
-                    await self._detach(qmp)
+                    await self.job.detach()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -377,7 +332,7 @@ class Attachment:
               "compared with the disk once the mirror job runs, and what differs is logged", flush=True)
         return replica
 
-    async def _resync(self, qmp: QMPClient, backend: TrackingBackend) -> None:
+    async def _resync(self, backend: TrackingBackend) -> None:
         """After an unclean stop (or a clean detach: the guest wrote on, unrecorded): compare the whole replica with
         the disk while the job already logs new writes;
         what differs for CONFIRM_S, uncovered by a new write, is the disk's content the log lost: append it as
@@ -387,8 +342,8 @@ class Attachment:
         t0 = trio.current_time()
         first = backend.writelog.last_seq + 1
         try:
-            async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
-                                   server=self.cfg.verify_nbd, tag=self.job_id) as reader:
+            async with self.job.export(socket_path(self.state.path, "verify.sock"), server=self.cfg.verify_nbd,
+                                       tag=self.job.job_id) as reader:
                 out = await Verifier(reader, backend.replica, backend.tracker, mode=self.cfg.mode, repair=True,
                                      lock=backend.lock, apply=backend.write, progress=self.progress
                                      ).run([(0, self.drive.size, "disk")])
@@ -422,7 +377,7 @@ class Attachment:
                   self.state.path / "base.img", self.state.path / "base.img.seq"):
             p.unlink(missing_ok=True)
 
-    async def _verify_base(self, qmp: QMPClient, backend: TrackingBackend) -> None:
+    async def _verify_base(self, backend: TrackingBackend) -> None:
         """Is the base the disk? Compared while the job already logs every write; a mismatch detaches and refuses
         (or, with --repair-base, is copied into the replica and DIR/base.img). See tap.verify."""
         cfg = self.cfg
@@ -432,7 +387,7 @@ class Attachment:
             log.warning("--verify none: %s is trusted unchecked; if it is not what the disk holds now, the replica, "
                         "every event and every view are wrong from the start, silently", cfg.base)
             return
-        if cfg.cont and (await qmp.execute("query-status")).get("status") == "prelaunch":
+        if cfg.cont and await self.job.prelaunch():
             print("mirrorfs: the guest has not run since QEMU started (-S): the base is not compared; it must be the "
                   "disk as QEMU opened it", flush=True)
             backend.tracker = None
@@ -449,8 +404,8 @@ class Attachment:
         try:
             if cfg.repair_base:
                 repair_into = repaired_base(cfg.base, self.state.path / "base.img", self.drive.size)
-            async with qemu_export(qmp, self.drive.node, socket_path(self.state.path, "verify.sock"),
-                                   server=cfg.verify_nbd, tag=self.job_id) as reader:
+            async with self.job.export(socket_path(self.state.path, "verify.sock"), server=cfg.verify_nbd,
+                                       tag=self.job.job_id) as reader:
                 out = await Verifier(reader, backend.replica, backend.tracker, mode=cfg.mode, repair=cfg.repair_base,
                                      lock=backend.lock,
                                      repair_into=repair_into, progress=self.progress).run(regions)
@@ -498,69 +453,37 @@ class Attachment:
         holders = [r for r in regions if r[0] <= off < r[0] + r[1]]
         return (off, length, min(holders, key=lambda r: r[1])[2] if holders else "data (no metadata the engine reads)")
 
-    async def _start_job(self, qmp: QMPClient, sock: Path) -> None:
+    async def _start_job(self, sock: Path) -> None:
+        """Start the job (or take it back) and wait until it is ready; a whole-disk copy meanwhile has a bar."""
         cfg = self.cfg
-        job = await _job(qmp, self.job_id)
-        if job is not None:
-            # A previous tap on this state dir was killed: QEMU is reconnecting to our socket.
-            print(f"mirrorfs: resuming mirror job {self.job_id} left by a previous attach", flush=True)
-            self.resumed = True
-            if job.get("paused") or job.get("status") == "paused":
-                await qmp.execute("block-job-resume", {"device": self.job_id})
-            if job.get("ready"):
-                return
-        else:
-            try:
-                await qmp.execute("blockdev-add", {
-                    "driver": "nbd", "node-name": self.node, "export": EXPORT_NAME,
-                    "server": {"type": "unix", "path": str(sock)}, "reconnect-delay": cfg.reconnect_delay})
-            except QMPError as exc:
-                raise AttachError(f"QEMU cannot open our NBD target: {exc.desc}") from exc
-            try:
-                await qmp.execute("blockdev-mirror", {
-                    "job-id": self.job_id, "device": self.drive.device, "target": self.node,
-                    "sync": cfg.sync, "copy-mode": COPY_MODES[cfg.mode], "on-target-error": "stop"})
-            except QMPError as exc:
-                await self._drop_node(qmp)
-                jobs = [j.get("device") for j in await qmp.execute("query-block-jobs")]
-                hint = (f"; QEMU already runs block job(s) {', '.join(map(str, jobs))} (another attach, or one "
-                        "killed without detaching: attach again with its --state, or block-job-cancel it)"
-                        if jobs else "")
-                raise AttachError(f"QEMU refused the mirror job: {exc.desc}{hint}") from exc
+        await self.job.start(sock, cfg.mode, cfg.sync, cfg.reconnect_delay)
         async with trio.open_nursery() as nursery:
             if cfg.sync == "full":
-                nursery.start_soon(self._report_copy, qmp)
-            ev = await qmp.wait_event(
-                lambda e: e.data.get("device") == self.job_id and e.name in (
-                    "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"))
+                nursery.start_soon(self._report_copy)
+            await self.job.wait_ready()
             nursery.cancel_scope.cancel()
-        if ev is None:
-            raise AttachError(f"lost QEMU before the mirror job was ready: {qmp.close_reason}")
-        if ev.name != "BLOCK_JOB_READY":
-            await self._drop_node(qmp)
-            raise AttachError(f"the mirror job ended before it was ready: {ev.data.get('error', ev.name)}")
+        self.resumed = self.job.resumed
         if cfg.sync == "full":
-            await self._copy_once(qmp)  # the copy's end: the bar (and attach.json) reach 100%
+            await self._copy_once()  # the copy's end: the bar (and attach.json) reach 100%
 
-    async def _report_copy(self, qmp: QMPClient) -> None:
-        """--sync full: how far QEMU's whole-disk copy is, for the bar (`copy_progress`) and attach.json's `copy`.
-        QEMU reports a job's offset and length only when asked (no event carries them), so this asks every
-        COPY_POLL seconds until the job is ready."""
+    async def _report_copy(self) -> None:
+        """--sync full: how far the whole-disk copy is, for the bar (`copy_progress`) and attach.json's `copy`.
+        QEMU (and libvirt) report a job's offset and length only when asked (no event carries them), so this
+        asks every COPY_POLL seconds until the job is ready."""
         while True:
-            await self._copy_once(qmp)
+            await self._copy_once()
             await trio.sleep(COPY_POLL)
 
-    async def _copy_once(self, qmp: QMPClient) -> None:
-        job = await _job(qmp, self.job_id)
-        if job is not None:
-            done, total = int(job.get("offset") or 0), int(job.get("len") or 0)
-            self.copied = (done, total)
+    async def _copy_once(self) -> None:
+        copied = await self.job.progress()
+        if copied is not None:
+            self.copied = copied
             if self.copy_progress is not None:
-                self.copy_progress(done, total)
+                self.copy_progress(*copied)
             self.state.write_attach(self.info())
 
-    async def _wait_for_end(self, qmp: QMPClient, signals: AsyncIterator[int]) -> str:
-        """Block until a signal (→ '') or the job/QEMU ends on its own (→ the reason)."""
+    async def _wait_for_end(self, signals: AsyncIterator[Any]) -> str:
+        """Block until a signal (→ '') or the job or its connection ends on its own (→ the reason)."""
         async with trio.open_nursery() as nursery:
             result = [""]
 
@@ -569,46 +492,13 @@ class Attachment:
                     nursery.cancel_scope.cancel()
                     return
 
-            async def on_event() -> None:
-                while (ev := await qmp.next_event()) is not None:
-                    if ev.data.get("device") != self.job_id:
-                        continue
-                    if ev.name == "BLOCK_JOB_ERROR":
-                        log.warning("mirror job I/O error (%s); QEMU pauses it and retries on reconnect",
-                                    ev.data.get("operation"))
-                    elif ev.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
-                        result[0] = "the mirror job ended: " + str(ev.data.get("error", ev.name))
-                        nursery.cancel_scope.cancel()
-                        return
-                result[0] = f"lost QEMU: {qmp.close_reason}"
+            async def on_end() -> None:
+                result[0] = await self.job.wait_for_end()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signal)
-            nursery.start_soon(on_event)
+            nursery.start_soon(on_end)
         return result[0]
-
-    async def _detach(self, qmp: QMPClient) -> None:
-        """Cancel the job (a ready mirror first copies what is still dirty), then drop our node."""
-        log.info("detaching: block-job-cancel %s", self.job_id)
-        job = await _job(qmp, self.job_id)
-        if job is not None:
-            if job.get("paused") or job.get("status") == "paused":
-                await qmp.execute("block-job-resume", {"device": self.job_id})
-            await qmp.execute("block-job-cancel", {"device": self.job_id})
-            ev = await qmp.wait_event(
-                lambda e: e.data.get("device") == self.job_id
-                and e.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout=DETACH_TIMEOUT)
-            if ev is None:
-                raise AttachError(f"the mirror job did not end within {DETACH_TIMEOUT:.0f} s of block-job-cancel")
-            if ev.data.get("error"):
-                raise AttachError(f"the mirror job ended with an error: {ev.data['error']}")
-        await self._drop_node(qmp)
-
-    async def _drop_node(self, qmp: QMPClient) -> None:
-        try:
-            await qmp.execute("blockdev-del", {"node-name": self.node})
-        except (QMPError, QMPConnectError) as exc:
-            log.debug("blockdev-del %s: %s", self.node, exc)
 
     async def _fsync_every_second(self) -> None:
         """fsync the log (per --fsync) in a worker thread once a second: QEMU forwards almost no guest flushes,

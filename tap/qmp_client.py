@@ -148,8 +148,8 @@ async def open_qmp(path: Path) -> AsyncIterator[QMPClient]:
             raise QMPConnectError(
                 f"QEMU did not greet on {path} within {GREETING_TIMEOUT:.0f} s: its QMP socket serves one "
                 "client at a time and another holds it: another `mirrorfs attach`, or libvirtd if this VM runs "
-                "under libvirt (libvirt keeps QMP for itself; attaching to a libvirt domain, --domain, is not "
-                "supported yet: see mirrorfs-attach(1) LIBVIRT)"
+                "under libvirt (libvirt keeps QMP for itself: attach with --domain NAME instead, through libvirt's "
+                "own block copy; see mirrorfs-attach(1) LIBVIRT)"
                 if not client.closed.is_set() else f"QMP connection to {path} failed: {client.close_reason}")
         await client.execute("qmp_capabilities")
         try:

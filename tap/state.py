@@ -27,6 +27,7 @@ gives the mode, sets the group with lchown, and refuses a directory another user
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import grp
 import hashlib
@@ -118,6 +119,18 @@ def set_group(name: str | None, qemu_group: str | None = None) -> Access:
         _access = Access(gid, label, qgid, qlabel)
         os.umask(GROUP_UMASK)
     return _access
+
+
+def grant_qemu_group(gid: int) -> str:
+    """Let `gid` connect to the writable NBD socket, as --qemu-group would: the group a hypervisor manager says it
+    runs QEMU as (libvirt's DAC seclabel). Returns the group's name for messages."""
+    global _access
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        name = str(gid)
+    _access = dataclasses.replace(_access, qemu_gid=gid, qemu_group=name)
+    return name
 
 
 def _fix(fd_or_path: int | str | Path, want: int) -> None:
