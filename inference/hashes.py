@@ -9,6 +9,11 @@ data writes no point has taken yet put back), so a hash is of exactly the bytes 
 Cost: a file's hash is kept until its content changes (a create, modify or truncate event), so renames and
 attribute changes cost nothing; only with a scope (data not attributed everywhere, so a content change may go
 without a modify event) is every hash taken afresh.
+
+Diffs (`--diff`): the kept hash is the content's before a change, so a modify or truncate event carries it as
+`old_sha256`; and with a store (inference/blobs.py) the bytes of each small file hashed are kept under their hash.
+A file nobody hashed since recording began (on the base image, untouched) is hashed when a data write first reaches
+one of its blocks (`before_change`, called before the write reaches the replica): its old bytes are gone after.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from inference.events import Mutation
+
+if TYPE_CHECKING:
+    from inference.blobs import BlobStore
 
 DEFAULT_HASH_LIMIT = 64 << 20  # --hash-limit: larger files get hash_skipped instead of sha256
 CHUNK = 8 << 20
 CONTENT_KINDS = frozenset(("create", "modify", "truncate"))
+CHANGE_KINDS = frozenset(("modify", "truncate"))  # what carries old_sha256: a change of content that was there
 NO_HASH_KINDS = frozenset(("delete", "error"))
 MAX_CACHED = 1 << 20  # inodes whose hash is kept (~150 bytes each); past it the cache starts again
 
@@ -31,8 +41,8 @@ Read = Callable[[int, int, int], bytes]  # (ino, offset, size) -> bytes, short w
 class Hasher:
     """Stamps `sha256` (or `hash_skipped`) on one file system's events. `limit` None: hashing is off."""
 
-    def __init__(self, read: Read, limit: int | None = DEFAULT_HASH_LIMIT) -> None:
-        self.read, self.limit = read, limit
+    def __init__(self, read: Read, limit: int | None = DEFAULT_HASH_LIMIT, store: BlobStore | None = None) -> None:
+        self.read, self.limit, self.store = read, limit, store
         self.cache: dict[int, tuple[int, str]] = {}  # ino -> (size, hex digest) as of its last content event
         self.hashed_bytes = self.hashed_files = 0
         self.seconds = 0.0  # spent reading and hashing (the benchmark's numerator)
@@ -40,26 +50,44 @@ class Hasher:
     def stamp(self, events: list[Mutation], *, cache: bool = True) -> None:
         if self.limit is None:
             return
-        fresh: set[int] = set()  # hashed in this batch: one point's bytes, whatever the kinds of its events
+        fresh: dict[int, str | None] = {}  # hashed in this batch (one point's bytes) -> its hash before
         for ev in events:
             if ev.type != "file" or ev.kind in NO_HASH_KINDS or ev.size is None:
                 if ev.kind in ("delete", "rmdir") and ev.links == 0:
                     self.cache.pop(ev.ino, None)
                 continue
+            before = self.cache.get(ev.ino)
+            if ev.kind in CHANGE_KINDS and before is not None:
+                ev.old_sha256 = fresh.get(ev.ino, before[1])
             if ev.size > self.limit:
                 ev.hash_skipped = True
+                if ev.kind in CONTENT_KINDS:
+                    self.cache.pop(ev.ino, None)  # not the content before the next change any more
                 continue
-            known = self.cache.get(ev.ino) if cache else None
+            known = before if cache else None
             stale = ev.kind in CONTENT_KINDS and ev.ino not in fresh
             if stale or known is None or known[0] != ev.size:
                 digest = self._hash(ev.ino, ev.size)
                 if digest is None:
+                    self.cache.pop(ev.ino, None)
                     continue  # the engine's file is shorter than the event says (cannot happen): no claim
                 if len(self.cache) >= MAX_CACHED:
                     self.cache.clear()
                 self.cache[ev.ino] = known = (ev.size, digest)
-                fresh.add(ev.ino)
+                fresh.setdefault(ev.ino, before[1] if before is not None else None)
             ev.sha256 = known[1]
+
+    def before_change(self, ino: int, size: int | None) -> None:
+        """A data write is about to reach file `ino` (`size`: as shown now): hash its content now, while the
+        replica still holds it, unless its hash is kept already. Only for files the store would keep."""
+        if self.limit is None or self.store is None or ino in self.cache or size is None \
+                or size > min(self.limit, self.store.file_limit):
+            return
+        digest = self._hash(ino, size)
+        if digest is not None:
+            if len(self.cache) >= MAX_CACHED:
+                self.cache.clear()
+            self.cache[ino] = (size, digest)
 
     def _hash(self, ino: int, size: int) -> str | None:
         t0 = time.perf_counter()
@@ -70,13 +98,20 @@ class Hasher:
 
     def _digest(self, ino: int, size: int) -> str | None:
         h = hashlib.sha256()
+        keep = self.store is not None and size <= self.store.file_limit
+        parts: list[bytes] = []
         pos = 0
         while pos < size:
             data = self.read(ino, pos, min(CHUNK, size - pos))
             if not data:
                 return None
             h.update(data)
+            if keep:
+                parts.append(data)
             pos += len(data)
         self.hashed_bytes += size
         self.hashed_files += 1
-        return h.hexdigest()
+        digest = h.hexdigest()
+        if keep:
+            self.store.keep(digest, b"".join(parts))
+        return digest
