@@ -8,12 +8,16 @@ gets a row without bytes, so a reader can say "binary" rather than "not kept".
 
 The guest is hostile and may change a million files: the store is bounded in bytes (each row costs its bytes plus
 ROW_COST, so a million tiny files count too); past the bound the oldest rows go first (a row seen again counts as
-new). It is one SQLite file, DIR/blobs.db, with a rollback journal rather than WAL, so a reader with read-only
-access (a `--group` member) can open it; it is the state directory's, 0600 (0640 with a group), as its other files.
+new). It is one SQLite file, DIR/blobs.db, 0600 (0640 with a group) as the state directory's other files. Not WAL:
+a reader with read-only access (a `--group` member) could not open it. The writer's journal is in memory (a third
+of the cost of a journal file, measured): a writer killed inside a commit may leave the file damaged, so the next
+writer checks it at open and starts it again if it is, and a reader checks each version's sha256 and calls a
+mismatch "not kept". Derived data: losing it costs diffs, never events.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import time
@@ -50,23 +54,37 @@ class BlobStore:
 
         self.path, self.limit, self.file_limit = Path(path), limit, min(file_limit, MAX_FILE_LIMIT)
         os.close(open_private(self.path, os.O_RDWR))  # the state directory's mode and group
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_MS / 1000)
-        self.db.execute("PRAGMA journal_mode=TRUNCATE")  # not WAL: read-only readers could not open it
-        self.db.execute("PRAGMA synchronous=OFF")         # derived data: a crash costs diffs, not events
-        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
-            self.db.executescript("""
-                DROP TABLE IF EXISTS blob; DROP TABLE IF EXISTS meta;
-                CREATE TABLE blob (n INTEGER PRIMARY KEY, sha BLOB UNIQUE NOT NULL, cost INTEGER NOT NULL,
-                                   data BLOB);
-                CREATE TABLE meta (k TEXT PRIMARY KEY, v);
-            """)
-            self.db.execute(f"PRAGMA user_version={SCHEMA}")
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError:  # damaged (a writer killed in a commit) or not ours: start again
+            os.truncate(self.path, 0)
+            self.db = self._open()
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('file_limit', ?)", (self.file_limit,))
         n, total = self.db.execute("SELECT MAX(n), SUM(cost) FROM blob").fetchone()
         self.next, self.total = (n or 0) + 1, total or 0
         self.kept = self.evicted = 0
         self.seconds = 0.0  # spent committing (keeping is inside the hashers' time): the benchmark's numerator
         self._open = False
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_MS / 1000)
+        try:
+            db.execute("PRAGMA journal_mode=MEMORY")  # see the module docstring
+            db.execute("PRAGMA synchronous=OFF")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check")
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+                db.executescript("""
+                    DROP TABLE IF EXISTS blob; DROP TABLE IF EXISTS meta;
+                    CREATE TABLE blob (n INTEGER PRIMARY KEY, sha BLOB UNIQUE NOT NULL, cost INTEGER NOT NULL,
+                                       data BLOB);
+                    CREATE TABLE meta (k TEXT PRIMARY KEY, v);
+                """)
+                db.execute(f"PRAGMA user_version={SCHEMA}")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def keep(self, sha256: str, data: bytes) -> None:
         """Keep a file's bytes (text) or the fact that it is binary, under its hex sha256."""
@@ -76,12 +94,14 @@ class BlobStore:
             self.db.execute("BEGIN")
             self._open = True
         key = bytes.fromhex(sha256)
-        if self.db.execute("UPDATE blob SET n=? WHERE sha=?", (self.next, key)).rowcount == 0:
-            text = is_text(data)
-            cost = ROW_COST + (len(data) if text else 0)
-            self.db.execute("INSERT INTO blob VALUES (?,?,?,?)", (self.next, key, cost, data if text else None))
+        text = is_text(data)
+        cost = ROW_COST + (len(data) if text else 0)
+        if self.db.execute("INSERT OR IGNORE INTO blob VALUES (?,?,?,?)",
+                           (self.next, key, cost, data if text else None)).rowcount:
             self.total += cost
             self.kept += 1
+        else:  # kept already: it counts as new again
+            self.db.execute("UPDATE blob SET n=? WHERE sha=?", (self.next, key))
         self.next += 1
         if self.total > self.limit:
             self._evict()
@@ -133,6 +153,8 @@ class BlobReader:
             return None
         if row is None:
             return None
+        if row[0] is not None and hashlib.sha256(row[0]).hexdigest() != sha256.lower():
+            return None  # a page a killed writer left half written: not this version
         return (row[0] is not None, row[0])
 
     def close(self) -> None:

@@ -113,5 +113,5 @@ class Hasher:
         self.hashed_files += 1
         digest = h.hexdigest()
         if keep:
-            self.store.keep(digest, b"".join(parts))
+            self.store.keep(digest, parts[0] if len(parts) == 1 else b"".join(parts))
         return digest

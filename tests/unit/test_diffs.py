@@ -67,10 +67,18 @@ def test_store_stays_within_its_bound_and_evicts_oldest_first(tmp_path: Path) ->
     again.close()
 
 
-def test_reader_of_no_store_or_garbage(tmp_path: Path) -> None:
+def test_damaged_store_costs_diffs_not_errors(tmp_path: Path) -> None:
     assert BlobReader(tmp_path / "none.db").get(sha(b"a")) is None
     (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
     assert BlobReader(tmp_path / "junk.db").get(sha(b"a")) is None
+    store = BlobStore(tmp_path / "junk.db")  # the writer starts it again
+    store.keep(sha(b"a\n"), b"a\n")
+    store.keep(sha(b"b\n"), b"b\n")
+    store.db.execute("UPDATE blob SET data=? WHERE sha=?", (b"forged\n", bytes.fromhex(sha(b"b\n"))))
+    store.close()
+    reader = BlobReader(tmp_path / "junk.db")
+    assert reader.get(sha(b"a\n")) == (True, b"a\n")
+    assert reader.get(sha(b"b\n")) is None  # bytes that are not the version's: not kept
 
 
 def test_hasher_carries_old_sha256_and_keeps_bytes(tmp_path: Path) -> None:
