@@ -10,10 +10,11 @@ Cost: a file's hash is kept until its content changes (a create, modify or trunc
 attribute changes cost nothing; only with a scope (data not attributed everywhere, so a content change may go
 without a modify event) is every hash taken afresh.
 
-Diffs (`--diff`): the kept hash is the content's before a change, so a modify or truncate event carries it as
-`old_sha256`; and with a store (inference/blobs.py) the bytes of each small file hashed are kept under their hash.
-A file nobody hashed since recording began (on the base image, untouched) is hashed when a data write first reaches
-one of its blocks (`before_change`, called before the write reaches the replica): its old bytes are gone after.
+Diffs (`--diff`): a modify or truncate event carries `old_sha256`, the sha256 of the file's previous event (the
+kept hash, or an earlier event's at the same point: a create and a modify at one point chain too); and with a store
+(inference/blobs.py) the bytes of each small file hashed are kept under their hash. A file nobody hashed since
+recording began (on the base image, untouched) is hashed when a data write first reaches one of its blocks
+(`before_change`, called before the write reaches the replica): its old bytes are gone after.
 """
 
 from __future__ import annotations
@@ -50,32 +51,35 @@ class Hasher:
     def stamp(self, events: list[Mutation], *, cache: bool = True) -> None:
         if self.limit is None:
             return
-        fresh: dict[int, str | None] = {}  # hashed in this batch (one point's bytes) -> its hash before
+        fresh: set[int] = set()  # hashed in this batch: one point's bytes, whatever the kinds of its events
+        last: dict[int, str | None] = {}  # the sha256 of each file's previous event in this batch
         for ev in events:
             if ev.type != "file" or ev.kind in NO_HASH_KINDS or ev.size is None:
                 if ev.kind in ("delete", "rmdir") and ev.links == 0:
                     self.cache.pop(ev.ino, None)
                 continue
-            before = self.cache.get(ev.ino)
-            if ev.kind in CHANGE_KINDS and before is not None:
-                ev.old_sha256 = fresh.get(ev.ino, before[1])
+            known = self.cache.get(ev.ino)
+            if ev.kind in CHANGE_KINDS:  # old_sha256: the sha256 of the file's previous event, when it had one
+                ev.old_sha256 = last[ev.ino] if ev.ino in last else known[1] if known is not None else None
             if ev.size > self.limit:
                 ev.hash_skipped = True
+                last[ev.ino] = None
                 if ev.kind in CONTENT_KINDS:
                     self.cache.pop(ev.ino, None)  # not the content before the next change any more
                 continue
-            known = before if cache else None
+            known = known if cache else None
             stale = ev.kind in CONTENT_KINDS and ev.ino not in fresh
             if stale or known is None or known[0] != ev.size:
                 digest = self._hash(ev.ino, ev.size)
                 if digest is None:
                     self.cache.pop(ev.ino, None)
+                    last[ev.ino] = None
                     continue  # the engine's file is shorter than the event says (cannot happen): no claim
                 if len(self.cache) >= MAX_CACHED:
                     self.cache.clear()
                 self.cache[ev.ino] = known = (ev.size, digest)
-                fresh.setdefault(ev.ino, before[1] if before is not None else None)
-            ev.sha256 = known[1]
+                fresh.add(ev.ino)
+            ev.sha256 = last[ev.ino] = known[1]
 
     def before_change(self, ino: int, size: int | None) -> None:
         """A data write is about to reach file `ino` (`size`: as shown now): hash its content now, while the

@@ -94,12 +94,16 @@ def test_hasher_carries_old_sha256_and_keeps_bytes(tmp_path: Path) -> None:
     evs = [ev(1, "create", "/a", 5, size=8), ev(1, "create", "/bin", 6, size=3)]
     h.stamp(evs)
     assert evs[0].old_sha256 is None  # a create has no content before
+    filled = [ev(2, "create", "/c", 9, size=0), ev(2, "modify", "/c", 9, size=4)]  # made and filled at one point
+    content[9] = b"abc\n"
+    h.stamp(filled)
+    assert filled[0].sha256 == sha(b"") and filled[1].old_sha256 == sha(b"")
     content[5] = b"one\nTWO\n"
     later = [ev(2, "modify", "/a", 5, size=8), ev(2, "attrib", "/a", 5, size=8), ev(2, "truncate", "/a", 5, size=8)]
     h.stamp(later)
     assert later[0].sha256 == sha(b"one\nTWO\n") and later[0].old_sha256 == sha(b"one\ntwo\n")
     assert later[1].old_sha256 is None                        # not a content change
-    assert later[2].old_sha256 == sha(b"one\ntwo\n")          # the same point: the content before the point
+    assert later[2].old_sha256 == sha(b"one\nTWO\n")          # the file's previous event's, at the same point
     # a file on the base that nothing hashed yet: hashed when a data write is about to reach it
     h.before_change(7, 10)
     assert reads.count(7) == 1
