@@ -4,7 +4,8 @@ A modify or truncate event carries `sha256` (content after) and `old_sha256` (be
 both under those hashes in DIR/blobs.db if the file was small text (inference/blobs.py). The diff is difflib's
 unified diff of the two, line by line ("\\n" ends a line, nothing else does), labelled a/PATH and b/PATH, with
 "\\ No newline at end of file" after a last line without one, as diff(1) writes it. When there can be no diff the
-event says why in `diff_skipped`, never an exception: the content is the guest's and may be anything.
+event says why in `diff_skipped` (mirrorfs-events(5) lists the reasons), never an exception: the content is the
+guest's and may be anything.
 
 difflib's matcher is quadratic on some inputs (64 KiB of alternating changed lines took 3.3 s), so each diff has a
 deterministic work budget (WORK_BUDGET lines scanned by its longest-match searches, ~0.15 s here): over it, the
@@ -79,22 +80,22 @@ class Differ:
             return None, "larger than the hash limit"
         new_sha, old_sha = get("sha256"), get("old_sha256")
         if not isinstance(new_sha, str):
-            return None, "not hashed (recorded with --hash-limit none)"
+            return None, "not hashed"
         if not isinstance(old_sha, str):
-            return None, "content before unknown (not hashed before this change)"
+            return None, "content before unknown"
         limit = self.store.file_limit
         if any(isinstance(n, int) and n > limit for n in (get("size"), get("old_size"))):
             return None, f"larger than the diff limit ({limit} bytes)"
         old, new = self.store.get(old_sha), self.store.get(new_sha)
         if old is None or new is None:
-            return None, "not kept (evicted from the diff store, or recorded without one)"
+            return None, "not kept"
         if not (old[0] and new[0]):
             return None, "binary"
         path = get("path")
         text = unified_diff(old[1].decode(errors="replace"), new[1].decode(errors="replace"),
                             path if isinstance(path, str) else "")
         if text is None:
-            return None, "too costly to diff (difflib's work budget)"
+            return None, "too costly to diff"
         if len(text) > MAX_DIFF:
             return None, f"diff longer than {MAX_DIFF} characters"
         return text, None
