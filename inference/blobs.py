@@ -18,10 +18,13 @@ mismatch "not kept". Derived data: losing it costs diffs, never events.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
+
+log = logging.getLogger("mirrorfs.blobs")
 
 DEFAULT_FILE_LIMIT = 64 << 10   # --diff-limit: larger files are not kept (their diffs say so)
 MAX_FILE_LIMIT = 1 << 20        # difflib's cost grows with the lines; see diffs.py's work budget
@@ -64,10 +67,11 @@ class BlobStore:
         self.next, self.total = (n or 0) + 1, total or 0
         self.kept = self.evicted = 0
         self.seconds = 0.0  # spent committing (keeping is inside the hashers' time): the benchmark's numerator
-        self._open = False
+        self._open = self.failed = False
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_MS / 1000)
+        # the engine's thread may not be the one that made it (replay --mount): Engine.lock keeps it one at a time
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_MS / 1000, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=MEMORY")  # see the module docstring
             db.execute("PRAGMA synchronous=OFF")
@@ -87,13 +91,28 @@ class BlobStore:
         return db
 
     def keep(self, sha256: str, data: bytes) -> None:
-        """Keep a file's bytes (text) or the fact that it is binary, under its hex sha256."""
-        if len(data) > self.file_limit:
+        """Keep a file's bytes (text) or the fact that it is binary, under its hex sha256. A failing store (a full
+        disk, say) is given up with one warning: it costs diffs, never the engine."""
+        if len(data) > self.file_limit or self.failed:
             return
+        try:
+            self._keep(bytes.fromhex(sha256), data)
+        except sqlite3.Error as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        log.warning("the diff store %s failed (%s): no more versions are kept for diffs until the engine restarts",
+                    self.path, exc)
+        self.failed = True
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    def _keep(self, key: bytes, data: bytes) -> None:
         if not self._open:
             self.db.execute("BEGIN")
             self._open = True
-        key = bytes.fromhex(sha256)
         text = is_text(data)
         cost = ROW_COST + (len(data) if text else 0)
         if self.db.execute("INSERT OR IGNORE INTO blob VALUES (?,?,?,?)",
@@ -117,15 +136,19 @@ class BlobStore:
             self.total -= freed
 
     def commit(self) -> None:
-        if self._open:
+        if self._open and not self.failed:
             t0 = time.perf_counter()
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._fail(exc)
             self._open = False
             self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         self.commit()
-        self.db.close()
+        if not self.failed:
+            self.db.close()
 
 
 class BlobReader:

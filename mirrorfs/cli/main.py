@@ -629,8 +629,14 @@ def cmd_replay(args: argparse.Namespace) -> None:
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
     engine.hash_limit = args.hash_limit
     if args.hash_limit is not None and args.diff_limit is not None and args.diff_store:
+        import sqlite3
+
         from inference.blobs import BlobStore
-        engine.blobs = BlobStore(state.path / "blobs.db", args.diff_store, args.diff_limit)
+        try:
+            engine.blobs = BlobStore(state.path / "blobs.db", args.diff_store, args.diff_limit)
+        except (OSError, sqlite3.Error) as exc:  # diffs are not worth the events: go on without
+            print(f"mirrorfs: warning: no diff store ({state.path}/blobs.db: {exc}): events --diff will say "
+                  "'not kept'", file=sys.stderr)
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
     if getattr(args, "mount", None) is not None:

@@ -79,6 +79,12 @@ def test_damaged_store_costs_diffs_not_errors(tmp_path: Path) -> None:
     reader = BlobReader(tmp_path / "junk.db")
     assert reader.get(sha(b"a\n")) == (True, b"a\n")
     assert reader.get(sha(b"b\n")) is None  # bytes that are not the version's: not kept
+    failing = BlobStore(tmp_path / "fails.db")
+    failing.db.close()                       # as a full disk would fail it: given up, the engine goes on
+    failing.keep(sha(b"c\n"), b"c\n")
+    failing.commit()
+    failing.close()
+    assert failing.failed
 
 
 def test_hasher_carries_old_sha256_and_keeps_bytes(tmp_path: Path) -> None:
