@@ -328,6 +328,8 @@ class Engine:
             if rescan:
                 rescan = False
                 self._rescan()
+        if self.blobs is not None:
+            self.blobs.commit()  # old versions kept before writes (before_change): readers see them, no lock held
         return events
 
     def _before_write(self, offset: int, length: int, old: bytes | None = None, old_at: int = 0) -> None:

@@ -316,7 +316,7 @@ def diff_limit(text: str) -> int | None:
 
     value = hash_limit(text)
     if value is not None and value > MAX_FILE_LIMIT:
-        raise argparse.ArgumentTypeError(f"at most {MAX_FILE_LIMIT >> 10}K: difflib's cost grows with the lines")
+        raise argparse.ArgumentTypeError(f"at most {MAX_FILE_LIMIT >> 20}M: difflib's cost grows with the lines")
     return value
 
 
