@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.blobs import BlobStore
 from inference.errors import CorruptMetadata
 from inference.events import ErrorEvent, Kind, Mutation, fs_path
 from inference.ext.content import read_file
@@ -172,6 +173,7 @@ class Engine:
         self.filesystems: dict[str, FsEntry] = {}
         self.hash_limit: int | None = DEFAULT_HASH_LIMIT  # events' sha256 up to this size (None: no hashes)
         self._hashers: dict[str, Hasher] = {}
+        self.blobs: BlobStore | None = None  # set by replay: small files' bytes for --diff (inference/blobs.py)
         self.last_seq = self.last_time_ns = 0
         self._spent = -math.inf  # a deadline whose tick decided nothing: not due again before the next record
         self.unready: dict[str, int] = {}  # ext volumes not indexable yet -> time of the last try
@@ -326,6 +328,8 @@ class Engine:
             if rescan:
                 rescan = False
                 self._rescan()
+        if self.blobs is not None:
+            self.blobs.commit()  # old versions kept before writes (before_change): readers see them, no lock held
         return events
 
     def _before_write(self, offset: int, length: int, old: bytes | None = None, old_at: int = 0) -> None:
@@ -337,18 +341,27 @@ class Engine:
             if fs is not None:
                 a = disk_off - old_at
                 fs.handler.before_write(vol_off, piece, old[a:a + piece] if old is not None else None)
+                if self.blobs is not None and self.hash_limit is not None:
+                    hasher = self._hasher(vol.name)
+                    for ino, size in fs.handler.file_owners(vol_off, piece).items():
+                        hasher.before_change(ino, size)  # a file on the base: keep its old bytes for a diff
 
     def _stamp(self, fs: str, events: list[Mutation]) -> list[Mutation]:
         """Give a file system's new events their content hashes (inference/hashes.py) now, while the replica holds
         exactly their point's bytes: the next record may overwrite them."""
         if events and self.hash_limit is not None:
-            hasher = self._hashers.get(fs)
-            if hasher is None or hasher.limit != self.hash_limit:
-                handler = self.filesystems[fs].handler
-                hasher = self._hashers[fs] = Hasher(lambda ino, off, n: read_file(handler, ino, off, n),
-                                                    self.hash_limit)
-            hasher.stamp(events, cache=self.scope is None)
+            self._hasher(fs).stamp(events, cache=self.scope is None)
+            if self.blobs is not None:
+                self.blobs.commit()
         return events
+
+    def _hasher(self, fs: str) -> Hasher:
+        hasher = self._hashers.get(fs)
+        if hasher is None or hasher.limit != self.hash_limit or hasher.store is not self.blobs:
+            handler = self.filesystems[fs].handler
+            hasher = self._hashers[fs] = Hasher(lambda ino, off, n: read_file(handler, ino, off, n),
+                                                self.hash_limit, self.blobs)
+        return hasher
 
     def idle_wait_s(self, now_ns: int) -> float | None:
         """How long a follower with no new records may sleep before `tick(now)` has something to decide: until
@@ -408,6 +421,8 @@ class Engine:
 
     def close(self) -> None:
         self.replica.close()
+        if self.blobs is not None:
+            self.blobs.close()
 
 
 def build_index(image: Path, out: Path, *, progress: Callable[[int, int], None] | None = None) -> dict:

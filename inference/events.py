@@ -105,6 +105,9 @@ class Mutation:
     old_uid: int | None = None
     old_gid: int | None = None
     old_target: str | None = None  # a symlink whose target changed under the same inode: the target before
+    old_sha256: str | None = None  # modify, truncate: the sha256 of the content before, when the engine hashed it
+    diff: str | None = None        # added by readers asked for --diff (mirrorfs/stream/diffs.py), never by the engine
+    diff_skipped: str | None = None  # --diff: why there is no diff (binary, not kept, ...)
     id: str | None = None         # "SEQ-N": N-th event (from 1) of that seq, given by the EventLog; stable position
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -134,15 +137,7 @@ class Mutation:
         return d
 
     def to_json(self) -> str:
-        """One line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still valid JSON), and
-        so, as \\uXXXX, do characters a terminal would act on that JSON leaves raw (DEL, C1 controls such as
-        the 8-bit CSI, bidi overrides): a guest's name printed with `events --json` cannot drive the terminal."""
-        text = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            return json.dumps(self.to_dict(), separators=(",", ":"))
-        return _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return event_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mutation:
@@ -161,7 +156,7 @@ class Mutation:
 _OPTIONAL = ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "mtime_ns", "ctime_ns", "atime_ns",
              "blocks", "links", "rdev", "flags", "old_flags", "parent", "old_parent", "ranges", "target", "xattr",
              "message", "unconfirmed", "sha256", "hash_skipped", "old_size", "old_mode", "old_uid", "old_gid",
-             "old_target")  # to_dict's fields after the fixed ones, in its order
+             "old_target", "old_sha256", "diff", "diff_skipped")  # to_dict's fields after the fixed ones, in order
 _optional = operator.attrgetter(*_OPTIONAL)  # (one C call, not 30 getattr: to_dict ran once per event)
 
 
@@ -170,6 +165,19 @@ class ErrorEvent(Mutation):
     """What the engine could not make a mutation of (hostile or inconsistent metadata, a gap in the log), on
     the same stream, in seq order; `message` says what was wrong and what the engine did. Consumers that apply
     mutations (the view, reads) pass these by (`is_error`)."""
+
+
+def event_json(d: dict[str, Any]) -> str:
+    """An event's dict as one line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still
+    valid JSON), and so, as \\uXXXX, do characters a terminal would act on that JSON leaves raw (DEL, C1 controls
+    such as the 8-bit CSI, bidi overrides): a guest's name (or file content, in a diff) printed with
+    `events --json` cannot drive the terminal."""
+    text = json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(d, separators=(",", ":"))
+    return _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def parse_id(event_id: str) -> tuple[int, int]:

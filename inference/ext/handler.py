@@ -205,6 +205,18 @@ class ExtHandler:
                 if self.preimage_bytes >= MAX_PREIMAGE:
                     return
 
+    def file_owners(self, offset: int, length: int) -> dict[int, int]:
+        """Regular files (with attributed data) whose blocks [offset, offset+length) of the volume holds, as of
+        the last point: inode -> size shown. For diffs: their content is hashed before the write lands."""
+        bs = self.geo.block_size
+        first, count = offset // bs, -(-(offset + length) // bs) - offset // bs
+        out: dict[int, int] = {}
+        for _phys, _n, ino, _logical in self.blocks.owners(first, count):
+            node = self.tree.nodes.get(ino)
+            if node is not None and node.type == "file" and (self.scope is None or self.in_scope(ino)):
+                out[ino] = node.size
+        return out
+
     def _clear_preimage(self) -> None:
         self.preimage: dict[int, bytes] = {}  # data block -> its bytes at the last consistency point
         self.preimage_bytes = 0

@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--since", type=int, default=0, metavar="SEQ", help="only events with seq >= SEQ")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--diff", action="store_true",
+                   help="modify and truncate events of text files carry a unified diff of the content before and "
+                        "after (`diff`; in text, indented under the event), from the versions the engine kept "
+                        "(--diff-limit); where there is none, `diff_skipped` says why (binary, too large, ...)")
     from mirrorfs.cli import stream as cli_stream
     cli_stream.add_filter_args(p)
     cli_stream.add_output_args(p)
@@ -323,11 +327,29 @@ def hash_limit(text: str) -> int | None:
     return value
 
 
+def diff_limit(text: str) -> int | None:
+    """--diff-limit: a size as --hash-limit takes it, at most MAX_FILE_LIMIT; `none`: no diff store."""
+    from inference.blobs import MAX_FILE_LIMIT
+
+    value = hash_limit(text)
+    if value is not None and value > MAX_FILE_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_FILE_LIMIT >> 20}M: difflib's cost grows with the lines")
+    return value
+
+
 def _hash_arg(p: argparse.ArgumentParser) -> None:
+    """--hash-limit, and the diff store's --diff-limit and --diff-store: what the engine keeps of content."""
+    from inference.blobs import DEFAULT_FILE_LIMIT, DEFAULT_STORE_LIMIT
     from inference.hashes import DEFAULT_HASH_LIMIT
     p.add_argument("--hash-limit", type=hash_limit, default=DEFAULT_HASH_LIMIT, metavar="SIZE",
                    help="events of regular files up to SIZE carry the sha256 of their content at the point; larger "
                         "ones say hash_skipped (default 64M; K, M, G suffixes; none: no hashing)")
+    p.add_argument("--diff-limit", type=diff_limit, default=DEFAULT_FILE_LIMIT, metavar="SIZE",
+                   help="keep the content of each text file up to SIZE that the engine hashes (every version) in "
+                        "DIR/blobs.db, so `events --diff` and `publish --diff` can show what a change did "
+                        "(default 64K, at most 1M; none: keep nothing)")
+    p.add_argument("--diff-store", type=hash_limit, default=DEFAULT_STORE_LIMIT, metavar="SIZE",
+                   help="bound of DIR/blobs.db: past it the oldest versions go first (default 64M)")
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -456,6 +478,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
             cmd += [a for g in args.scope for a in ("--scope", g)]
             cmd += ["--scope-from-subscribers"] if args.scope_from_subscribers else []
             cmd += ["--hash-limit", str(args.hash_limit) if args.hash_limit is not None else "none"]
+            cmd += ["--diff-limit", str(args.diff_limit) if args.diff_limit is not None else "none"]
+            cmd += ["--diff-store", str(args.diff_store) if args.diff_store is not None else "none"]
             cmd += ["--group", args.access_group] if args.access_group else []
             if self.mount is not None:
                 if every:
@@ -756,6 +780,15 @@ def _replay(args: argparse.Namespace, state, size: int, stop: list[int]) -> None
     since, keep = (ck.seq + 1, ck.seq) if ck is not None else (1, None)
     engine.set_scope(scope_prefixes(getattr(args, "scope", None) or ()))
     engine.hash_limit = args.hash_limit
+    if args.hash_limit is not None and args.diff_limit is not None and args.diff_store:
+        import sqlite3
+
+        from inference.blobs import BlobStore
+        try:
+            engine.blobs = BlobStore(state.path / "blobs.db", args.diff_store, args.diff_limit)
+        except (OSError, sqlite3.Error) as exc:  # diffs are not worth the events: go on without
+            print(f"mirrorfs: warning: no diff store ({state.path}/blobs.db: {exc}): events --diff will say "
+                  "'not kept'", file=sys.stderr)
     write_json_atomic(workdir / "source.json", {"base": str(Path(args.base).resolve()) if args.base else None,
                                                 "index": str(Path(args.index).resolve()) if args.index else None})
 

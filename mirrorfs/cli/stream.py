@@ -85,6 +85,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--registry", default=DEFAULT_REGISTRY, metavar="KEY",
                    help=f"set the stream name is added to, for collectors (default {DEFAULT_REGISTRY})")
     p.add_argument("--once", action="store_true", help="stop at the end of the event log instead of following")
+    p.add_argument("--diff", action="store_true",
+                   help="modify and truncate events of text files carry a unified diff (`diff`) or why not "
+                        "(`diff_skipped`), made here from DIR/blobs.db, so it travels in the stream (see "
+                        "events --diff)")
     add_filter_args(p)
 
     p = sub.add_parser(
@@ -109,6 +113,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--count", type=int, metavar="N", help="exit after N matching events")
     p.add_argument("--idle-exit", type=float, metavar="SECONDS",
                    help="exit once no event came for this long (for scripts and tests)")
+    p.add_argument("--diff", action="store_true",
+                   help="show the diffs a `publish --diff` put in events (diff, diff_skipped: in JSON, in "
+                        "MIRRORFS_EVENT, and indented under the text line); without it they are left out")
     add_filter_args(p)
     add_output_args(p)
 
@@ -126,7 +133,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     state = StateDir(args.state)
     state.require_state()
     pub = Publisher(state.path, args.redis, stream=args.stream, flt=filter_from_args(args), maxlen=args.maxlen,
-                    batch=args.batch, registry=args.registry, password=_password(args))
+                    batch=args.batch, registry=args.registry, password=_password(args), diff=args.diff)
     print(f"mirrorfs: publishing {state.path / 'events.jsonl'} to {pub.stream} from {pub.position_text()}",
           file=sys.stderr, flush=True)
     pub.run(follow=not args.once)
@@ -139,7 +146,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
     coll = Collector(args.redis, group=args.group, consumer=args.consumer, registry=args.registry,
                      pattern=args.pattern, flt=filter_from_args(args), start=args.start, password=_password(args))
-    coll.run(as_json=args.json, exec_cmd=args.exec_cmd, count=args.count, idle_exit=args.idle_exit)
+    coll.run(as_json=args.json, exec_cmd=args.exec_cmd, count=args.count, idle_exit=args.idle_exit,
+             diff=args.diff)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -169,8 +177,14 @@ def cmd_events(args: argparse.Namespace) -> None:
     flt = filter_from_args(args)
     fmt = "json" if args.json else getattr(args, "format", None) or "text"
     timefmt = getattr(args, "timefmt", None)
+    differ = None
+    if getattr(args, "diff", False) and fmt != "bodyfile":
+        from mirrorfs.stream.diffs import Differ
+        differ = Differ(state.path)
     for ev in read_events(path, args.since, follow=args.follow):
         if flt.matches(ev):
+            if differ is not None:
+                differ.add_to_event(ev)
             line = format_bodyfile(ev) if fmt == "bodyfile" else format_event(ev, fmt == "json", timefmt)
             if line is not None:
                 print(line, flush=args.follow)

@@ -7,12 +7,16 @@ last id it handled per stream (hash mirrorfs:collect:GROUP:done, written with th
 entries re-delivered after a collector restart (pending, never acked) or a Redis failover at or below that
 mark are acked and not output again. Filtering at this layer is the same Filter as everywhere else.
 
+Diffs (`publish --diff` puts `diff` or `diff_skipped` in events) are shown only with `--diff`: without it they are
+left out of every output (a diff is many lines, and MIRRORFS_EVENT is one environment string, at most 128 KiB).
+
 `--exec CMD` runs CMD (split with shlex, never given to a shell) with the event's path as the last argument and
 the event's JSON in MIRRORFS_EVENT; a guest path always starts with "/", so it can never pass for an option.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,13 +29,14 @@ import threading
 import time
 from typing import Any
 
-from inference.events import Mutation, parse_id
+from inference.events import Mutation, event_json, parse_id
 from inference.names import escape_name
 from mirrorfs.stream.filters import Filter
 from mirrorfs.stream.publish import DEFAULT_REGISTRY, Backoff, Halted, auth_failed
 
 log = logging.getLogger("mirrorfs.collect")
 
+DIFF_FIELDS = ("diff", "diff_skipped")
 DISCOVER_EVERY = 2.0
 READ_COUNT = 500
 BLOCK_MS = 500
@@ -139,7 +144,7 @@ class Collector:
     # -- the loop
 
     def run(self, *, as_json: bool = False, exec_cmd: str | None = None, count: int | None = None,
-            idle_exit: float | None = None, out=None) -> None:
+            idle_exit: float | None = None, out=None, diff: bool = False) -> None:
         import redis
 
         from mirrorfs.stream.render import format_event
@@ -151,11 +156,24 @@ class Collector:
             signal.signal(sig, lambda *_: halt.set())
 
         def emit(stream: str, d: dict[str, Any], raw: bytes) -> None:
+            if not diff and any(k in d for k in DIFF_FIELDS):
+                for k in DIFF_FIELDS:
+                    d.pop(k, None)
+                raw = event_json(d).encode()
             if argv is not None:
                 env = {**os.environ, "MIRRORFS_EVENT": raw.decode(errors="surrogateescape"),
                        "MIRRORFS_STREAM": stream, "MIRRORFS_KIND": str(d.get("kind")), "MIRRORFS_VM": str(d.get("vm"))}
                 path = str(d.get("path", ""))
-                rc = subprocess.run([*argv, os.fsencode(path)], env=env, stdin=subprocess.DEVNULL).returncode
+                try:
+                    rc = subprocess.run([*argv, os.fsencode(path)], env=env, stdin=subprocess.DEVNULL).returncode
+                except OSError as exc:  # E2BIG: an event too long for one environment string (128 KiB)
+                    if "diff" in d and exc.errno == errno.E2BIG:
+                        del d["diff"]
+                        d["diff_skipped"] = "too long for MIRRORFS_EVENT"
+                        emit(stream, d, event_json(d).encode())
+                    else:
+                        log.warning("cannot run %s for %s: %s", argv[0], escape_name(path), exc.strerror)
+                    return
                 if rc != 0:
                     log.warning("%s exited %d for %s", argv[0], rc, escape_name(path))
             else:

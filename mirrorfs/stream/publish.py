@@ -4,7 +4,9 @@ Redis Streams is the distributed backbone; this is only a careful client. One st
 ID is the event id SEQ-N, so the stream is ordered like the event log and Redis itself rejects an entry it
 already holds ("equal or smaller than the target stream top item"): the publisher may resend after a crash
 or a lost reply (at least once), yet the stream holds each event once. Entries carry the event's JSON in one
-field `e`. Filtering happens before XADD, so only what the collectors asked for crosses the network.
+field `e`. Filtering happens before XADD, so only what the collectors asked for crosses the network. With `diff`
+the publisher adds each text file change's diff (mirrorfs/stream/diffs.py) here, where the engine's store is, so
+it reaches collectors on other hosts.
 
 The position (byte offset in events.jsonl, last event id, the file's inode) is saved in DIR/publish.json
 after every acknowledged batch; on restart the publisher resumes there (or re-scans from the start, skipping
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.eventlog import EventTail
-from inference.events import format_id, parse_id
+from inference.events import event_json, format_id, parse_id
 from inference.wake import DirWake
 from mirrorfs.stream.filters import Filter
 from tap.state import read_json, write_json_atomic
@@ -106,8 +108,10 @@ class Backoff:
 class Publisher:
     def __init__(self, state_dir: Path, url: str, *, stream: str | None = None, flt: Filter | None = None,
                  maxlen: int = DEFAULT_MAXLEN, batch: int = 500, registry: str = DEFAULT_REGISTRY,
-                 password: str | None = None) -> None:
+                 password: str | None = None, diff: bool = False) -> None:
         import redis
+
+        from mirrorfs.stream.diffs import Differ
 
         self.state_dir = Path(state_dir).absolute()
         self.events_path = self.state_dir / "events.jsonl"
@@ -132,6 +136,7 @@ class Publisher:
             offset = 0   # the log was rewritten: scan from the start, skipping ids already published
         self.tail = EventTail(self.events_path, offset)
         self._registered = False
+        self.differ = Differ(self.state_dir) if diff else None
 
     def position_text(self) -> str:
         return f"after event {format_id(*self.after)}" if self.after != (0, 0) else "the start"
@@ -176,6 +181,8 @@ class Publisher:
             if not self.filter.matches(d):
                 self.stats["filtered"] += 1
                 continue
+            if self.differ is not None and self.differ.add_to_dict(d):
+                line = event_json(d).encode()
             out.append((d["id"], line))
         return out
 
@@ -261,3 +268,5 @@ class Publisher:
         finally:
             wake.close()
             self.tail.close()
+            if self.differ is not None:
+                self.differ.close()

@@ -32,7 +32,18 @@ def format_event(ev, as_json: bool, timefmt: str | None = None) -> str:
         what += f" -> {esc(ev.target)}"
     if ev.ranges:
         what += " [" + esc(",".join(f"{a}-{b}" for a, b in ev.ranges[:4])) + ("…" if len(ev.ranges) > 4 else "") + "]"
-    return f"{esc(ev.seq):>8} {stamp} {esc(ev.fs) or '-':<6} {esc(ev.kind):<8} {what}"
+    if ev.diff_skipped is not None:
+        what += f" (no diff: {esc(ev.diff_skipped)})"
+    line = f"{esc(ev.seq):>8} {stamp} {esc(ev.fs) or '-':<6} {esc(ev.kind):<8} {what}"
+    if isinstance(ev.diff, str) and ev.diff:
+        line += format_diff(ev.diff)
+    return line
+
+
+def format_diff(diff: str, indent: str = "    ") -> str:
+    """A --diff under its event's line, indented: each line escaped as names are (a guest's file may hold ESC
+    sequences, carriage returns, bidi overrides), so the diff cannot drive the terminal or forge other lines."""
+    return "".join(f"\n{indent}{esc(line)}" for line in diff.removesuffix("\n").split("\n"))
 
 
 _TYPE_LETTER = {"file": "r", "dir": "d", "symlink": "l", "chardev": "c", "blockdev": "b", "fifo": "p",

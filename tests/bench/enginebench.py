@@ -54,9 +54,10 @@ def probe_read(state: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "records": n, "bytes": nbytes}
 
 
-def probe_replay(rec_dir: Path, hash_limit: str = "default") -> dict:
+def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "") -> dict:
     """What `mirrorfs replay --state DIR --base IMG` does, timed: Engine, LogFollower batches, EventLog, finish.
-    `hash_limit`: "default", "none" (no content hashes in events) or a number of bytes."""
+    `hash_limit`: "default", "none" (no content hashes in events) or a number of bytes; `diffs` "store": with the
+    diff store (inference/blobs.py, replay's default), "" without (what `--diff-limit none` does)."""
     from inference.engine import Engine
     from inference.eventlog import EventLog
     from tap.writelog import LogFollower
@@ -68,6 +69,9 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default") -> dict:
         engine = Engine(Path(tmp) / "engine", size, base=rec_dir / "base.raw")
         if hash_limit != "default":
             engine.hash_limit = None if hash_limit == "none" else int(hash_limit)
+        if diffs == "store":
+            from inference.blobs import BlobStore
+            engine.blobs = BlobStore(Path(tmp) / "blobs.db")
         t1 = time.perf_counter()
         kinds: dict[str, int] = {}
         with EventLog(Path(tmp) / "events.jsonl", truncate=True) as events, LogFollower(state / "log") as follower:
@@ -83,10 +87,13 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default") -> dict:
         t2 = time.perf_counter()
         stats = [fs.handler.stats.__dict__ for fs in engine.filesystems.values()]
         hashers = list(engine._hashers.values())
+        store = engine.blobs
         engine.close()
     return {"init_s": t1 - t0, "seconds": t2 - t1, "records": engine.last_seq, "kinds": kinds,
             "hash_s": sum(h.seconds for h in hashers), "hashed_bytes": sum(h.hashed_bytes for h in hashers),
             "hashed_files": sum(h.hashed_files for h in hashers),
+            "kept": store.kept if store else 0, "store_bytes": store.total if store else 0,
+            "store_s": store.seconds if store else 0.0,
             "metadata_blocks": sum(s["metadata_blocks"] for s in stats),
             "transactions": sum(s["transactions"] for s in stats), "errors": sum(s["errors"] for s in stats)}
 

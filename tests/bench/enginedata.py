@@ -29,7 +29,7 @@ from tests.support import CACHE, REPO
 
 MKE2FS_EXT = "lazy_itable_init=0,lazy_journal_init=0,nodiscard"
 WORKLOAD_BASE_SIZE = 512 * MiB
-RECIPE = {"untar": "untar-v1", "meta": "meta-v1"}
+RECIPE = {"untar": "untar-v1", "untar-text": "untar-text-v1", "meta": "meta-v1"}
 MANY_RECIPE = "many-v1"
 
 UNTAR_FILES = 3000
@@ -68,8 +68,15 @@ def mkfs(img: Path, size: int, *extra: str | Path) -> None:
 
 # ------------------------------------------------------------------ recorded workloads
 
-def make_tarball(path: Path, seed: int = 3) -> dict:
-    """UNTAR_FILES files in UNTAR_DIRS directories; sizes log-uniform 200 B..256 KiB; incompressible content."""
+def _text(rng: random.Random, size: int) -> bytes:
+    """`size` bytes of text (the diff store keeps it): lines of 63 hex digits, each with its newline."""
+    hexed = rng.randbytes(size // 2 + 1).hex()[:size]
+    return b"".join(hexed[i:i + 63].encode() + b"\n" for i in range(0, len(hexed), 64))[:size]
+
+
+def make_tarball(path: Path, seed: int = 3, text: bool = False) -> dict:
+    """UNTAR_FILES files in UNTAR_DIRS directories; sizes log-uniform 200 B..256 KiB; incompressible content
+    (`text`: the same sizes, as lines of hex digits)."""
     rng = random.Random(seed)
     total = 0
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -82,15 +89,15 @@ def make_tarball(path: Path, seed: int = 3) -> dict:
             size = int(200 * (2 ** rng.uniform(0, 10.4)))
             info = tarfile.TarInfo(f"src/pkg{d // 10:02d}/mod{d:03d}/file{i:05d}.dat")
             info.size, info.mode, info.mtime = size, 0o644, 1_700_000_000 + i
-            tar.addfile(info, io.BytesIO(rng.randbytes(size)))
+            tar.addfile(info, io.BytesIO(_text(rng, size) if text else rng.randbytes(size)))
             total += size
     return {"files": UNTAR_FILES, "dirs": UNTAR_DIRS + UNTAR_DIRS // 10 + 1, "bytes": total}
 
 
 def _script(name: str, work: Path) -> tuple[str, dict]:
-    if name == "untar":
+    if name in ("untar", "untar-text"):
         tarball = work / "src.tar"
-        desc = make_tarball(tarball)
+        desc = make_tarball(tarball, text=name == "untar-text")
         return f'tar xf {tarball} -C "$MNT" && sync', desc
     return f'{sys.executable} {HERE / "metaops.py"} "$MNT/m" {work / "meta.json"} && sync', {}
 

@@ -1,38 +1,91 @@
-"""What content hashes in events cost (issue 14): the untar replay with and without them, alternating.
+"""What content hashes and the diff store cost (issue 14): replays with none, with hashes, with hashes and the store.
 
-    MIRRORFS_CACHE=... .venv/bin/python -m tests.bench.hashbench [ROUNDS]
+    MIRRORFS_CACHE=... .venv/bin/python -m tests.bench.hashbench [ROUNDS] [WORKLOAD...]
 
-Each replay runs in its own subprocess (tests.bench.enginebench probe replay DIR none|default); prints one JSON
-line: the medians and the share of replay time hashing costs, both as the difference of the medians (noisy on a
-shared machine) and as the time the engine's hashers spent inside each run over that run's time (`share`).
+WORKLOAD: untar (incompressible files: nothing is text, the store keeps only "binary" rows) and untar-text (the
+same sizes as lines of hex digits: each file up to 64 KiB is kept); default both. Each replay runs in its own
+subprocess (tests.bench.enginebench probe replay DIR none|default [store]), the three modes alternating; prints
+one JSON line per workload: the medians, the cost of each mode over no hashing as the difference of the medians
+(noisy on a shared machine), and `share`: the time the engine's hashers (reading, SHA-256, keeping bytes) and the
+store's commits spent inside each run over that run's time. Then, per workload, what `events --diff --json` costs
+over `events --json` on that replay's events (`diff_read`), in this process.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from tests.bench.common import median
 from tests.bench.enginebench import probe
 from tests.bench.enginedata import recorded
 
+MODES = {"none": ("none",), "hash": ("default",), "store": ("default", "store")}
+
+
+def diff_read(rec: Path) -> dict:
+    """Replay with the store into a temporary state directory, then read its events as `events --json` does,
+    without and with --diff (mirrorfs/stream/diffs.py), alternating, 3 times each."""
+    from inference.blobs import BlobStore
+    from inference.engine import Engine
+    from inference.eventlog import EventLog, read_events
+    from mirrorfs.stream.diffs import Differ
+    from mirrorfs.stream.render import format_event
+    from tap.writelog import LogFollower
+
+    state = rec / "state"
+    size = json.loads((state / "state.json").read_text())["size"]
+    with tempfile.TemporaryDirectory(prefix="mfs-diff-", dir="/tmp") as tmp:
+        out = Path(tmp)
+        engine = Engine(out / "engine", size, base=rec / "base.raw")
+        engine.blobs = BlobStore(out / "blobs.db")
+        with EventLog(out / "events.jsonl", truncate=True) as events, LogFollower(state / "log") as follower:
+            while batch := follower.poll():
+                events.append(engine.process(batch))
+            events.append(engine.finish())
+        engine.close()
+        times: dict[str, list[float]] = {"plain": [], "diff": []}
+        diffs = skipped = 0
+        for _ in range(3):
+            for mode in times:
+                differ = Differ(out) if mode == "diff" else None
+                t0 = time.perf_counter()
+                for ev in read_events(out / "events.jsonl", 0, follow=False):
+                    if differ is not None:
+                        differ.add_to_event(ev)
+                        diffs += ev.diff is not None
+                        skipped += ev.diff_skipped is not None
+                    format_event(ev, True)
+                times[mode].append(time.perf_counter() - t0)
+        return {"plain_s": median(times["plain"]), "diff_s": median(times["diff"]),
+                "diffs": diffs // 3, "skipped": skipped // 3}
+
 
 def main(argv: list[str]) -> int:
     rounds = int(argv[0]) if argv else 5
-    rec = recorded("untar")
-    times: dict[str, list[float]] = {"none": [], "default": []}
-    shares: list[float] = []
-    for _ in range(rounds):
-        for mode in times:
-            r = probe("replay", rec, mode)
-            times[mode].append(r["seconds"])
-            if mode == "default":
-                shares.append(r["hash_s"] / r["seconds"])
-    off, on = median(times["none"]), median(times["default"])
-    print(json.dumps({"rounds": rounds, "without_s": off, "with_s": on, "cost": (on - off) / off,
-                      "share": median(shares),
-                      "shares": shares, "hashed_bytes": r["hashed_bytes"],
-                      "without": times["none"], "with": times["default"]}))
+    for workload in argv[1:] or ["untar", "untar-text"]:
+        rec = recorded(workload)
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        shares: dict[str, list[float]] = {"hash": [], "store": []}
+        last: dict[str, dict] = {}
+        for _ in range(rounds):
+            for mode, args in MODES.items():
+                r = last[mode] = probe("replay", rec, *args)
+                times[mode].append(r["seconds"])
+                if mode in shares:
+                    shares[mode].append((r["hash_s"] + r.get("store_s", 0.0)) / r["seconds"])
+        base = median(times["none"])
+        print(json.dumps({
+            "workload": workload, "rounds": rounds,
+            "median_s": {m: median(t) for m, t in times.items()},
+            "cost": {m: (median(times[m]) - base) / base for m in shares},
+            "share": {m: median(s) for m, s in shares.items()}, "shares": shares,
+            "hashed_bytes": last["hash"]["hashed_bytes"], "hashed_files": last["hash"]["hashed_files"],
+            "kept": last["store"]["kept"], "store_bytes": last["store"]["store_bytes"], "times": times,
+            "diff_read": diff_read(rec)}), flush=True)
     return 0
 
 

@@ -49,6 +49,12 @@ for name, (op, path) in json.loads(sys.argv[1]).items():
         elif op == "read":
             with open(path, "rb") as f:
                 f.read(1)
+        elif op == "sqlite":  # as `events --diff` reads DIR/blobs.db: read-only, while the engine writes it
+            import sqlite3
+            try:
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("SELECT COUNT(*) FROM blob").fetchone()
+            except sqlite3.Error as exc:
+                raise OSError(errno.EACCES if "unable to open" in str(exc) else errno.EIO, str(exc)) from None
         elif op in ("connect", "subscribe"):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(10)
@@ -215,6 +221,7 @@ def _targets(top: Path, state: Path, mnt: Path) -> dict[str, tuple[str, Path]]:
         "read replica.img": ("read", state / "replica.img"), "read log segment": ("read", segments[0]),
         "read events.jsonl": ("read", state / "events.jsonl"),
         "read engine/disk.img": ("read", state / "engine" / "disk.img"),
+        "query blobs.db": ("sqlite", state / "blobs.db"),
         "read attach.json": ("read", state / "attach.json"), "read index": ("read", top / "vm.idx"),
         "connect nbd.sock": ("connect", state / "nbd.sock"),
         "subscribe events.sock": ("subscribe", state / "events.sock"),
@@ -222,7 +229,7 @@ def _targets(top: Path, state: Path, mnt: Path) -> dict[str, tuple[str, Path]]:
         "read secret.txt in the view": ("read", mnt / "secret.txt"),
     }
     for name, (op, path) in t.items():   # as root: everything is there and works, so EACCES means EACCES
-        if op in ("read", "list", "stat"):
+        if op in ("read", "list", "stat", "sqlite"):
             assert path.exists(), name
         else:
             assert path.is_socket(), name
@@ -273,6 +280,7 @@ def test_group_members_read_the_view_and_events_others_do_not(tmp_path, top):
             state.chmod(0o2750)
         shared = {
             "list state": ("list", state), "read events.jsonl": ("read", state / "events.jsonl"),
+            "query blobs.db": ("sqlite", state / "blobs.db"),
             "subscribe events.sock": ("subscribe", state / "events.sock"),
             "stat mount": ("stat", mnt), "list mount": ("list", mnt),
             "read README in the view": ("read", mnt / "README"),
