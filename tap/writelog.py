@@ -31,7 +31,10 @@ segment header, a missing segment, seqs that do not follow) costs exactly the se
 `Gap` naming those seqs in their place, never a silent skip or a stop. The writer, finding such damage in
 the middle of the last segment on start, starts a new segment so the damaged one is complete for readers.
 CRC32 is no MAC: guest data inside a damaged record could pass for records, so nothing scans into a record
-that runs past the end of the last segment (the one a crash tears): the writer truncates there.
+that runs past the end of the last segment (the one a crash tears): the writer truncates there. A damaged
+length that runs past the end of the last segment therefore costs the rest of that segment too, without a
+Gap: the bytes cannot tell it from a torn tail. The last segment is the last one on disk: with the segments
+after it missing, a complete one is the last, and its records after such a length are lost.
 
 Idempotence: after a reconnect QEMU re-sends the writes that were in flight. They are logged again as new
 records (the log records what arrived, not what is new); replaying them is idempotent, since a re-sent write
