@@ -34,7 +34,8 @@ CRC32 is no MAC: guest data inside a damaged record could pass for records, so n
 that runs past the end of the last segment (the one a crash tears): the writer truncates there. A damaged
 length that runs past the end of the last segment therefore costs the rest of that segment too, without a
 Gap: the bytes cannot tell it from a torn tail. The last segment is the last one on disk: with the segments
-after it missing, a complete one is the last, and its records after such a length are lost.
+after it missing, a complete one is the last, and its records after such a length are lost (the writer names
+the well-formed records it drops, as it cannot know whether they are real).
 
 Idempotence: after a reconnect QEMU re-sends the writes that were in flight. They are logged again as new
 records (the log records what arrived, not what is new); replaying them is idempotent, since a re-sent write
@@ -201,6 +202,20 @@ def _count_torn(fd: int, off: int, size: int) -> tuple[int, bool]:
     return max(n, 1), True
 
 
+def _hidden_records(fd: int, off: int, size: int, torn: int) -> tuple[int, int] | None:
+    """Seqs (first, last) of the good records that follow seq `torn` inside a torn tail at `off`: what
+    the writer names, never keeps. They are real when a damaged length made a complete segment look torn
+    (the segments after it missing), or guest data forged inside a torn payload: the bytes cannot tell."""
+    found, _ = _find_record(fd, off + 1, size, torn, off, None)
+    if found is None:
+        return None
+    pos, first = found
+    last = first - 1
+    while (probe := _probe(fd, pos, size))[0] == _VALID and probe[1] == last + 1:
+        last, pos = probe[1], pos + probe[2]
+    return first, last
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     seq: int
@@ -357,8 +372,12 @@ class WriteLog:
         if off < size:
             n, exact = _count_torn(self._fd, off, size)
             seqs = (f"seq {expect}" if n == 1 else f"seqs {expect}-{expect + n - 1}") + ("" if exact else " or more")
+            hidden = _hidden_records(self._fd, off, size, expect)
             self._say(f"write log {path}: dropped a torn tail of {size - off} bytes at byte {off}: {seqs}, never "
-                      f"complete (the next record gets seq {expect})")
+                      f"complete (the next record gets seq {expect})" + ("" if hidden is None else
+                      f"; the bytes dropped held well-formed records for seqs {hidden[0]}-{hidden[1]}: real ones "
+                      "if a later segment is missing (a damaged length then looks like a torn tail), else guest "
+                      "data"))
             os.ftruncate(self._fd, off)
         self._size, self._last_seq = off, expect - 1
         if gaps:

@@ -369,6 +369,27 @@ def test_a_record_running_past_the_end_of_the_last_segment_is_a_torn_tail(tmp_pa
     check_items(list(read_records(tmp_path)), set(), 1, 41)
 
 
+def test_a_missing_last_segment_makes_the_one_before_it_the_torn_tail(tmp_path: Path) -> None:
+    """Its successor deleted, segment 28 is the last: a length in it running past its end is a torn tail to
+    readers and writer alike (the bytes cannot tell a complete segment from one a crash tore, and the
+    records after it could be guest data), so its good records after it go too; the writer names them."""
+    build(tmp_path)
+    lay = layout(tmp_path)
+    d_missing(tmp_path, lay, 37)
+    _, off, _ = lay[30]
+    d_len_past(tmp_path, lay, 30)
+    check_items(list(read_records(tmp_path)), set(), 1, 29)
+    assert last_seq(tmp_path) == 29
+    with WriteLog(tmp_path, segment_bytes=SEG) as log:
+        assert log.last_seq == 29
+        (msg,) = log.repairs
+        size = (HEADER.size + SIZE) * 7
+        assert f"dropped a torn tail of {size} bytes at byte {off}: seq 30, never complete" in msg
+        assert "held well-formed records for seqs 31-36: real ones if a later segment is missing" in msg
+        append(log, 2)
+    check_items(list(read_records(tmp_path)), set(), 1, 31)
+
+
 @pytest.mark.parametrize("kind", ["crc", "zeroed", "len_max", "header_first"])
 def test_writer_keeps_records_after_damage_in_its_last_segment(tmp_path: Path, kind: str) -> None:
     """Damage in the middle of the last segment is not a torn tail: the writer keeps the good records after
