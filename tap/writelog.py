@@ -627,7 +627,10 @@ class LogFollower:
         payload is guest data, and a record forged inside it must not make a reader jump ahead.
         """
         fd, off, expect = self._fd, self._off, self._expect
-        if expect < self.since and self._trust:  # walked by unchecked lengths: walk again, checking each record
+        if self._trust and self._seg < expect <= self.since:
+            # `off` was reached by unchecked lengths (the record just before it too, even at since - 1): a damaged
+            # one may have put it inside a payload, so the damage may lie before it: walk again, checking each
+            # record
             self._trust, self._off, self._expect = False, SEGMENT_HEADER.size, self._seg
             return True, None
         size = os.fstat(fd).st_size
@@ -648,9 +651,10 @@ class LogFollower:
             # real one); the writer finishes it, or cuts it on start
             return False, None
         found = None
-        if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is
+        if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is;
+            # only seq expect + 1 can be there if it is, any other seq proves the length wrong: then scan
             ok, seq, _ = _candidate(fd, off + total, size, expect, off, hi)
-            found = (off + total, seq) if ok > 0 else None
+            found = (off + total, seq) if ok > 0 and seq == expect + 1 else None
         if found is None:
             key = (self._seg, off)
             start = max(off + 1, self._scan_at[1]) if self._scan_at[0] == key else off + 1
