@@ -31,7 +31,11 @@ segment header, a missing segment, seqs that do not follow) costs exactly the se
 `Gap` naming those seqs in their place, never a silent skip or a stop. The writer, finding such damage in
 the middle of the last segment on start, starts a new segment so the damaged one is complete for readers.
 CRC32 is no MAC: guest data inside a damaged record could pass for records, so nothing scans into a record
-that runs past the end of the last segment (the one a crash tears): the writer truncates there.
+that runs past the end of the last segment (the one a crash tears): the writer truncates there. A damaged
+length that runs past the end of the last segment therefore costs the rest of that segment too, without a
+Gap: the bytes cannot tell it from a torn tail. The last segment is the last one on disk: with the segments
+after it missing, a complete one is the last, and its records after such a length are lost (the writer names
+the well-formed records it drops, as it cannot know whether they are real).
 
 Idempotence: after a reconnect QEMU re-sends the writes that were in flight. They are logged again as new
 records (the log records what arrived, not what is new); replaying them is idempotent, since a re-sent write
@@ -198,6 +202,20 @@ def _count_torn(fd: int, off: int, size: int) -> tuple[int, bool]:
     return max(n, 1), True
 
 
+def _hidden_records(fd: int, off: int, size: int, torn: int) -> tuple[int, int] | None:
+    """Seqs (first, last) of the good records that follow seq `torn` inside a torn tail at `off`: what
+    the writer names, never keeps. They are real when a damaged length made a complete segment look torn
+    (the segments after it missing), or guest data forged inside a torn payload: the bytes cannot tell."""
+    found, _ = _find_record(fd, off + 1, size, torn, off, None)
+    if found is None:
+        return None
+    pos, first = found
+    last = first - 1
+    while (probe := _probe(fd, pos, size))[0] == _VALID and probe[1] == last + 1:
+        last, pos = probe[1], pos + probe[2]
+    return first, last
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     seq: int
@@ -354,8 +372,12 @@ class WriteLog:
         if off < size:
             n, exact = _count_torn(self._fd, off, size)
             seqs = (f"seq {expect}" if n == 1 else f"seqs {expect}-{expect + n - 1}") + ("" if exact else " or more")
+            hidden = _hidden_records(self._fd, off, size, expect)
             self._say(f"write log {path}: dropped a torn tail of {size - off} bytes at byte {off}: {seqs}, never "
-                      f"complete (the next record gets seq {expect})")
+                      f"complete (the next record gets seq {expect})" + ("" if hidden is None else
+                      f"; the bytes dropped held well-formed records for seqs {hidden[0]}-{hidden[1]}: real ones "
+                      "if a later segment is missing (a damaged length then looks like a torn tail), else guest "
+                      "data"))
             os.ftruncate(self._fd, off)
         self._size, self._last_seq = off, expect - 1
         if gaps:
@@ -605,7 +627,10 @@ class LogFollower:
         payload is guest data, and a record forged inside it must not make a reader jump ahead.
         """
         fd, off, expect = self._fd, self._off, self._expect
-        if expect < self.since and self._trust:  # walked by unchecked lengths: walk again, checking each record
+        if self._trust and self._seg < expect <= self.since:
+            # `off` was reached by unchecked lengths (the record just before it too, even at since - 1): a damaged
+            # one may have put it inside a payload, so the damage may lie before it: walk again, checking each
+            # record
             self._trust, self._off, self._expect = False, SEGMENT_HEADER.size, self._seg
             return True, None
         size = os.fstat(fd).st_size
@@ -626,9 +651,10 @@ class LogFollower:
             # real one); the writer finishes it, or cuts it on start
             return False, None
         found = None
-        if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is
+        if state == _BADCRC:  # the header may be right and only the payload hit: try where it says the next is;
+            # only seq expect + 1 can be there if it is, any other seq proves the length wrong: then scan
             ok, seq, _ = _candidate(fd, off + total, size, expect, off, hi)
-            found = (off + total, seq) if ok > 0 else None
+            found = (off + total, seq) if ok > 0 and seq == expect + 1 else None
         if found is None:
             key = (self._seg, off)
             start = max(off + 1, self._scan_at[1]) if self._scan_at[0] == key else off + 1

@@ -16,11 +16,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tap.replica import BlockReplica
@@ -150,6 +151,18 @@ def d_len_past(d: Path, lay: Layout, s: int) -> set[int]:
     return {s}
 
 
+def d_len_short(d: Path, lay: Layout, s: int) -> set[int]:
+    """A length that ends the record inside its own payload."""
+    _set_length(d, lay, s, 0)
+    return {s}
+
+
+def d_len_skip(d: Path, lay: Layout, s: int) -> set[int]:
+    """A length that ends the record exactly where the record after the next one starts."""
+    _set_length(d, lay, s, SIZE + HEADER.size + SIZE)
+    return {s}
+
+
 def d_header(d: Path, lay: Layout, s: int) -> set[int]:
     """A bad segment header (magic and seq garbled): its records are intact, so nothing is lost."""
     first = lay[s][0]
@@ -185,8 +198,10 @@ def d_not_following(d: Path, lay: Layout, s: int) -> set[int]:
 
 DAMAGE: dict[str, Callable[[Path, Layout, int], set[int]]] = {
     "crc": d_crc, "zeroed": d_zeroed, "torn": d_torn, "len_max": d_len_max, "len_past": d_len_past,
-    "header": d_header, "header_first": d_header_first, "missing": d_missing, "not_following": d_not_following}
-IN_PLACE = ("crc", "zeroed", "torn", "len_max", "len_past")  # damage that may hit the segment being written
+    "len_short": d_len_short, "len_skip": d_len_skip, "header": d_header, "header_first": d_header_first,
+    "missing": d_missing, "not_following": d_not_following}
+# damage that may hit the segment being written
+IN_PLACE = ("crc", "zeroed", "torn", "len_max", "len_past", "len_short", "len_skip")
 # first record of the log, last of the first (rolled) segment, middle of one, first of a middle segment,
 # middle of the last segment
 POSITIONS = (1, 9, 14, 19, 40)
@@ -369,6 +384,27 @@ def test_a_record_running_past_the_end_of_the_last_segment_is_a_torn_tail(tmp_pa
     check_items(list(read_records(tmp_path)), set(), 1, 41)
 
 
+def test_a_missing_last_segment_makes_the_one_before_it_the_torn_tail(tmp_path: Path) -> None:
+    """Its successor deleted, segment 28 is the last: a length in it running past its end is a torn tail to
+    readers and writer alike (the bytes cannot tell a complete segment from one a crash tore, and the
+    records after it could be guest data), so its good records after it go too; the writer names them."""
+    build(tmp_path)
+    lay = layout(tmp_path)
+    d_missing(tmp_path, lay, 37)
+    _, off, _ = lay[30]
+    d_len_past(tmp_path, lay, 30)
+    check_items(list(read_records(tmp_path)), set(), 1, 29)
+    assert last_seq(tmp_path) == 29
+    with WriteLog(tmp_path, segment_bytes=SEG) as log:
+        assert log.last_seq == 29
+        (msg,) = log.repairs
+        size = (HEADER.size + SIZE) * 7
+        assert f"dropped a torn tail of {size} bytes at byte {off}: seq 30, never complete" in msg
+        assert "held well-formed records for seqs 31-36: real ones if a later segment is missing" in msg
+        append(log, 2)
+    check_items(list(read_records(tmp_path)), set(), 1, 31)
+
+
 @pytest.mark.parametrize("kind", ["crc", "zeroed", "len_max", "header_first"])
 def test_writer_keeps_records_after_damage_in_its_last_segment(tmp_path: Path, kind: str) -> None:
     """Damage in the middle of the last segment is not a torn tail: the writer keeps the good records after
@@ -464,10 +500,16 @@ damage_op = st.tuples(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(damage_op, min_size=1, max_size=5))
-def test_random_damage_is_reported_exactly(ops: list) -> None:
+@given(st.lists(damage_op, min_size=1, max_size=5), st.integers(1, 61))
+# the last segment deleted makes segment 46 the last one: its record 46, with a length running past its end,
+# is a torn tail, and its undamaged records 47-54 go with it
+@example(ops=[("flip", 0, 0.0, 1, 0), ("delete", 6, 0.0, 1, 0), ("length", 5, 0.0, 1, 5)], since=1)
+# record 46's length 0, skipped unchecked by a reader from 47, put it inside 46's payload
+@example(ops=[("length", 5, 0.0, 1, 0)], since=47)
+def test_random_damage_is_reported_exactly(ops: list, since: int) -> None:
     """Random damage to a 60-record, 7-segment log: reading never raises or loops, records and gaps tile
-    1..the last seq read, every undamaged record is read, and only damaged records are reported lost."""
+    1..the last seq read, every undamaged record is read (but those after a torn tail), and only damaged
+    records are reported lost; a reader from `since` reads the same records from there."""
     files = _pristine()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -495,7 +537,7 @@ def test_random_damage_is_reported_exactly(ops: list) -> None:
             if op == "length":
                 s = mine[int(where * (len(mine) - 1))]
                 pos, n = lay[s][1] + 32, 4
-                data = [0, 1, 7, 199, 201, 4096, 1 << 20, 2**32 - 1][byte % 8].to_bytes(4, "little")
+                data = [0, 1, 7, 199, 201, 4096, 1 << 20, 2**32 - 1, 440][byte % 9].to_bytes(4, "little")
             elif op == "header":
                 pos, n = min(pos, SEGMENT_HEADER.size - 1), 1
                 data = bytes([byte ^ 0x5A])
@@ -510,8 +552,11 @@ def test_random_damage_is_reported_exactly(ops: list) -> None:
             damaged |= {s for s in mine if lay[s][1] < pos + n and pos < lay[s][1] + lay[s][2]}
         with time_bound(20):
             items = list(read_records(d))
-            tail = set(seg_seqs(lay, segs[-1]))  # a record running past its end stops readers (a torn tail)
+            # a record running past the end of the last segment left stops readers there (a torn tail)
+            tail = _tail(lay, [f for f in segs if (d / segment_name(f)).exists()], damaged)
             _check_random(items, damaged, tail)
+            part = list(read_records(d, since=since))
+            assert [(type(i), i.seq) for i in part] == [(type(i), i.seq) for i in _clip(items, since)]
             with WriteLog(d, segment_bytes=SEG) as log:   # the writer's repair, then new records
                 base = log.last_seq
                 for _ in range(3):
@@ -521,6 +566,25 @@ def test_random_damage_is_reported_exactly(ops: list) -> None:
             records = [i for i in after if type(i) is Record]
             assert [r.seq for r in records][-3:] == [base + 1, base + 2, base + 3]
             _check_random([i for i in after if i.seq <= base], damaged, tail, base)
+
+
+def _tail(lay: Layout, present: list[int], damaged: set[int]) -> set[int]:
+    """The seqs a reader may stop short of: in the last segment still there (a missing last segment makes
+    the one before it the last), from its first damaged record on."""
+    mine = seg_seqs(lay, present[-1]) if present else []
+    first = min(damaged.intersection(mine), default=None)
+    return set() if first is None else {s for s in mine if s >= first}
+
+
+def _clip(items: list, since: int) -> list:
+    """What a reader from `since` gives: the items from there, a gap cut to start at `since`."""
+    out = []
+    for item in items:
+        if type(item) is Gap and item.first_seq < since <= item.last_seq:
+            out.append(replace(item, first_seq=since))
+        elif item.seq >= since:
+            out.append(item)
+    return out
 
 
 def _check_random(items: list, damaged: set[int], tail: set[int], end: int = 60) -> None:
