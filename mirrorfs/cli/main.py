@@ -980,8 +980,9 @@ def cmd_install_unit(args: argparse.Namespace) -> None:
     from mirrorfs.cli.service import install_unit
 
     out = install_unit(args.dir)
-    print(f"mirrorfs: wrote {out}; then: systemctl daemon-reload; put QMP=, METRICS= and ATTACH_OPTS= in "
-          f"/etc/mirrorfs/VM.env; systemctl enable --now mirrorfs@VM (see mirrorfs(1) SYSTEMD)", file=sys.stderr)
+    print(f"mirrorfs: wrote {out}; then: systemctl daemon-reload; put SOURCE= (--qmp SOCKET or --domain NAME), "
+          "METRICS= and ATTACH_OPTS= in /etc/mirrorfs/VM.env; systemctl enable --now mirrorfs@VM (see mirrorfs(1) "
+          "SYSTEMD)", file=sys.stderr)
 
 
 COMMANDS = {"install-unit": cmd_install_unit,

@@ -63,3 +63,32 @@ def test_attach_notifies_ready_once_the_job_is_and_stopping_at_detach(tmp_path, 
             if attach.proc.poll() is None:
                 attach.proc.kill()
                 attach.proc.wait(10)
+
+
+def _exec_start(unit: str, env: dict[str, str], state: Path) -> list[str]:
+    """ExecStart= as systemd runs it: ${X} is one word, $X splits at whitespace (systemd.service(5))."""
+    line = next(line for line in unit.splitlines() if line.startswith("ExecStart=")).removeprefix("ExecStart=")
+    argv: list[str] = []
+    for word in line.replace("/var/lib/mirrorfs/%i", str(state)).split():
+        if word.startswith("${") and word.endswith("}"):
+            argv.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            argv += env[word[1:]].split()
+        else:
+            argv.append(word)
+    return argv
+
+
+@pytest.mark.parametrize("source", ["--qmp {dir}/no-qemu.qmp",
+                                    "--domain vm1 --connect qemu:///system?socket={dir}/no-libvirtd.sock"])
+def test_the_units_command_line_takes_either_source(tmp_path, source):
+    """SOURCE= in the instance's env file is `--qmp SOCKET` or `--domain NAME`: the unit's ExecStart, expanded as
+    systemd expands it, is a command attach accepts, which then fails only on the missing QEMU or libvirtd, with
+    its one-line error (not a usage error)."""
+    mirrorfs("install-unit", "--dir", tmp_path)
+    unit = (tmp_path / "mirrorfs@.service").read_text()
+    env = {"SOURCE": source.format(dir=tmp_path), "METRICS": "127.0.0.1:0", "ATTACH_OPTS": "--no-engine"}
+    proc = subprocess.run(_exec_start(unit, env, tmp_path / "state"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode not in (0, 2), (proc.returncode, proc.stderr)  # 2: argparse refused the command line
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("no-qemu.qmp" in lines[0] or "libvirtd" in lines[0]), proc.stderr
