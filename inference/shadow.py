@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate, chain
 
 ROOT_INO = 2
 MAX_DEPTH = 4096  # a path deeper than this means a cycle (hostile metadata)
@@ -95,7 +96,8 @@ class Node:
 
 _FIXED = ("mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "links", "rdev", "atime_ns", "blocks", "flags",
           "xattr_block", "gen", "name_ctime_ns", "entries_changed", "sig")
-_fixed_of = operator.attrgetter(*_FIXED)
+_ino_of, _type_of, _extents_of, _meta_of = (operator.attrgetter(f) for f in ("ino", "type", "extents", "meta_blocks"))
+_parent_of, _name_of, _row_ino_of, _kind_of = (operator.itemgetter(i) for i in range(4))
 INO, TYPE, FIXED, EXT_AT, EXT_N, META_AT, META_N, NAME_AT, NAME_N = 0, 1, 2, 18, 19, 20, 21, 22, 23  # _Base.cols
 _CHILD, _NAME = 1, 2  # a name row is an entry of its directory (children), a name of its inode (Node.names), or both
 CHUNK = 4096          # nodes or names moved from tuples into the arrays at a time while building
@@ -200,59 +202,80 @@ class _Base:
 
 
 class _Stage:
-    """A tree being built in bulk (an index of a whole file system): nodes go into growing arrays as they are
-    added, so no object per inode outlives the build; `freeze` sorts them into a _Base."""
+    """A tree being built in bulk (an index of a whole file system): nodes and names are buffered and moved into
+    growing arrays CHUNK at a time, by calls that loop in C (one attrgetter map per column), so no object per inode
+    outlives the build and adding costs about what a dict insert did; `freeze` sorts them into a _Base."""
 
     def __init__(self) -> None:
         self.inos: set[int] = set()   # membership while building (the only per-inode objects; gone after)
         self.cols: list = [array("q") for _ in range(NAME_AT)]
         self.types: dict[str, int] = {}
-        self.buf: list[tuple] = []
+        self.buf: list[Node] = []
         self.ext: list = [array("q") for _ in range(4)]
         self.meta: list = [array("q")]
         self.targets: dict[int, bytes] = {}
         self.xattrs: dict[int, dict[str, bytes]] = {}
         self.dirs: set[int] = set()
         self.rows: list = [array("q"), array("q"), array("q"), array("B")]  # parent, ino, name end, kind
-        self.rbuf: list[tuple] = []
+        self.rbuf: list[tuple[int, bytes, int, int]] = []
         self.blob = bytearray()
 
     def add(self, node: Node) -> None:
-        ino = node.ino
-        self.inos.add(ino)
-        code = self.types.setdefault(node.type, len(self.types))
-        ext_at, meta_at = len(self.ext[0]), len(self.meta[0])
-        if node.extents:
-            for i, values in enumerate(zip(*node.extents, strict=True)):
-                _extend(self.ext, i, values)
-        if node.meta_blocks:
-            _extend(self.meta, 0, node.meta_blocks)
-        if node.target is not None:
-            self.targets[ino] = node.target
-        if node.xattrs:
-            self.xattrs[ino] = node.xattrs
+        """Take `node` as it is when its chunk is moved (changes to it after that are not seen)."""
+        self.inos.add(node.ino)
         if node.type == "dir":
-            self.dirs.add(ino)
-        self.buf.append((ino, code, *_fixed_of(node), ext_at, len(node.extents), meta_at, len(node.meta_blocks)))
+            self.dirs.add(node.ino)
+        self.buf.append(node)
         if len(self.buf) >= CHUNK:
             self._flush()
-        for parent, name in node.names:
-            self.add_row(parent, name, ino, _NAME)
 
     def add_row(self, parent: int, name: bytes, ino: int, kind: int) -> None:
         if kind & _CHILD:
             self.dirs.add(parent)
-        self.blob += name
-        self.rbuf.append((parent, ino, len(self.blob), kind))
+        self.rbuf.append((parent, name, ino, kind))
         if len(self.rbuf) >= CHUNK:
             self._flush()
 
     def _flush(self) -> None:
-        for cols, buf in ((self.cols, self.buf), (self.rows, self.rbuf)):
-            if buf:
-                for i, values in enumerate(zip(*buf, strict=True)):
-                    _extend(cols, i, values)
-                buf.clear()
+        buf, rbuf = self.buf, self.rbuf
+        if buf:
+            self.buf = []
+            types = list(map(_type_of, buf))
+            for t in set(types) - self.types.keys():
+                self.types[t] = len(self.types)
+            extents, meta = list(map(_extents_of, buf)), list(map(_meta_of, buf))
+            ext_n, meta_n = list(map(len, extents)), list(map(len, meta))
+            ext_at = list(accumulate(ext_n, initial=len(self.ext[0])))[:-1]
+            meta_at = list(accumulate(meta_n, initial=len(self.meta[0])))[:-1]
+            cols = self.cols
+            _extend(cols, INO, tuple(map(_ino_of, buf)))
+            _extend(cols, TYPE, tuple(map(self.types.__getitem__, types)))
+            for i, f in enumerate(_FIXED):
+                _extend(cols, FIXED + i, tuple(map(operator.attrgetter(f), buf)))
+            for i, values in ((EXT_AT, ext_at), (EXT_N, ext_n), (META_AT, meta_at), (META_N, meta_n)):
+                _extend(cols, i, tuple(values))
+            if any(ext_n):
+                for i, values in enumerate(zip(*chain.from_iterable(extents), strict=True)):
+                    _extend(self.ext, i, values)
+            if any(meta_n):
+                _extend(self.meta, 0, tuple(chain.from_iterable(meta)))
+            for node in buf:
+                if node.target is not None or node.xattrs or node.names:
+                    ino = node.ino
+                    if node.target is not None:
+                        self.targets[ino] = node.target
+                    if node.xattrs:
+                        self.xattrs[ino] = node.xattrs
+                    rbuf.extend((parent, name, ino, _NAME) for parent, name in node.names)
+        if rbuf:
+            self.rbuf = []
+            names = list(map(_name_of, rbuf))
+            ends = tuple(accumulate(map(len, names), initial=len(self.blob)))[1:]
+            self.blob += b"".join(names)
+            rows = self.rows
+            for i, values in ((0, tuple(map(_parent_of, rbuf))), (1, tuple(map(_row_ino_of, rbuf))), (2, ends),
+                              (3, tuple(map(_kind_of, rbuf)))):
+                _extend(rows, i, values)
 
     def freeze(self) -> _Base:
         self._flush()
@@ -262,8 +285,10 @@ class _Stage:
         b.inos = _pack(list(map(inos.__getitem__, order)))
         b.by_ino = _pack(order)
         parent, rino, end, kind = self.rows
-        nm = sorted((k for k in range(len(kind)) if kind[k] & _NAME), key=rino.__getitem__)
-        ch = sorted((k for k in range(len(kind)) if kind[k] & _CHILD), key=parent.__getitem__)
+        every = range(len(kind))
+        both = kind.count(_CHILD | _NAME) == len(kind)  # (an index build: each name is an entry and a node's name)
+        nm = sorted(every if both else (k for k in every if kind[k] & _NAME), key=rino.__getitem__)
+        ch = sorted(every if both else (k for k in every if kind[k] & _CHILD), key=parent.__getitem__)
         sorted_at, sorted_n = _groups(b.inos, nm, rino)
         name_at, name_n = array("q", sorted_at), array("q", sorted_n)  # (by row: scattered from inode order)
         for p, r in enumerate(order):
@@ -348,11 +373,9 @@ class NodeStore(MutableMapping):
         return node
 
     def __contains__(self, ino: object) -> bool:
-        if ino in self._over:
+        if ino in self._over or (self._staged is not None and ino in self._staged.inos):
             return True
-        if ino in self._gone:
-            return False
-        return self._base.row(ino) >= 0 or (self._staged is not None and ino in self._staged.inos)
+        return ino not in self._gone and self._base.row(ino) >= 0
 
     def __setitem__(self, ino: int, node: Node) -> None:
         if ino not in self:
