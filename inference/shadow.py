@@ -154,6 +154,7 @@ class _Base:
         self.dirs: array | list = array("B")             # sorted directory inodes with (maybe empty) entries
         self.dir_at: array | list = array("B")
         self.dir_n: array | list = array("B")
+        self._pool: dict[int, int] = {}                 # (not saved: see ShadowTree.__getstate__)
 
     def __len__(self) -> int:
         return len(self.cols[INO])
@@ -177,6 +178,13 @@ class _Base:
         c = self.cols
         ino = c[INO][r]
         f = [col[r] for col in c[FIXED:EXT_AT]]
+        # One object for equal values: a node made resident, or the view's copy of it, keeps 28-36 B per int.
+        ctime, pool = f[5], self._pool
+        for i in (4, 8, 13):                # mtime, atime, name_ctime: mostly the ctime
+            if f[i] == ctime:
+                f[i] = ctime
+        for i in (0, 1, 2, 10):             # mode, uid, gid, flags: few distinct values
+            f[i] = pool.setdefault(f[i], f[i])
         a, n = c[EXT_AT][r], c[EXT_N][r]
         if n:
             lg, ph, ln, un = (x[a:a + n] for x in self.ext)
@@ -509,7 +517,7 @@ class ShadowTree:
             raise RuntimeError("a tree is pickled while being built in bulk")
         n, c = self.nodes, self.children
         base = n._base if not (n._over or n._gone or c._over or c._gone) else self._rebased()
-        return {"base": base.__dict__}
+        return {"base": {k: v for k, v in base.__dict__.items() if not k.startswith("_")}}
 
     def __setstate__(self, state: dict) -> None:
         base = _Base()
