@@ -89,8 +89,8 @@ class Node:
         return stat.S_IMODE(self.mode)
 
 
-# Unmodified inodes live in a _Base: one array per field, rows sorted by inode number, names in one bytes blob
-# (~100 B per inode, against ~700 as objects; an index loads as a few arrays). A node or directory read through
+# Unmodified inodes live in a _Base: one array per field, a row per inode (found by bisection of a sorted inode
+# column), names in one bytes blob (~100 B per inode, against ~700 as objects; an index loads as a few arrays). A node or directory read through
 # `nodes`/`children` gets an object in the store's overlay, which wins from then on, so callers may change it in
 # place as they would a dict's value; `peek` and `entries` read without one (for walks of the whole tree).
 
@@ -100,8 +100,9 @@ _ino_of, _type_of, _extents_of, _meta_of = (operator.attrgetter(f) for f in ("in
 _parent_of, _name_of, _row_ino_of, _kind_of = (operator.itemgetter(i) for i in range(4))
 INO, TYPE, FIXED, EXT_AT, EXT_N, META_AT, META_N, NAME_AT, NAME_N = 0, 1, 2, 18, 19, 20, 21, 22, 23  # _Base.cols
 _CHILD, _NAME = 1, 2  # a name row is an entry of its directory (children), a name of its inode (Node.names), or both
-CHUNK = 4096          # nodes or names moved from tuples into the arrays at a time while building
+CHUNK = 4096          # buffered nodes or names moved into the arrays at a time while building
 _MISSING = object()
+POOL_MAX = 4096       # distinct values shared by the nodes a _Base makes (a hostile tree may have one per inode)
 
 
 def _pack(values: array | list) -> array | list:
@@ -183,8 +184,9 @@ class _Base:
         for i in (4, 8, 13):                # mtime, atime, name_ctime: mostly the ctime
             if f[i] == ctime:
                 f[i] = ctime
-        for i in (0, 1, 2, 10):             # mode, uid, gid, flags: few distinct values
-            f[i] = pool.setdefault(f[i], f[i])
+        if len(pool) < POOL_MAX:
+            for i in (0, 1, 2, 10):         # mode, uid, gid, flags: few distinct values
+                f[i] = pool.setdefault(f[i], f[i])
         a, n = c[EXT_AT][r], c[EXT_N][r]
         if n:
             lg, ph, ln, un = (x[a:a + n] for x in self.ext)
