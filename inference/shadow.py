@@ -90,9 +90,10 @@ class Node:
 
 
 # Unmodified inodes live in a _Base: one array per field, a row per inode (found by bisection of a sorted inode
-# column), names in one bytes blob (~100 B per inode, against ~700 as objects; an index loads as a few arrays). A node or directory read through
-# `nodes`/`children` gets an object in the store's overlay, which wins from then on, so callers may change it in
-# place as they would a dict's value; `peek` and `entries` read without one (for walks of the whole tree).
+# column), names in one bytes blob (~100 B per inode, against ~700 as objects; an index loads as a few arrays).
+# A node or directory read through `nodes`/`children` gets an object in the store's overlay, which wins from then
+# on, so callers may change it in place as they would a dict's value; `peek` and `entries` read without one (for
+# walks of the whole tree).
 
 _FIXED = ("mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "links", "rdev", "atime_ns", "blocks", "flags",
           "xattr_block", "gen", "name_ctime_ns", "entries_changed", "sig")
