@@ -237,7 +237,9 @@ class _Stage:
         if node.type == "dir":
             self.dirs.add(node.ino)
         self.buf.append(node)
-        if len(self.buf) >= CHUNK:
+        if node.names:  # (now: in the order they come with names added later)
+            self.rbuf.extend((parent, name, node.ino, _NAME) for parent, name in node.names)
+        if len(self.buf) >= CHUNK or len(self.rbuf) >= CHUNK:
             self._flush()
 
     def add_row(self, parent: int, name: bytes, ino: int, kind: int) -> None:
@@ -271,13 +273,10 @@ class _Stage:
             if any(meta_n):
                 _extend(self.meta, 0, tuple(chain.from_iterable(meta)))
             for node in buf:
-                if node.target is not None or node.xattrs or node.names:
-                    ino = node.ino
-                    if node.target is not None:
-                        self.targets[ino] = node.target
-                    if node.xattrs:
-                        self.xattrs[ino] = node.xattrs
-                    rbuf.extend((parent, name, ino, _NAME) for parent, name in node.names)
+                if node.target is not None:
+                    self.targets[node.ino] = node.target
+                if node.xattrs:
+                    self.xattrs[node.ino] = node.xattrs
         if rbuf:
             self.rbuf = []
             names = list(map(_name_of, rbuf))

@@ -101,6 +101,8 @@ def _build(rng: random.Random, n: int) -> tuple[ShadowTree, DictTree]:
             name = _name(rng) + str(ino).encode()
             if rng.random() < 0.9:
                 node = _node(rng, ino)
+                if rng.random() < 0.1:   # a node that comes with a name (kept in its names, not in an entry)
+                    node.names = ((rng.choice(dirs), b"pre%d" % ino),)
                 for t in (tree, ref):
                     t.add_node(dataclasses.replace(node))
                 if node.type == "dir":
