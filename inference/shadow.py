@@ -332,42 +332,118 @@ def _groups(keys: array | list, rows: list[int], key_of: array | list) -> tuple[
     return at, n
 
 
-class NodeStore(MutableMapping):
-    """inode -> Node, as a dict behaves: the base's rows, under an overlay of objects (see _Base)."""
+class _Store(MutableMapping):
+    """A dict's behaviour over the rows of a _Base: a row read through `get`/`[]` is made resident (an object in
+    `_over`, which wins from then on), a deleted one is remembered in `_gone`. Subclasses say how rows are found
+    (`_row`), made (`_make`) and listed (`_keys`), and which keys a bulk build holds (`_staged_keys`)."""
 
     def __init__(self) -> None:
         self._reset(_Base())
 
     def _reset(self, base: _Base) -> None:
         self._base = base
-        self._over: dict[int, Node] = {}
-        self._gone: set[int] = set()     # base rows dropped since
-        self._len = len(base)
+        self._over: dict = {}
+        self._gone: set[int] = set()
+        self._len = len(self._keys())
         self._staged: _Stage | None = None
 
-    def get(self, ino: int, default=None):  # noqa: ANN001, ANN201 - dict.get's signature
-        node = self._over.get(ino)
-        if node is not None:
-            return node
-        if ino in self._gone:
+    def _row(self, key: int) -> int:
+        raise NotImplementedError
+
+    def _make(self, row: int):  # noqa: ANN202 - a Node or a dict
+        raise NotImplementedError
+
+    def _keys(self) -> array | list:
+        raise NotImplementedError
+
+    def _staged_keys(self) -> set[int]:
+        raise NotImplementedError
+
+    def get(self, key: int, default=None):  # noqa: ANN001, ANN201 - dict.get's signature
+        value = self._over.get(key)
+        if value is not None:
+            return value
+        if key in self._gone:
             return default
-        r = self._base.row(ino)
+        r = self._row(key)
         if r < 0:
-            if self._staged is not None and ino in self._staged.inos:
-                raise RuntimeError(f"inode {ino} is being built in bulk: only membership is known until the end")
+            if self._staged is not None and key in self._staged_keys():
+                raise RuntimeError(f"{key} is being built in bulk: only membership is known until the end")
             return default
-        node = self._over[ino] = self._base.node(r)
-        return node
+        value = self._over[key] = self._make(r)
+        return value
+
+    def _copy(self, key: int):  # noqa: ANN202
+        """get() without making the row resident: a copy, unless it already is (do not change what you get)."""
+        value = self._over.get(key)
+        if value is not None or key in self._gone:
+            return value
+        r = self._row(key)
+        return self._make(r) if r >= 0 else None
+
+    def __getitem__(self, key: int):  # noqa: ANN204
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._over or (self._staged is not None and key in self._staged_keys()):
+            return True
+        return key not in self._gone and self._row(key) >= 0
+
+    def __setitem__(self, key: int, value) -> None:  # noqa: ANN001
+        if key not in self:
+            self._len += 1
+        self._over[key] = value
+        self._gone.discard(key)
+
+    def __delitem__(self, key: int) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._over.pop(key, None)
+        if self._row(key) >= 0:
+            self._gone.add(key)
+        self._len -= 1
+
+    def __len__(self) -> int:
+        return self._len + (len(self._staged_keys()) if self._staged is not None else 0)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from list(self._over)
+        over, gone = self._over, self._gone
+        for key in self._keys():
+            if key not in over and key not in gone:
+                yield key
+
+    def values(self) -> Iterator:  # type: ignore[override] - base rows as copies (_copy), not made resident
+        return map(self._copy, self)
+
+    def items(self) -> Iterator[tuple]:  # type: ignore[override]
+        return ((key, self._copy(key)) for key in self)
+
+
+class NodeStore(_Store):
+    """inode -> Node."""
+
+    def _row(self, key: int) -> int:
+        return self._base.row(key)
+
+    def _make(self, row: int) -> Node:
+        return self._base.node(row)
+
+    def _keys(self) -> array | list:
+        return self._base.cols[INO]
+
+    def _staged_keys(self) -> set[int]:
+        return self._staged.inos
 
     def peek(self, ino: int) -> Node | None:
         """The node without making it resident: a copy, unless it already is (do not change what you get)."""
-        node = self._over.get(ino)
-        if node is not None or ino in self._gone:
-            return node
-        r = self._base.row(ino)
-        return self._base.node(r) if r >= 0 else None
+        return self._copy(ino)
 
     def first_name(self, ino: int) -> tuple[int, bytes] | None:
+        """node.names[0] (None: no node, or no name) without making the node resident: what path() walks."""
         node = self._over.get(ino)
         if node is not None:
             return node.names[0] if node.names else None
@@ -376,127 +452,26 @@ class NodeStore(MutableMapping):
         r = self._base.row(ino)
         return self._base.first_name(r) if r >= 0 else None
 
-    def __getitem__(self, ino: int) -> Node:
-        node = self.get(ino, _MISSING)
-        if node is _MISSING:
-            raise KeyError(ino)
-        return node
 
-    def __contains__(self, ino: object) -> bool:
-        if ino in self._over or (self._staged is not None and ino in self._staged.inos):
-            return True
-        return ino not in self._gone and self._base.row(ino) >= 0
+class ChildStore(_Store):
+    """directory inode -> {name: inode}."""
 
-    def __setitem__(self, ino: int, node: Node) -> None:
-        if ino not in self:
-            self._len += 1
-        self._over[ino] = node
-        self._gone.discard(ino)
+    def _row(self, key: int) -> int:
+        return self._base.dir_row(key)
 
-    def __delitem__(self, ino: int) -> None:
-        if ino not in self:
-            raise KeyError(ino)
-        self._over.pop(ino, None)
-        if self._base.row(ino) >= 0:
-            self._gone.add(ino)
-        self._len -= 1
+    def _make(self, row: int) -> dict[bytes, int]:
+        return self._base.entries(row)
 
-    def __len__(self) -> int:
-        return self._len + (len(self._staged.inos) if self._staged is not None else 0)
+    def _keys(self) -> array | list:
+        return self._base.dirs
 
-    def __iter__(self) -> Iterator[int]:
-        yield from list(self._over)
-        over, gone = self._over, self._gone
-        for ino in self._base.cols[INO]:
-            if ino not in over and ino not in gone:
-                yield ino
-
-    def values(self) -> Iterator[Node]:  # type: ignore[override] - base rows as copies (peek), not made resident
-        return map(self.peek, self)
-
-    def items(self) -> Iterator[tuple[int, Node]]:  # type: ignore[override]
-        return ((ino, self.peek(ino)) for ino in self)
-
-
-class ChildStore(MutableMapping):
-    """directory inode -> {name: inode}, as a dict behaves: the base's rows, under an overlay of dicts."""
-
-    def __init__(self) -> None:
-        self._reset(_Base())
-
-    def _reset(self, base: _Base) -> None:
-        self._base = base
-        self._over: dict[int, dict[bytes, int]] = {}
-        self._gone: set[int] = set()
-        self._len = len(base.dirs)
-        self._staged: _Stage | None = None
-
-    def get(self, d: int, default=None):  # noqa: ANN001, ANN201 - dict.get's signature
-        entries = self._over.get(d)
-        if entries is not None:
-            return entries
-        if d in self._gone:
-            return default
-        j = self._base.dir_row(d)
-        if j < 0:
-            if self._staged is not None and d in self._staged.dirs:
-                raise RuntimeError(f"directory {d} is being built in bulk: only membership is known until the end")
-            return default
-        entries = self._over[d] = self._base.entries(j)
-        return entries
+    def _staged_keys(self) -> set[int]:
+        return self._staged.dirs
 
     def entries(self, d: int) -> dict[bytes, int]:
         """A directory's entries without making them resident: a copy, unless they already are (do not change)."""
-        entries = self._over.get(d)
-        if entries is not None:
-            return entries
-        if d in self._gone:
-            return {}
-        j = self._base.dir_row(d)
-        return self._base.entries(j) if j >= 0 else {}
-
-    def __getitem__(self, d: int) -> dict[bytes, int]:
-        entries = self.get(d, _MISSING)
-        if entries is _MISSING:
-            raise KeyError(d)
-        return entries
-
-    def __contains__(self, d: object) -> bool:
-        if d in self._over:
-            return True
-        if d in self._gone:
-            return False
-        return self._base.dir_row(d) >= 0 or (self._staged is not None and d in self._staged.dirs)
-
-    def __setitem__(self, d: int, entries: dict[bytes, int]) -> None:
-        if d not in self:
-            self._len += 1
-        self._over[d] = entries
-        self._gone.discard(d)
-
-    def __delitem__(self, d: int) -> None:
-        if d not in self:
-            raise KeyError(d)
-        self._over.pop(d, None)
-        if self._base.dir_row(d) >= 0:
-            self._gone.add(d)
-        self._len -= 1
-
-    def __len__(self) -> int:
-        return self._len + (len(self._staged.dirs) if self._staged is not None else 0)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from list(self._over)
-        over, gone = self._over, self._gone
-        for d in self._base.dirs:
-            if d not in over and d not in gone:
-                yield d
-
-    def values(self) -> Iterator[dict[bytes, int]]:  # type: ignore[override] - copies, not made resident
-        return map(self.entries, self)
-
-    def items(self) -> Iterator[tuple[int, dict[bytes, int]]]:  # type: ignore[override]
-        return ((d, self.entries(d)) for d in self)
+        entries = self._copy(d)
+        return {} if entries is None else entries
 
 
 class ShadowTree:
