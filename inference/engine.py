@@ -29,8 +29,9 @@ from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 
 log = logging.getLogger("mirrorfs.engine")
 
-INDEX_FORMAT = 5  # 2: shadow-tree nodes as tuples; 3: names checked by the name policy, refused ones kept to report;
-#                  4: nodes keep atime, i_blocks and i_flags; 5: nodes as columns (ShadowTree.__getstate__)
+INDEX_FORMAT = 6  # 2: shadow-tree nodes as tuples; 3: names checked by the name policy, refused ones kept to report;
+#                  4: nodes keep atime, i_blocks and i_flags; 5: nodes as columns (ShadowTree.__getstate__);
+#                  6: the shadow tree as arrays (shadow._Base), names in one blob
 RETRY_NS = 200_000_000  # how often writes to a not-yet-readable file system retry indexing it
 
 
@@ -117,7 +118,7 @@ def path_scope(handler: ExtHandler, prefixes: tuple[str, ...]) -> Callable[[int]
     dirs = tuple(p.rstrip("/") + "/" for p in prefixes)
 
     def inside(ino: int) -> bool:
-        node = tree.nodes.get(ino)
+        node = tree.peek(ino)
         if node is None or not node.names:
             return True
         for parent, name in node.names:

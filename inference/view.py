@@ -88,11 +88,14 @@ class EngineView:
         tree = self._handler(fs).tree
         queue = [(ROOT_INO, b"/")]
         seen = {ROOT_INO}
-        yield dataclasses.replace(_entry(b"/", tree.nodes[ROOT_INO]), blksize=self._handler(fs).geo.block_size)
+        root = tree.peek(ROOT_INO)
+        if root is None:
+            raise KeyError(ROOT_INO)
+        yield dataclasses.replace(_entry(b"/", root), blksize=self._handler(fs).geo.block_size)
         while queue:
             d, path = queue.pop(0)
-            for name, ino in sorted(tree.children.get(d, {}).items()):
-                node = tree.nodes.get(ino)
+            for name, ino in sorted(tree.entries(d).items()):  # (peek, entries: nothing made resident)
+                node = tree.peek(ino)
                 if node is None:
                     continue
                 child = (path.rstrip(b"/") or b"") + b"/" + name
@@ -105,13 +108,13 @@ class EngineView:
     def children(self, fs: str, ino: int) -> list[tuple[bytes, int]]:
         """A directory's names now, sorted, as (name, inode) pairs (stat each as needed: a directory may hold a
         million)."""
-        return sorted(self._handler(fs).tree.children.get(ino, {}).items())
+        return sorted(self._handler(fs).tree.entries(ino).items())
 
     @_locked
     def stat(self, fs: str, ino: int) -> Entry | None:
         """One inode's attributes now (path left empty): for attributes no event carries, such as a
         directory's mtime, which moves with its entries."""
-        node = self._handler(fs).tree.nodes.get(ino)
+        node = self._handler(fs).tree.peek(ino)
         return None if node is None else _entry(b"", node)
 
     @_locked
@@ -120,8 +123,8 @@ class EngineView:
         as they are now: a read in the guest moves atime and says nothing, and the view must still show it."""
         handler = self._handler(fs)
         inos, handler.reconciler.quiet = handler.reconciler.quiet or set(), set()
-        nodes = handler.tree.nodes
-        return [_entry(b"", nodes[ino]) for ino in sorted(inos) if ino in nodes]
+        peek = handler.tree.peek
+        return [_entry(b"", node) for ino in sorted(inos) if (node := peek(ino)) is not None]
 
     @_locked
     def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
@@ -148,7 +151,7 @@ class EngineView:
         ino = ROOT_INO
         for part in path.split(b"/"):
             if part:
-                found = tree.children.get(ino, {}).get(part)
+                found = tree.entries(ino).get(part)
                 if found is None:
                     return None
                 ino = found

@@ -11,7 +11,7 @@ def read_file(handler, ino: int, offset: int, size: int) -> bytes:
     kernel reads them). Shorter than asked where the engine's file ends: the caller decides what that means
     (the FUSE view answers EIO, never padding). Inline-data files (ext4 inline_data) read the bytes kept in
     the inode, from the committed metadata."""
-    node = handler.tree.nodes.get(ino)
+    node = handler.tree.peek(ino)
     if node is None or node.type != "file" or offset >= node.size or size <= 0:
         return b""
     size = min(size, node.size - offset, MAX_READ)

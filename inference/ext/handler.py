@@ -287,7 +287,7 @@ class ExtHandler:
         """Build the shadow tree from the current view (the base image, or the disk after a full sync)."""
         self.reader.bulk = True
         try:
-            with gc_paused():
+            with gc_paused(), self.tree.bulk():
                 self._index(progress)
         finally:
             self.reader.bulk, self.reader._window = False, None
@@ -299,7 +299,6 @@ class ExtHandler:
             raise CorruptMetadata("root directory inode 2 is not a directory")
         tree.add_node(root)
         queue = [ROOT_INO]
-        seen = {ROOT_INO}
         total = max(self.geo.inodes_count - self._free_inodes(), 1)
         while queue:
             d = queue.pop()
@@ -308,13 +307,12 @@ class ExtHandler:
                     node = self._load(ino)
                     if node is None:
                         continue
-                    tree.add_node(node)
+                    tree.add_node(node)  # (in bulk: only `in` answers for it until the end)
+                    if node.type == "dir":
+                        queue.append(ino)
                     if progress is not None and len(tree.nodes) % 1000 == 0:
                         progress(len(tree.nodes), total)
                 tree.add_name(d, name, ino)
-                if tree.nodes[ino].type == "dir" and ino not in seen:
-                    seen.add(ino)
-                    queue.append(ino)
         if progress is not None:
             progress(len(tree.nodes), len(tree.nodes))
 

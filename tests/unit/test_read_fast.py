@@ -45,7 +45,7 @@ def test_one_extent_read_is_one_pread_and_equals_the_walk():
         return data[off:off + n]
 
     node = SimpleNamespace(type="file", size=6 * bs, extents=[(0, 4, 6, False)])
-    handler = SimpleNamespace(tree=SimpleNamespace(nodes={5: node}), read_data=read_data,
+    handler = SimpleNamespace(tree=SimpleNamespace(peek={5: node}.get), read_data=read_data,
                               geo=SimpleNamespace(block_size=bs, inline_data=False))
     view = EngineView(SimpleNamespace(filesystems={"disk": SimpleNamespace(handler=handler)}, lock=threading.RLock()))
     got = view.read("disk", 5, 1500, 3000)
