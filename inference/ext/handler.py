@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable
@@ -54,6 +55,12 @@ MAX_RETRY_ROUNDS = 8  # bound on re-reading waiting directories within one point
 # past the per-inode caps is refused by the reader, one that would push the total past this is tracked without data.
 MAX_FS_EXTENTS = 1 << 22
 MAX_BAD_REMEMBERED = 4096  # refused entries remembered as reported (dir, name, ino); past it the oldest go
+# Inode-table blocks remembered as last compared (_changed_inodes), at most this many bytes of them; the least
+# recently compared go first. A checkpoint rewrites at home the blocks its commit already brought: compared with
+# the block they were last time, their inodes need no parsing.
+ITABLE_MEMO_BYTES = 8 << 20
+_CMP_FIELDS = operator.attrgetter("mode", "uid", "gid", "size", "mtime_ns", "links", "gen", "atime_ns", "blocks",
+                                  "flags", "sig")  # what _changed_inodes compares of a tree node
 
 
 @dataclass
@@ -96,6 +103,11 @@ class ExtHandler:
     _bad_seen: dict[int, frozenset[tuple[bytes, int]]] | None = None
     _bad_new: list[tuple[int, bytes, int, str]] | None = None
     _bad_more = 0
+    # _changed_inodes' memo: inode-table block -> (its bytes, per inode slot the tree node's compared fields when
+    # those bytes matched them, else None); and, during a point, the inodes it parsed and found changed (_inode).
+    _itable_memo: dict[int, tuple[bytes, list[tuple | None]]] | None = None
+    _memo_bytes = 0
+    _parsed: dict[int, R.Inode] | None = None
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -132,6 +144,8 @@ class ExtHandler:
         state["preimage"], state["preimage_bytes"], state["data_since"] = {}, 0, None
         state.pop("scope", None)      # a live setting, not part of the index
         state.pop("_scope_cache", None)
+        for derived in ("_itable_memo", "_memo_bytes", "_parsed"):  # (class defaults when loaded)
+            state.pop(derived, None)
         return state
 
     def attach(self, read: ReadFn) -> None:
@@ -214,7 +228,7 @@ class ExtHandler:
         """An INLINE_DATA_FL inode's bytes up to `size` (past the inline bytes zeros, as ext4_readpage_inline
         reads them); None if the inode keeps no inline data, b"" if its record cannot be read now."""
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
             if not inode.flags & L.INLINE_DATA_FL:
                 return None
             return R.inline_data(inode, self.geo)[:size].ljust(size, b"\0")
@@ -351,7 +365,7 @@ class ExtHandler:
     def _entries(self, d: int) -> tuple[dict[bytes, int], int | None]:
         """A directory's entries, and its '..' (None if it has none). The one way names enter the shadow tree
         (index and every re-read): entries the name policy refuses are left out and reported (`_note_bad`)."""
-        inode = self.reader.inode(d)  # (read_dir lists only inodes 1..inodes_count: it refuses the rest)
+        inode = self._inode(d)  # (read_dir lists only inodes 1..inodes_count: it refuses the rest)
         listing = [(e.ino, e.name) for e in R.read_dir(inode, self.geo, self.reader.read_block)]
         out, parent, bad = N.split_entries(listing)
         if bad or self._bad_seen:
@@ -572,6 +586,21 @@ class ExtHandler:
         return events
 
     def _point(self, seq: int, time_ns: int, settled: bool) -> list[Mutation]:
+        self._parsed = {}
+        try:
+            return self._point_body(seq, time_ns, settled)
+        finally:
+            self._parsed = None
+
+    def _inode(self, ino: int) -> R.Inode:
+        """reader.inode(ino), without reading or parsing again a record _changed_inodes parsed at this point."""
+        inode = self._parsed.get(ino) if self._parsed else None
+        if inode is None:
+            return self.reader.inode(ino)
+        self.reader.check(inode.raw, ino)
+        return inode
+
+    def _point_body(self, seq: int, time_ns: int, settled: bool) -> list[Mutation]:
         ctx = Context(seq=seq, time=time_ns / 1e9, fs=self.name, vm=self.vm)
         errors: list[str] = []
         dirty, self.dirty = self.dirty, _Dirty()
@@ -671,20 +700,43 @@ class ExtHandler:
         self._shared_now = {}
 
     def _changed_inodes(self, block: int, change: Change, errors: list[str]) -> set[int]:
-        """Inodes of one inode-table block whose cheap signature differs from the tree's."""
+        """Inodes of one inode-table block whose cheap signature differs from the tree's.
+
+        An inode whose bytes are those it had when it last matched its tree node, and whose node still has the
+        fields it matched (the memo), matches again without parsing: the answer is a function of the two.
+        The changed ones are kept parsed for the rest of the point (`_inode`), where reader.inode would read the
+        same bytes: while the group's descriptor still names the table the block belongs to."""
         geo = self.geo
         i = bisect_right(self._itable_starts, block) - 1
         t0, _, group = self.itables[i]
-        per_block = geo.block_size // geo.inode_size
+        isz = geo.inode_size
+        per_block = geo.block_size // isz
         ino0 = group * geo.inodes_per_group + (block - t0) * per_block + 1
         raw = self._read_view(block * geo.block_size, geo.block_size)
+        if self._itable_memo is None:
+            self._itable_memo = {}
+        memo = self._itable_memo.pop(block, None)  # (put back last: the least recently compared go first)
+        if memo is not None:
+            self._memo_bytes -= len(memo[0])
+            was_raw, was = memo
+            same = was_raw == raw
+        descs = self.reader.descs
+        parsed = self._parsed if self._parsed is not None and group < len(descs) and \
+            descs[group].inode_table == t0 else None
+        kept: list[tuple | None] = [None] * per_block
+        nodes = self.tree.nodes
         out: set[int] = set()
         for k in range(per_block):
             ino = ino0 + k
             if ino > geo.inodes_count or (ino < geo.first_ino and ino != ROOT_INO):
                 continue
-            rec = raw[k * geo.inode_size:(k + 1) * geo.inode_size]
-            old = self.tree.nodes.get(ino)
+            old = nodes.get(ino)
+            a = k * isz
+            if memo is not None and old is not None and (fields := was[k]) is not None and \
+                    fields == _CMP_FIELDS(old) and (same or raw[a:a + isz] == was_raw[a:a + isz]):
+                kept[k] = fields
+                continue
+            rec = raw[a:a + isz]
             if old is None and not any(rec):
                 continue
             try:
@@ -702,6 +754,14 @@ class ExtHandler:
                     old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen, old.atime_ns, old.blocks,
                     old.flags):
                 out.add(ino)
+                if parsed is not None:
+                    parsed[ino] = inode
+            else:
+                kept[k] = _CMP_FIELDS(old)
+        self._itable_memo[block] = (raw, kept)
+        self._memo_bytes += len(raw)
+        while self._memo_bytes > ITABLE_MEMO_BYTES:
+            self._memo_bytes -= len(self._itable_memo.pop(next(iter(self._itable_memo)))[0])
         return out
 
     def _read_dir_into(self, d: int, change: Change, dirty: _Dirty, errors: list[str]) -> bool:
@@ -736,7 +796,7 @@ class ExtHandler:
         """Does the inode's record differ from the tree's node (or is it new)?"""
         old = self.tree.nodes.get(ino)
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
         except CorruptMetadata:
             return True
         if old is None:
@@ -748,7 +808,7 @@ class ExtHandler:
         if self._shared_wait:
             self._shared_wait.pop(ino, None)
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
             if inode.links == 0 or inode.mode == 0:
                 if old is not None:
                     change.inodes[ino] = None
