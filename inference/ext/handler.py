@@ -108,6 +108,7 @@ class ExtHandler:
     _itable_memo: dict[int, tuple[bytes, list[tuple | None]]] | None = None
     _memo_bytes = 0
     _parsed: dict[int, R.Inode] | None = None
+    _parsed_at: list[tuple[int, int, int]] | None = None  # (block, slot, ino) of each of them
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -144,7 +145,7 @@ class ExtHandler:
         state["preimage"], state["preimage_bytes"], state["data_since"] = {}, 0, None
         state.pop("scope", None)      # a live setting, not part of the index
         state.pop("_scope_cache", None)
-        for derived in ("_itable_memo", "_memo_bytes", "_parsed"):  # (class defaults when loaded)
+        for derived in ("_itable_memo", "_memo_bytes", "_parsed", "_parsed_at"):  # (class defaults when loaded)
             state.pop(derived, None)
         return state
 
@@ -586,11 +587,26 @@ class ExtHandler:
         return events
 
     def _point(self, seq: int, time_ns: int, settled: bool) -> list[Mutation]:
-        self._parsed = {}
+        self._parsed, self._parsed_at = {}, []
         try:
-            return self._point_body(seq, time_ns, settled)
+            events = self._point_body(seq, time_ns, settled)
+            self._remember_parsed()
+            return events
         finally:
-            self._parsed = None
+            self._parsed = self._parsed_at = None
+
+    def _remember_parsed(self) -> None:
+        """The inodes _changed_inodes parsed as changed now match their tree nodes, mostly (a held size does not):
+        where they do, the memo says so, so the checkpoint that writes the same bytes home parses none of them."""
+        memo, parsed, nodes = self._itable_memo, self._parsed, self.tree.nodes
+        for block, k, ino in self._parsed_at or ():
+            entry, inode, node = memo.get(block), parsed.get(ino), nodes.get(ino)
+            if entry is None or inode is None or node is None:
+                continue
+            fields = (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
+                      inode.generation, inode.atime_ns, inode.blocks, inode.flags, _sig(inode))
+            if fields == _CMP_FIELDS(node):
+                entry[1][k] = fields
 
     def _inode(self, ino: int) -> R.Inode:
         """reader.inode(ino), without reading or parsing again a record _changed_inodes parsed at this point."""
@@ -756,6 +772,7 @@ class ExtHandler:
                 out.add(ino)
                 if parsed is not None:
                     parsed[ino] = inode
+                    self._parsed_at.append((block, k, ino))
             else:
                 kept[k] = _CMP_FIELDS(old)
         self._itable_memo[block] = (raw, kept)
