@@ -745,13 +745,12 @@ class Reconciler:
         directory's size, blocks, link count and times move with its entries, at the point its entries do, and
         the guest raises no event of its own for them, so the view takes them from the entry's event (a
         directory gone by the end of the point is named by none)."""
+        nodes = self.tree.nodes
         for m in events:
-            for name in ("parent", "old_parent"):
-                ref = getattr(m, name)
-                if ref is not None:
-                    node = self.tree.nodes.get(ref["ino"])
-                    setattr(m, name, None if node is None or node.type != "dir"
-                            else {f: getattr(node, f) for f in DIR_FIELDS})
+            if m.parent is not None:
+                m.parent = _dir_ref(nodes.get(m.parent["ino"]))
+            if m.old_parent is not None:
+                m.old_parent = _dir_ref(nodes.get(m.old_parent["ino"]))
 
     # -- attributes, content, xattrs
 
@@ -828,6 +827,12 @@ def _olds(old: Node, new: Node) -> dict:
     return out
 
 
+_DIR_FIELDS = operator.attrgetter(*DIR_FIELDS)
+
+
+def _dir_ref(node: Node | None) -> dict[str, int] | None:
+    """An event's `parent` or `old_parent`: the directory's DIR_FIELDS (None: gone, or not a directory)."""
+    return None if node is None or node.type != "dir" else dict(zip(DIR_FIELDS, _DIR_FIELDS(node), strict=True))
 _ALL_FIELDS = operator.attrgetter(*Node.__slots__)  # (names last: a tuple, shared safely by a copy)
 _TAKEN = tuple(f for f in Node.__slots__ if f not in ("names", "name_ctime_ns", "entries_changed"))
 _TAKEN_FIELDS = operator.attrgetter(*_TAKEN)
