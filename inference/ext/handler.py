@@ -740,7 +740,7 @@ class ExtHandler:
         parsed = self._parsed if self._parsed is not None and group < len(descs) and \
             descs[group].inode_table == t0 else None
         kept: list[tuple | None] = [None] * per_block
-        nodes = self.tree.nodes
+        nodes, zero = self.tree.nodes, bytes(isz)
         out: set[int] = set()
         for k in range(per_block):
             ino = ino0 + k
@@ -753,7 +753,7 @@ class ExtHandler:
                 kept[k] = fields
                 continue
             rec = raw[a:a + isz]
-            if old is None and not any(rec):
+            if old is None and rec == zero:  # (memcmp: any() walked it byte by byte)
                 continue
             try:
                 inode = R.parse_inode(rec, ino, geo)
