@@ -108,7 +108,7 @@ class ExtHandler:
     _itable_memo: dict[int, tuple[bytes, list[tuple | None]]] | None = None
     _memo_bytes = 0
     _parsed: dict[int, R.Inode] | None = None
-    _parsed_at: list[tuple[int, int, int]] | None = None  # (block, slot, ino) of each of them
+    _parsed_at: list[tuple[int, int, int, tuple]] | None = None  # (block, slot, ino, compared fields) of each
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -598,14 +598,10 @@ class ExtHandler:
     def _remember_parsed(self) -> None:
         """The inodes _changed_inodes parsed as changed now match their tree nodes, mostly (a held size does not):
         where they do, the memo says so, so the checkpoint that writes the same bytes home parses none of them."""
-        memo, parsed, nodes = self._itable_memo, self._parsed, self.tree.nodes
-        for block, k, ino in self._parsed_at or ():
-            entry, inode, node = memo.get(block), parsed.get(ino), nodes.get(ino)
-            if entry is None or inode is None or node is None:
-                continue
-            fields = (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
-                      inode.generation, inode.atime_ns, inode.blocks, inode.flags, _sig(inode))
-            if fields == _CMP_FIELDS(node):
+        memo, nodes = self._itable_memo, self.tree.nodes
+        for block, k, ino, fields in self._parsed_at or ():
+            entry, node = memo.get(block), nodes.get(ino)
+            if entry is not None and node is not None and fields == _CMP_FIELDS(node):
                 entry[1][k] = fields
 
     def _inode(self, ino: int) -> R.Inode:
@@ -764,17 +760,15 @@ class ExtHandler:
                 if old is not None:
                     change.inodes[ino] = None
                 continue
-            if old is None or _sig(inode) != old.sig or (
-                    inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
-                    inode.generation, inode.atime_ns, inode.blocks, inode.flags) != (
-                    old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen, old.atime_ns, old.blocks,
-                    old.flags):
+            fields = (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
+                      inode.generation, inode.atime_ns, inode.blocks, inode.flags, _sig(inode))  # (_CMP_FIELDS)
+            if old is None or fields != _CMP_FIELDS(old):
                 out.add(ino)
                 if parsed is not None:
                     parsed[ino] = inode
-                    self._parsed_at.append((block, k, ino))
+                    self._parsed_at.append((block, k, ino, fields))
             else:
-                kept[k] = _CMP_FIELDS(old)
+                kept[k] = fields
         self._itable_memo[block] = (raw, kept)
         self._memo_bytes += len(raw)
         while self._memo_bytes > ITABLE_MEMO_BYTES:
