@@ -100,21 +100,30 @@ class _Point:
 
 class _Paths:
     """ShadowTree.path and name_path, each directory walked up to the root once instead of once per entry, for as
-    long as no name of an inode with entries changes: the caller clears it when one may (`touch`)."""
+    long as the names of no inode on a remembered walk change: the caller says when one may (`touch`)."""
 
-    __slots__ = ("tree", "known")
+    __slots__ = ("tree", "known", "walked")
 
     def __init__(self, tree: ShadowTree) -> None:
         self.tree = tree
         self.known: dict[int, bytes | None] = {}
+        self.walked: set[int] = set()  # every inode a remembered path depends on (the last one looked up too)
 
     def dir(self, d: int) -> bytes | None:
         """tree.path(d), remembered."""
         try:
             return self.known[d]
         except KeyError:
-            path = self.known[d] = self.tree.path(d)
-            return path
+            pass
+        path = self.known[d] = self.tree.path(d)
+        nodes, ino = self.tree.nodes, d
+        for _ in range(MAX_DEPTH + 2):  # (the walk tree.path made: up the first names, to the root or a stop)
+            self.walked.add(ino)
+            node = nodes.get(ino)
+            if ino == ROOT_INO or node is None or not node.names:
+                break
+            ino = node.names[0][0]
+        return path
 
     def name_path(self, d: int, name: bytes) -> bytes | None:
         base = self.dir(d)
@@ -133,9 +142,10 @@ class _Paths:
         return None if base is None else (base.rstrip(b"/") or b"") + b"/" + name
 
     def touch(self, ino: int) -> None:
-        """A name of `ino` is about to change or has changed: forget every path if one may go through it."""
-        if ino in self.known or ino in self.tree.children:
+        """The names (or the node) of `ino` are about to change or have changed: forget the paths that depend on it."""
+        if ino in self.walked:
             self.known.clear()
+            self.walked.clear()
 
 
 def _live(node: Node | None) -> bool:
