@@ -35,7 +35,13 @@ class Kind(StrEnum):
 
 
 KINDS = tuple(k.value for k in Kind)
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # what json.dumps would make per call
+_JSON_ASCII = json.JSONEncoder(separators=(",", ":"))
 # DEL, C1 controls, and the bidi embeddings, overrides and isolates: inside a JSON string each may stand as \\uXXXX
+_TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
+
+
 def _plain(f: float) -> bool:
     """A float that json and orjson both write positionally, alike (json writes 1e-05, orjson 0.00001)."""
     return f == 0 or 1e-4 <= abs(f) < 1e16
@@ -50,11 +56,6 @@ def _orjson_text(d: dict[str, Any]) -> str | None:
     except TypeError:  # (orjson.JSONEncodeError is one)
         return None
 
-
-_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # what json.dumps would make per call
-_JSON_ASCII = json.JSONEncoder(separators=(",", ":"))
-_TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
 
 # Linux inode flags (FS_IOC_GETFLAGS, the values ext2/3/4 keep in i_flags) by the name events give them, with
 # lsattr's letter. CHATTR_FLAGS are the ones a user sets (chattr): a change of one of them is an attrib event; the
