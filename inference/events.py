@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 
 class Kind(StrEnum):
     """What happened (mirrorfs-events(5)). A str: it compares equal to, and serialises as, its name."""
@@ -33,9 +35,27 @@ class Kind(StrEnum):
 
 
 KINDS = tuple(k.value for k in Kind)
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # what json.dumps would make per call
+_JSON_ASCII = json.JSONEncoder(separators=(",", ":"))
 # DEL, C1 controls, and the bidi embeddings, overrides and isolates: inside a JSON string each may stand as \\uXXXX
 _TERMINAL_ACTIVE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TYPES = ("file", "dir", "symlink", "chardev", "blockdev", "fifo", "socket", "unknown")
+
+
+def _plain(f: float) -> bool:
+    """A float that json and orjson both write positionally, alike (json writes 1e-05, orjson 0.00001)."""
+    return f == 0 or 1e-4 <= abs(f) < 1e16
+
+
+def _orjson_text(d: dict[str, Any]) -> str | None:
+    """`d` as json.dumps(ensure_ascii=False, separators=(",", ":")) writes it (orjson: ~10k instructions per event
+    against the json module's ~80k), or None where they could differ or orjson refuses: floats outside `_plain`
+    (the caller checks the event's two), ints past 64 bits, lone surrogates (a name that is not UTF-8)."""
+    try:
+        return orjson.dumps(d).decode()
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return None
+
 
 # Linux inode flags (FS_IOC_GETFLAGS, the values ext2/3/4 keep in i_flags) by the name events give them, with
 # lsattr's letter. CHATTR_FLAGS are the ones a user sets (chattr): a change of one of them is an attrib event; the
@@ -113,7 +133,8 @@ class Mutation:
 
     def __post_init__(self) -> None:
         if type(self.kind) is not Kind:
-            self.kind = Kind(self.kind)  # ValueError for a kind that does not exist
+            # (a dict first: the Enum call cost ~4 us per event); ValueError for a kind that does not exist
+            self.kind = _KIND_OF.get(self.kind) or Kind(self.kind)
         if self.kind is Kind.ERROR and not isinstance(self, ErrorEvent):
             raise TypeError("an error is an ErrorEvent, not a Mutation of kind error")
 
@@ -137,7 +158,10 @@ class Mutation:
         return d
 
     def to_json(self) -> str:
-        return event_json(self.to_dict())
+        """One line of JSON (`event_json`), through orjson where it writes exactly what the json module does."""
+        d = self.to_dict()
+        plain = not self.extra and _plain(self.time) and (self.mtime is None or _plain(self.mtime))
+        return event_json(d, _orjson_text(d) if plain else None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mutation:
@@ -167,17 +191,23 @@ class ErrorEvent(Mutation):
     mutations (the view, reads) pass these by (`is_error`)."""
 
 
-def event_json(d: dict[str, Any]) -> str:
-    """An event's dict as one line of JSON; names that are not UTF-8 become \\udcXX escapes (lossless, still
-    valid JSON), and so, as \\uXXXX, do characters a terminal would act on that JSON leaves raw (DEL, C1 controls
-    such as the 8-bit CSI, bidi overrides): a guest's name (or file content, in a diff) printed with
-    `events --json` cannot drive the terminal."""
-    text = json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+def event_json(d: dict[str, Any], text: str | None = None) -> str:
+    """An event's dict as one line of JSON (`text`: already encoded so); names that are not UTF-8 become \\udcXX
+    escapes (lossless, still valid JSON), and so, as \\uXXXX, do characters a terminal would act on that JSON
+    leaves raw (DEL, C1 controls such as the 8-bit CSI, bidi overrides): a guest's name (or file content, in a
+    diff) printed with `events --json` cannot drive the terminal."""
+    if text is None:
+        text = _JSON_TEXT.encode(d)
+    if text.isascii():  # (O(1): CPython knows) no surrogate, no C1 or bidi character: only DEL to look for
+        return text if "\x7f" not in text else text.replace("\x7f", "\\u007f")
     try:
         text.encode()
     except UnicodeEncodeError:
-        return json.dumps(d, separators=(",", ":"))
+        return _JSON_ASCII.encode(d)
     return _TERMINAL_ACTIVE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_KIND_OF: dict[str, Kind] = {k.value: k for k in Kind}
 
 
 def parse_id(event_id: str) -> tuple[int, int]:

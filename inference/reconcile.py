@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from inference.events import CHATTR_MASK, DIR_FIELDS, ErrorEvent, Kind, Mutation, flag_names, fs_path
 from inference.names import all_valid, bad_name_reason
-from inference.shadow import ROOT_INO, Node, ShadowTree
+from inference.shadow import MAX_DEPTH, ROOT_INO, Node, ShadowTree
 
 CREATE_KIND = {"file": "create", "dir": "mkdir", "symlink": "symlink"}
 MAX_DROPPED = 1 << 16  # deleted inodes remembered (see Reconciler.dropped); the oldest go first
@@ -96,6 +96,56 @@ class _Point:
         self.ok_added.remove((d, n, i))
         self.names_after[i] -= 1
         self.retry.add(d)
+
+
+class _Paths:
+    """ShadowTree.path and name_path, each directory walked up to the root once instead of once per entry, for as
+    long as the names of no inode on a remembered walk change: the caller says when one may (`touch`)."""
+
+    __slots__ = ("tree", "known", "walked")
+
+    def __init__(self, tree: ShadowTree) -> None:
+        self.tree = tree
+        self.known: dict[int, bytes | None] = {}
+        self.walked: set[int] = set()  # every inode a remembered path depends on (the last one looked up too)
+
+    def dir(self, d: int) -> bytes | None:
+        """tree.path(d), remembered."""
+        try:
+            return self.known[d]
+        except KeyError:
+            pass
+        path = self.known[d] = self.tree.path(d)
+        nodes, ino = self.tree.nodes, d
+        for _ in range(MAX_DEPTH + 2):  # (the walk tree.path made: up the first names, to the root or a stop)
+            self.walked.add(ino)
+            node = nodes.get(ino)
+            if ino == ROOT_INO or node is None or not node.names:
+                break
+            ino = node.names[0][0]
+        return path
+
+    def name_path(self, d: int, name: bytes) -> bytes | None:
+        base = self.dir(d)
+        return None if base is None else (base.rstrip(b"/") or b"") + b"/" + name
+
+    def path(self, ino: int) -> bytes | None:
+        """tree.path(ino): its parent's path and first name. (A parent with a path has no cycle through ino: the
+        walk would come back to the parent. A path near tree.path's depth bound is walked by it.)"""
+        node = self.tree.nodes.get(ino)
+        if ino == ROOT_INO or node is None or not node.names:
+            return self.tree.path(ino)
+        parent, name = node.names[0]
+        base = self.dir(parent)
+        if base is not None and len(base) >= 2 * MAX_DEPTH:
+            return self.tree.path(ino)
+        return None if base is None else (base.rstrip(b"/") or b"") + b"/" + name
+
+    def touch(self, ino: int) -> None:
+        """The names (or the node) of `ino` are about to change or have changed: forget the paths that depend on it."""
+        if ino in self.walked:
+            self.known.clear()
+            self.walked.clear()
 
 
 def _live(node: Node | None) -> bool:
@@ -288,7 +338,8 @@ class Reconciler:
         for d, n, i in p.added:
             if (d, n, i) not in admitted and not self._expired(d, p.now):
                 p.retry.add(d)  # past the deadline: stale, ignore
-        reachable = {d for d, _, _ in live if d == ROOT_INO or (self.tree.path(d) is not None and d not in p.reborn)}
+        paths = _Paths(self.tree)
+        reachable = {d for d, _, _ in live if d == ROOT_INO or (paths.dir(d) is not None and d not in p.reborn)}
         grew = True
         while grew:
             grew = False
@@ -542,9 +593,10 @@ class Reconciler:
         pending = dict.fromkeys(ops)  # an ordered set
         victims = {op.src: op for op in ops if op.kind == "unlink"}
         done: set[_Op] = set()
+        paths = _Paths(tree)  # (run touches it for every inode whose names it changes, before and after)
 
         def dir_exists(d: int) -> bool:
-            return d == ROOT_INO or (d in tree.nodes and tree.nodes[d].type == "dir" and tree.path(d) is not None)
+            return d == ROOT_INO or (d in tree.nodes and tree.nodes[d].type == "dir" and paths.dir(d) is not None)
 
         def ready(op: _Op, force: bool) -> bool:
             if op.kind == "unlink":
@@ -570,6 +622,13 @@ class Reconciler:
         def run(op: _Op) -> None:
             done.add(op)
             self._entries_touched(*(where[0] for where in (op.src, op.dst) if where))
+            paths.touch(op.ino)
+            try:
+                change_names(op)
+            finally:
+                paths.touch(op.ino)
+
+        def change_names(op: _Op) -> None:
             if op.kind == "unlink":
                 events.extend(self._unlink(op, change, ctx, reborn))
                 return
@@ -580,13 +639,15 @@ class Reconciler:
                 if victim is not None:
                     done.add(victim)
                     pending.pop(victim, None)
+                paths.touch(occupant)
                 self._drop_name(d, n, occupant, ctx.time)
             if op.kind == "rename":
-                old_path = tree.name_path(*op.src)
+                old_path = paths.name_path(*op.src)
                 tree.remove_name(*op.src)
                 tree.add_name(d, n, op.ino)
+                paths.touch(op.ino)
                 self._named(op.ino, change, behind)
-                events.append(_event(ctx, "rename", tree.name_path(d, n), self._node(op.ino, change),
+                events.append(_event(ctx, "rename", paths.name_path(d, n), self._node(op.ino, change),
                                      old_path=fs_path(old_path or b"?"), parent={"ino": d},
                                      old_parent={"ino": op.src[0]} if op.src[0] != d else None))
                 return
@@ -600,14 +661,16 @@ class Reconciler:
                 tree.add_node(new)
                 created.add(op.ino)
                 tree.add_name(d, n, op.ino)
+                paths.touch(op.ino)
                 self._named(op.ino, change, behind)
                 kind = CREATE_KIND.get(new.type, "mknod")
-                events.append(_event(ctx, kind, tree.name_path(d, n), self._node(op.ino, change), parent={"ino": d}))
+                events.append(_event(ctx, kind, paths.name_path(d, n), self._node(op.ino, change), parent={"ino": d}))
                 return
-            first = tree.path(op.ino)
+            first = paths.path(op.ino)
             tree.add_name(d, n, op.ino)
+            paths.touch(op.ino)
             self._named(op.ino, change, behind)
-            events.append(_event(ctx, "link", tree.name_path(d, n), self._node(op.ino, change),
+            events.append(_event(ctx, "link", paths.name_path(d, n), self._node(op.ino, change),
                                  target=fs_path(first or b"?"), parent={"ino": d}))
 
         order = {"unlink": 2, "rename": 0, "add": 1}
@@ -615,7 +678,7 @@ class Reconciler:
             progress = True
             while pending and progress:
                 progress = False
-                for op in sorted(pending, key=lambda o: (order[o.kind], self._depth(o))):
+                for op in sorted(pending, key=lambda o: (order[o.kind], self._depth(o, paths))):
                     if op in done or op not in pending:
                         continue
                     if ready(op, force):
@@ -637,9 +700,10 @@ class Reconciler:
             if (node := self.tree.nodes.get(d)) is not None:
                 node.entries_changed = True
 
-    def _depth(self, op: _Op) -> int:
+    @staticmethod
+    def _depth(op: _Op, paths: _Paths) -> int:
         where = op.dst or op.src
-        path = self.tree.name_path(*where) if where else None
+        path = paths.name_path(*where) if where else None
         depth = path.count(b"/") if path else 0
         return -depth if op.kind == "unlink" else depth
 
@@ -691,13 +755,12 @@ class Reconciler:
         directory's size, blocks, link count and times move with its entries, at the point its entries do, and
         the guest raises no event of its own for them, so the view takes them from the entry's event (a
         directory gone by the end of the point is named by none)."""
+        nodes = self.tree.nodes
         for m in events:
-            for name in ("parent", "old_parent"):
-                ref = getattr(m, name)
-                if ref is not None:
-                    node = self.tree.nodes.get(ref["ino"])
-                    setattr(m, name, None if node is None or node.type != "dir"
-                            else {f: getattr(node, f) for f in DIR_FIELDS})
+            if m.parent is not None:
+                m.parent = _dir_ref(nodes.get(m.parent["ino"]))
+            if m.old_parent is not None:
+                m.old_parent = _dir_ref(nodes.get(m.old_parent["ino"]))
 
     # -- attributes, content, xattrs
 
@@ -709,10 +772,11 @@ class Reconciler:
         events: list[Mutation] = []
         touched = set(change.inodes) | set(change.data) | set(grown)
         flag = {"unconfirmed": True}
+        paths = _Paths(tree)  # (no name changes here)
         for ino in sorted(touched):
             node = tree.nodes.get(ino)
             new = change.inodes.get(ino, node)
-            path = tree.path(ino) if node is not None else None
+            path = paths.path(ino) if node is not None else None
             if node is None or new is None or path is None:
                 continue  # not (yet) reachable from the root: its create will carry what it has
             if ino in reborn and ino not in created:
@@ -773,9 +837,27 @@ def _olds(old: Node, new: Node) -> dict:
     return out
 
 
+_DIR_FIELDS = operator.attrgetter(*DIR_FIELDS)
+
+
+def _dir_ref(node: Node | None) -> dict[str, int] | None:
+    """An event's `parent` or `old_parent`: the directory's DIR_FIELDS (None: gone, or not a directory)."""
+    return None if node is None or node.type != "dir" else dict(zip(DIR_FIELDS, _DIR_FIELDS(node), strict=True))
+
+
 _ALL_FIELDS = operator.attrgetter(*Node.__slots__)  # (names last: a tuple, shared safely by a copy)
 _TAKEN = tuple(f for f in Node.__slots__ if f not in ("names", "name_ctime_ns", "entries_changed"))
-_TAKEN_FIELDS = operator.attrgetter(*_TAKEN)
+
+
+def _assigner(fields: tuple[str, ...]):
+    """node.f = new.f for each field, as straight-line code (as dataclasses makes __init__): a setattr loop over
+    zip cost 114k calls in the meta replay."""
+    ns: dict = {}
+    exec("def assign(node, new):\n" + "".join(f"    node.{f} = new.{f}\n" for f in fields), ns)  # noqa: S102
+    return ns["assign"]
+
+
+_assign_taken = _assigner(_TAKEN)
 
 
 def _copy(node: Node) -> Node:
@@ -784,10 +866,8 @@ def _copy(node: Node) -> Node:
 
 def _update(node: Node, new: Node) -> None:
     """Take the re-read attributes; names and the name bookkeeping stay the tree's."""
-    if node is new:
-        return
-    for f, v in zip(_TAKEN, _TAKEN_FIELDS(new), strict=True):
-        setattr(node, f, v)
+    if node is not new:
+        _assign_taken(node, new)
 
 
 def _real_end(start: int, end: int, extents: tuple, seen, bs: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable
@@ -54,6 +55,12 @@ MAX_RETRY_ROUNDS = 8  # bound on re-reading waiting directories within one point
 # past the per-inode caps is refused by the reader, one that would push the total past this is tracked without data.
 MAX_FS_EXTENTS = 1 << 22
 MAX_BAD_REMEMBERED = 4096  # refused entries remembered as reported (dir, name, ino); past it the oldest go
+# Inode-table blocks remembered as last compared (_changed_inodes), at most this many bytes of them; the least
+# recently compared go first. A checkpoint rewrites at home the blocks its commit already brought: compared with
+# the block they were last time, their inodes need no parsing.
+ITABLE_MEMO_BYTES = 8 << 20
+_CMP_FIELDS = operator.attrgetter("mode", "uid", "gid", "size", "mtime_ns", "links", "gen", "atime_ns", "blocks",
+                                  "flags", "sig")  # what _changed_inodes compares of a tree node
 
 
 @dataclass
@@ -96,6 +103,12 @@ class ExtHandler:
     _bad_seen: dict[int, frozenset[tuple[bytes, int]]] | None = None
     _bad_new: list[tuple[int, bytes, int, str]] | None = None
     _bad_more = 0
+    # _changed_inodes' memo: inode-table block -> (its bytes, per inode slot the tree node's compared fields when
+    # those bytes matched them, else None); and, during a point, the inodes it parsed and found changed (_inode).
+    _itable_memo: dict[int, tuple[bytes, list[tuple | None]]] | None = None
+    _memo_bytes = 0
+    _parsed: dict[int, R.Inode] | None = None
+    _parsed_at: list[tuple[int, int, int, tuple]] | None = None  # (block, slot, ino, compared fields) of each
 
     def __init__(self, read: ReadFn, *, name: str = "", vm: str = "") -> None:
         self._read_home = read
@@ -132,6 +145,8 @@ class ExtHandler:
         state["preimage"], state["preimage_bytes"], state["data_since"] = {}, 0, None
         state.pop("scope", None)      # a live setting, not part of the index
         state.pop("_scope_cache", None)
+        for derived in ("_itable_memo", "_memo_bytes", "_parsed", "_parsed_at"):  # (class defaults when loaded)
+            state.pop(derived, None)
         return state
 
     def attach(self, read: ReadFn) -> None:
@@ -212,7 +227,7 @@ class ExtHandler:
         first, count = offset // bs, -(-(offset + length) // bs) - offset // bs
         out: dict[int, int] = {}
         for _phys, _n, ino, _logical in self.blocks.owners(first, count):
-            node = self.tree.nodes.get(ino)
+            node = self.tree.peek(ino)  # a look only: a write to a base file must not make its node resident
             if node is not None and node.type == "file" and (self.scope is None or self.in_scope(ino)):
                 out[ino] = node.size
         return out
@@ -226,7 +241,7 @@ class ExtHandler:
         """An INLINE_DATA_FL inode's bytes up to `size` (past the inline bytes zeros, as ext4_readpage_inline
         reads them); None if the inode keeps no inline data, b"" if its record cannot be read now."""
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
             if not inode.flags & L.INLINE_DATA_FL:
                 return None
             return R.inline_data(inode, self.geo)[:size].ljust(size, b"\0")
@@ -361,7 +376,7 @@ class ExtHandler:
     def _entries(self, d: int) -> tuple[dict[bytes, int], int | None]:
         """A directory's entries, and its '..' (None if it has none). The one way names enter the shadow tree
         (index and every re-read): entries the name policy refuses are left out and reported (`_note_bad`)."""
-        inode = self.reader.inode(d)  # (read_dir lists only inodes 1..inodes_count: it refuses the rest)
+        inode = self._inode(d)  # (read_dir lists only inodes 1..inodes_count: it refuses the rest)
         listing = [(e.ino, e.name) for e in R.read_dir(inode, self.geo, self.reader.read_block)]
         out, parent, bad = N.split_entries(listing)
         if bad or self._bad_seen:
@@ -582,6 +597,32 @@ class ExtHandler:
         return events
 
     def _point(self, seq: int, time_ns: int, settled: bool) -> list[Mutation]:
+        self._parsed, self._parsed_at = {}, []
+        try:
+            events = self._point_body(seq, time_ns, settled)
+            self._remember_parsed()
+            return events
+        finally:
+            self._parsed = self._parsed_at = None
+
+    def _remember_parsed(self) -> None:
+        """The inodes _changed_inodes parsed as changed now match their tree nodes, mostly (a held size does not):
+        where they do, the memo says so, so the checkpoint that writes the same bytes home parses none of them."""
+        memo, nodes = self._itable_memo, self.tree.nodes
+        for block, k, ino, fields in self._parsed_at or ():
+            entry, node = memo.get(block), nodes.get(ino)
+            if entry is not None and node is not None and fields == _CMP_FIELDS(node):
+                entry[1][k] = fields
+
+    def _inode(self, ino: int) -> R.Inode:
+        """reader.inode(ino), without reading or parsing again a record _changed_inodes parsed at this point."""
+        inode = self._parsed.get(ino) if self._parsed else None
+        if inode is None:
+            return self.reader.inode(ino)
+        self.reader.check(inode.raw, ino)
+        return inode
+
+    def _point_body(self, seq: int, time_ns: int, settled: bool) -> list[Mutation]:
         ctx = Context(seq=seq, time=time_ns / 1e9, fs=self.name, vm=self.vm)
         errors: list[str] = []
         dirty, self.dirty = self.dirty, _Dirty()
@@ -681,21 +722,44 @@ class ExtHandler:
         self._shared_now = {}
 
     def _changed_inodes(self, block: int, change: Change, errors: list[str]) -> set[int]:
-        """Inodes of one inode-table block whose cheap signature differs from the tree's."""
+        """Inodes of one inode-table block whose cheap signature differs from the tree's.
+
+        An inode whose bytes are those it had when it last matched its tree node, and whose node still has the
+        fields it matched (the memo), matches again without parsing: the answer is a function of the two.
+        The changed ones are kept parsed for the rest of the point (`_inode`), where reader.inode would read the
+        same bytes: while the group's descriptor still names the table the block belongs to."""
         geo = self.geo
         i = bisect_right(self._itable_starts, block) - 1
         t0, _, group = self.itables[i]
-        per_block = geo.block_size // geo.inode_size
+        isz = geo.inode_size
+        per_block = geo.block_size // isz
         ino0 = group * geo.inodes_per_group + (block - t0) * per_block + 1
         raw = self._read_view(block * geo.block_size, geo.block_size)
+        if self._itable_memo is None:
+            self._itable_memo = {}
+        memo = self._itable_memo.pop(block, None)  # (put back last: the least recently compared go first)
+        if memo is not None:
+            self._memo_bytes -= len(memo[0])
+            was_raw, was = memo
+            same = was_raw == raw
+        descs = self.reader.descs
+        parsed = self._parsed if self._parsed is not None and group < len(descs) and \
+            descs[group].inode_table == t0 else None
+        kept: list[tuple | None] = [None] * per_block
+        nodes, zero = self.tree.nodes, bytes(isz)
         out: set[int] = set()
         for k in range(per_block):
             ino = ino0 + k
             if ino > geo.inodes_count or (ino < geo.first_ino and ino != ROOT_INO):
                 continue
-            rec = raw[k * geo.inode_size:(k + 1) * geo.inode_size]
-            old = self.tree.nodes.get(ino)
-            if old is None and not any(rec):
+            old = nodes.get(ino)
+            a = k * isz
+            if memo is not None and old is not None and (fields := was[k]) is not None and \
+                    fields == _CMP_FIELDS(old) and (same or raw[a:a + isz] == was_raw[a:a + isz]):
+                kept[k] = fields
+                continue
+            rec = raw[a:a + isz]
+            if old is None and rec == zero:  # (memcmp: any() walked it byte by byte)
                 continue
             try:
                 inode = R.parse_inode(rec, ino, geo)
@@ -706,12 +770,19 @@ class ExtHandler:
                 if old is not None:
                     change.inodes[ino] = None
                 continue
-            if old is None or _sig(inode) != old.sig or (
-                    inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
-                    inode.generation, inode.atime_ns, inode.blocks, inode.flags) != (
-                    old.mode, old.uid, old.gid, old.size, old.mtime_ns, old.links, old.gen, old.atime_ns, old.blocks,
-                    old.flags):
+            fields = (inode.mode, inode.uid, inode.gid, min(inode.size, R.MAX_SIZE), inode.mtime_ns, inode.links,
+                      inode.generation, inode.atime_ns, inode.blocks, inode.flags, _sig(inode))  # (_CMP_FIELDS)
+            if old is None or fields != _CMP_FIELDS(old):
                 out.add(ino)
+                if parsed is not None:
+                    parsed[ino] = inode
+                    self._parsed_at.append((block, k, ino, fields))
+            else:
+                kept[k] = fields
+        self._itable_memo[block] = (raw, kept)
+        self._memo_bytes += len(raw)
+        while self._memo_bytes > ITABLE_MEMO_BYTES:
+            self._memo_bytes -= len(self._itable_memo.pop(next(iter(self._itable_memo)))[0])
         return out
 
     def _read_dir_into(self, d: int, change: Change, dirty: _Dirty, errors: list[str]) -> bool:
@@ -746,7 +817,7 @@ class ExtHandler:
         """Does the inode's record differ from the tree's node (or is it new)?"""
         old = self.tree.nodes.get(ino)
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
         except CorruptMetadata:
             return True
         if old is None:
@@ -758,7 +829,7 @@ class ExtHandler:
         if self._shared_wait:
             self._shared_wait.pop(ino, None)
         try:
-            inode = self.reader.inode(ino)
+            inode = self._inode(ino)
             if inode.links == 0 or inode.mode == 0:
                 if old is not None:
                     change.inodes[ino] = None

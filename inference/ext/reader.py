@@ -849,10 +849,14 @@ class ExtReader:
 
     def inode(self, ino: int) -> Inode:
         raw = self.inode_raw(ino)
+        self.check(raw, ino)
+        return parse_inode(raw, ino, self.geo)
+
+    def check(self, raw: bytes, ino: int) -> None:
+        """What `inode` checks before it parses a record: its metadata_csum (an all-zero record has none)."""
         if self.verify and self.geo.metadata_csum and raw.count(0) != len(raw) and not inode_csum_ok(raw, ino,
                                                                                                       self.geo):
             raise CorruptMetadata(f"inode {ino}: bad checksum")
-        return parse_inode(raw, ino, self.geo)
 
     def listdir(self, ino: int) -> list[DirEntry]:
         return read_dir(self.inode(ino), self.geo, self.read_block, verify=self.verify)

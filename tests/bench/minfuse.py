@@ -16,8 +16,9 @@ import sys
 
 import pyfuse3
 import trio
-from mirrorfs.fuse import mount_options
-from mirrorfs.mount import readahead_after_init
+
+from mirrorfs.view.mount import readahead_after_init
+from mirrorfs.view.ops import mount_options
 
 BIG_INO = 2
 

@@ -1,12 +1,13 @@
 """Engine.changed_span gallops and pins bytes with an int XOR: it must equal the byte-by-byte answer everywhere,
-at window edges, for a change at either end, none, or zeros (a WRITE_ZEROES payload of None)."""
+at window edges, for a change at either end, none, or zeros (a WRITE_ZEROES payload of None). nonzero_span (a
+write over a hole) must equal changed_span against zeros."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.engine import SPAN_STEP, changed_span
+from inference.engine import SPAN_STEP, changed_span, nonzero_span
 
 
 def _reference(old: bytes, new: bytes | None, length: int) -> tuple[int, int] | None:
@@ -40,3 +41,22 @@ def test_changed_span_edges() -> None:
         old[i] = 1
         assert changed_span(bytes(old), base, len(base)) == (i, i + 1)
     assert changed_span(base, None, len(base)) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(_pairs())
+def test_nonzero_span_is_changed_span_over_zeros(pair: tuple[bytes, bytes | None]) -> None:
+    for data in pair:
+        if data is not None:
+            assert nonzero_span(data) == _reference(bytes(len(data)), data, len(data))
+
+
+def test_nonzero_span_edges() -> None:
+    assert nonzero_span(b"") is None
+    assert nonzero_span(bytes(9000)) is None
+    for i in (0, 1, SPAN_STEP - 1, SPAN_STEP, 4095, 4096, 8191):
+        data = bytearray(8192)
+        data[i] = 7
+        assert nonzero_span(bytes(data)) == (i, i + 1)
+        data[8191 - i] = 1
+        assert nonzero_span(bytes(data)) == (min(i, 8191 - i), max(i, 8191 - i) + 1)
