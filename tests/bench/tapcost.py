@@ -1,6 +1,8 @@
 """4. The tap's cost per guest write: `qemu-img bench -w -d 1 -s 4096` into qemu-storage-daemon's own NBD export
 of a disk, with no mirror and with `mirrorfs attach --mode exact|async` recording, alternated within each round
 (plain runs vary by tens of percent run to run, so each mirrored run is compared with the plain runs around it).
+Mode "sink" mirrors (write-blocking, as exact) into nbdkit's C memory plugin instead of the tap: what QEMU's own
+path adds with a target that does next to nothing, measured in the same rounds.
 
     .venv/bin/python -m tests.bench.tapcost [--rounds N] [--count N]   # prints the table
 """
@@ -8,15 +10,92 @@ of a disk, with no mirror and with `mirrorfs attach --mode exact|async` recordin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import re
+import shutil
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.bench.common import GiB, Workspace, cpu_seconds, log, median, spread
+from tests.bench.common import GiB, Workspace, cpu_seconds, log, median, spread, stop_process
 from tests.support import REPO
 
-MODES = ("exact", "async")
+MODES = ("exact", "async", "sink")
 _DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+class _QMP:
+    """Blocking QMP, just enough to start and cancel a mirror job into another NBD server."""
+
+    def __init__(self, path: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX)
+        self._sock.connect(str(path))
+        self._f = self._sock.makefile("rw")
+        self._events: list[dict] = []  # events that arrived while a command waited for its return
+        json.loads(self._f.readline())  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, cmd: str, args: dict | None = None) -> object:
+        self._f.write(json.dumps({"execute": cmd, **({"arguments": args} if args else {})}) + "\n")
+        self._f.flush()
+        while True:
+            msg = json.loads(self._f.readline())
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"QMP {cmd}: {msg['error']}")
+            if "event" in msg:
+                self._events.append(msg)
+
+    def wait_event(self, names: tuple[str, ...], timeout: float = 60) -> dict:
+        while self._events:
+            msg = self._events.pop(0)
+            if msg["event"] in names:
+                return msg
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                msg = json.loads(self._f.readline())
+                if msg.get("event") in names:
+                    return msg
+        finally:
+            self._sock.settimeout(None)
+
+    def close(self) -> None:
+        self._f.close()
+        self._sock.close()
+
+
+@contextlib.contextmanager
+def sink_mirror(ws: Workspace, qmp_path: Path, node: str, tag: str) -> Iterator[subprocess.Popen]:
+    """A write-blocking mirror job of `node` into `nbdkit memory` on a unix socket; yields the nbdkit process."""
+    if shutil.which("nbdkit") is None:
+        raise RuntimeError("nbdkit is missing: `make bench-apt` installs it (the cost benchmark's C reference target)")
+    sock = ws.path / f"sink-{tag}.sock"
+    proc = ws.popen(["nbdkit", "--foreground", "--unix", str(sock), "--exportname", "sink", "memory", str(GiB)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("nbdkit did not open its socket")
+        time.sleep(0.01)
+    qmp = _QMP(qmp_path)
+    try:
+        qmp.execute("blockdev-add", {"driver": "nbd", "node-name": "sink", "export": "sink",
+                                     "server": {"type": "unix", "path": str(sock)}})
+        qmp.execute("blockdev-mirror", {"job-id": "sink", "device": node, "target": "sink", "sync": "none",
+                                        "copy-mode": "write-blocking"})
+        qmp.wait_event(("BLOCK_JOB_READY",))
+        yield proc
+        qmp.execute("block-job-cancel", {"device": "sink"})
+        qmp.wait_event(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"))
+        qmp.execute("blockdev-del", {"node-name": "sink"})
+    finally:
+        qmp.close()
+        stop_process(proc)
 
 
 def _bench(uri: str, count: int, offset: int) -> float:
@@ -38,7 +117,7 @@ def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, co
     from images.hostwriter import HostWriter
     from tests.tapharness import Attach
 
-    modes = [(m, REPO) for m in MODES] + ([(f"{m}@other", compare) for m in MODES] if compare else [])
+    modes = [(m, REPO) for m in MODES] + ([(f"{m}@other", compare) for m in MODES if m != "sink"] if compare else [])
 
     rounds = rounds or (1 if quick else 3)
     count = count or (1000 if quick else 3000)
@@ -54,6 +133,13 @@ def bench_cost(ws: Workspace, quick: bool = False, rounds: int | None = None, co
             for mode, repo in modes:
                 offset = (offset + count * 4096) % (GiB // 2)
                 res["plain"].append(_bench(uri, count, offset))
+                if mode == "sink":
+                    with sink_mirror(ws, hw.qmp, hw.node, f"{r}") as proc:
+                        cpu0 = cpu_seconds(proc.pid)
+                        offset = (offset + count * 4096) % (GiB // 2)
+                        res[mode] = _bench(uri, count, offset)
+                        res[f"{mode}_cpu"] = (cpu_seconds(proc.pid) - cpu0) / count
+                    continue
                 state = ws.path / f"cost-state-{r}-{mode}"
                 tests.tapharness.REPO = repo  # the checkout whose attach runs (its cwd)
                 with Attach(hw.qmp, state, "--device", hw.node, "--mode", mode.split("@")[0]) as attach:
@@ -82,7 +168,8 @@ def cost_table(res: dict) -> list[str]:
              "|---|---|---|---|",
              f"| no mirror | {spread([r['plain_median'] * 1e6 for r in pr], '{:.0f}')} us | – | – |"]
     for m in res.get("modes", MODES):
-        label = f"`attach --mode {m.split('@')[0]}`" + (" (the other checkout)" if "@" in m else "")
+        label = ("`nbdkit memory` as the target (write-blocking)" if m == "sink" else
+                 f"`attach --mode {m.split('@')[0]}`" + (" (the other checkout)" if "@" in m else ""))
         lines.append(f"| {label} | {spread([r[m] * 1e6 for r in pr], '{:.0f}')} us | "
                      f"{spread([(r[m] - r['plain_median']) * 1e6 for r in pr], '{:.0f}')} us | "
                      f"{spread([r[m + '_cpu'] * 1e6 for r in pr], '{:.0f}')} us |")
