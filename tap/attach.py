@@ -180,6 +180,7 @@ class Attachment:
             "base": str(self.base) if self.base else None, "verify": self.verified,
             "copy": {"done": self.copied[0], "total": self.copied[1]} if self.copied else None,
             "write_latency": b.stats.latency() if b else None,
+            "replica_lagging": (b.lagging or None) if b else None,
             **extra,
         }
 

@@ -379,6 +379,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
     while True:
         answered = 0  # writes of this receive's batch
         unsent: bytes | memoryview = b""  # replies the early send left (the client's receive buffer is full)
+        acked = 0  # when the early send went out
         while (ev := next_event()) is not None:
             if type(ev) is Write:
                 offset, data = ev.offset, ev.data
@@ -399,6 +400,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
                         reply(ev.handle)
                         if proto.drained:  # the last request in hand: ack now, the replica after
                             unsent = _send_nowait(sock, data_to_send())
+                            acked = clock()
                         apply_write(seq, offset, data)
                 answered += 1
             else:
@@ -411,7 +413,7 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
         if out:
             sendall(out)
         if answered:
-            stats.observe(clock() - arrived, answered)
+            stats.observe((acked or clock()) - arrived, answered)
         if proto.closed:
             return
         wanted = proto.payload_wanted  # a WRITE's header came alone: wait for its whole payload in one recv
