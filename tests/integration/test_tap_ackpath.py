@@ -22,13 +22,14 @@ from tests.integration.test_tap_limits import SIZE, _nbd_client, _request, _serv
 pytestmark = pytest.mark.integration
 
 
-def _write(c, handle: int, offset: int, payload: bytes) -> None:
-    c.sendall(_request(nbd.CMD_WRITE, handle, offset, len(payload)))
+def _write(c, handle: int, offset: int, payload: bytes, flags: int = 0) -> None:
+    c.sendall(nbd.REQUEST.pack(nbd.REQUEST_MAGIC, flags, nbd.CMD_WRITE, handle, offset, len(payload)))
     time.sleep(0.001)  # the payload trails its header, as QEMU's two sendmsgs often do
     c.sendall(payload)
 
 
 def test_acked_writes_are_read_back_on_every_connection_and_the_replica_follows_the_log(tmp_path):
+    """Plain and FUA writes, overlapping, each READ right after its ack on the writer's connection or another."""
     sock = str(tmp_path / "nbd.sock")
     writelog = WriteLog(tmp_path / "log")
     replica = BlockReplica(tmp_path / "replica.img", SIZE)
@@ -39,7 +40,7 @@ def test_acked_writes_are_read_back_on_every_connection_and_the_replica_follows_
         a, b = _nbd_client(sock), _nbd_client(sock)
         got = []
         for h, (off, data) in enumerate(writes, 1):
-            _write(a, h, off, data)
+            _write(a, h, off, data, nbd.CMD_FLAG_FUA if h % 5 == 0 else 0)  # FUA: fsynced, then acked
             got.append(_simple_reply(a))
             reader = a if h % 2 else b  # the writer's own connection, or another one
             reader.sendall(_request(nbd.CMD_READ, 1000 + h, off, 4096))
