@@ -2,7 +2,8 @@
 of a disk, with no mirror and with `mirrorfs attach --mode exact|async` recording, alternated within each round
 (plain runs vary by tens of percent run to run, so each mirrored run is compared with the plain runs around it).
 Mode "sink" mirrors (write-blocking, as exact) into nbdkit's C memory plugin instead of the tap: what QEMU's own
-path adds with a target that does next to nothing, measured in the same rounds.
+path adds with a target that does next to nothing, measured in the same rounds. Each qemu-img run (its mean) is
+followed by a timed client's run (the median of its per-write times).
 
     .venv/bin/python -m tests.bench.tapcost [--rounds N] [--count N]   # prints the table
 """
