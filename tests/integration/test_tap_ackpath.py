@@ -70,7 +70,8 @@ def test_a_replica_write_failing_after_the_ack_leaves_the_write_in_the_log_and_t
     def client() -> list[tuple[int, int, bytes]]:
         c = _nbd_client(sock)
         _write(c, 1, 0, b"a" * 4096)
-        got = [_simple_reply(c)]
+        c.sendall(_request(nbd.CMD_READ, 9, 0, 1))  # answered once seq 1 is in the replica (it follows the ack)
+        got = [_simple_reply(c), _simple_reply(c, 1)]
         replica._fd = os.open(replica.path, os.O_RDONLY)  # the replica's next pwrite fails (EBADF)
         _write(c, 2, 4096, b"b" * 4096)
         _write(c, 3, 0, b"c" * 4096)
@@ -84,7 +85,7 @@ def test_a_replica_write_failing_after_the_ack_leaves_the_write_in_the_log_and_t
     os.close(replica._fd)
     replica._fd = rw_fd
     # both writes after the failure are acked: they are in the log; only the read of the stale replica fails
-    assert got == [(0, 1, b""), (0, 2, b""), (0, 3, b""), (nbd.EIO, 4, b"")]
+    assert got == [(0, 1, b""), (0, 9, b"a"), (0, 2, b""), (0, 3, b""), (nbd.EIO, 4, b"")]
     assert [r.payload[:1] for r in read_records(tmp_path / "log")] == [b"a", b"b", b"c"]
     assert "stopped following the log at seq 1: writing seq 2 to it failed" in backend.lagging
     assert backend.stats.errors == 2 and backend.lagging in backend.stats.last_error  # the failed write, the read
