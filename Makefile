@@ -13,8 +13,9 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev qemu-system-x86 q
 	kmod util-linux sleuthkit redis-server clamav aide tripwire attr acl openssl logrotate less systemd \
 	libvirt-daemon-system libvirt-clients libvirt-dev
 
-# Only the benchmarks need these (guestmount, the third view of the mount benchmark); `make test` does not.
-BENCH_APT_PACKAGES := libguestfs-tools
+# Only the benchmarks need these (guestmount, the third view of the mount benchmark; nbdkit, the C target the
+# tap cost benchmark compares with); `make test` does not.
+BENCH_APT_PACKAGES := libguestfs-tools nbdkit
 
 # Tripwire asks debconf questions on install (site/local keys, rebuilding config and policy): answer them "no"
 # first, so the install is non-interactive; the tests make their own keys with twadmin. Idempotent.

@@ -137,6 +137,7 @@ class Attachment:
             "copy": {"done": self.copied[0], "total": self.copied[1]} if self.copied else None,
             "write_latency": b.stats.latency() if b else None,
             "checkpoint": self.checkpoint,
+            "replica_lagging": (b.lagging or None) if b else None,
             **extra,
         }
 

@@ -289,6 +289,11 @@ class NBDServer:
             return 0
         return max(0, w[2] - len(self._part) - (len(self._cur) - self._pos) - sum(map(len, self._more)))
 
+    @property
+    def drained(self) -> bool:
+        """Every received byte is parsed (or kept as a partial frame): what comes next needs a receive."""
+        return self._pos == len(self._cur) and not self._more
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Queue received bytes; ignored once closed. End of stream is connection_lost(), not b""."""
         if self._closed or not data:
@@ -299,6 +304,16 @@ class NBDServer:
             self._cur, self._view, self._pos = data, memoryview(data), 0
         else:
             self._more.append(data)
+
+    def receive_borrowed(self, data: memoryview) -> None:
+        """receive_data() without the copy: the caller leaves `data` untouched until next_event() has returned None
+        (then every byte of it is parsed, or copied into a partial frame), and an event's `data` is valid only
+        until then. Only while `drained`: a blocking transport that receives into one buffer."""
+        if self._closed or not data:
+            return
+        if not self.drained:
+            raise ValueError("receive_borrowed() before next_event() returned None")
+        self._cur, self._view, self._pos = data, data, 0
 
     def next_event(self) -> Event | None:
         """The next event, or None when more data is needed (or the connection is closed)."""

@@ -118,39 +118,79 @@ class TapBackend:
     """What the export does with each command: record it (unless read-only) and keep the replica.
 
     Connections call it from their own threads: `lock` makes each record and its replica write one step,
-    so the log's seq order is the replica's order, and a resync (tap.verify) can check and write atomically."""
+    so the log's seq order is the replica's order, and a resync (tap.verify) can check and write atomically.
+    A WRITE is two calls under one hold of the lock, `log_write` then `apply_write`, so that a transport can
+    send the ack between them: the guest waits for the log, not for the replica, which the log rebuilds."""
 
     replica: BlockReplica
     writelog: WriteLog | None = None
     stats: TapStats = field(default_factory=TapStats)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    lagging: str = ""  # why the replica stopped following the log ("" while it follows)
 
     @property
     def readonly(self) -> bool:
         return self.writelog is None
 
-    def _record(self, kind: int, offset: int, length: int, payload: bytes | memoryview = b"") -> int:
+    def _record(self, kind: int, offset: int, length: int) -> int:
+        """A record with nothing to apply to the replica (ZEROES applies its own)."""
         assert self.writelog is not None
-        seq = self.writelog.append(kind, offset, length, payload)
-        self.replica.applied_seq = seq
+        seq = self.writelog.append(kind, offset, length)
+        if not self.lagging:
+            self.replica.applied_seq = seq
         return seq
+
+    def log_write(self, offset: int, data: bytes | memoryview) -> int:
+        """A WRITE's record, in the log file when this returns (under `lock`, then `apply_write`); its seq."""
+        assert self.writelog is not None
+        n = len(data)
+        seq = self.writelog.append(KIND_WRITE, offset, n, data)
+        stats = self.stats
+        stats.writes += 1
+        stats.bytes += n
+        return seq
+
+    def apply_write(self, seq: int, offset: int, data: bytes | memoryview) -> None:
+        """The record's replica write, in the same hold of `lock` as `log_write` (it may follow the ack). It never
+        fails the write, which is in the log: on an error the replica stops following the log (`lagging`)."""
+        if self.lagging:
+            return
+        try:
+            self.replica.write(offset, data)
+        except OSError as exc:
+            self._lag(seq, exc)
+        else:
+            self.replica.applied_seq = seq
+
+    def _lag(self, seq: int, exc: OSError) -> None:
+        """From here on the replica keeps seq - 1 (its sidecar says so at the checkpoint), reads of it fail, and the
+        next attach brings it up to date from the log, which has every write."""
+        self.lagging = (f"the replica stopped following the log at seq {seq - 1}: writing seq {seq} to it failed "
+                        f"({exc}); the log has every write, and the next attach brings the replica up to date")
+        self.stats.errors += 1
+        self.stats.last_error = self.lagging
+        log.error("%s", self.lagging)
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """Logged (written to the log file) before this returns, so before the ack; with `fua` (NBD_CMD_FLAG_FUA)
         also fsynced, unless the policy is "never"."""
         with self.lock:
-            self._record(KIND_WRITE, offset, len(data), data)
-            self.replica.write(offset, data)
-            self.stats.writes += 1
-            self.stats.bytes += len(data)
+            self.apply_write(self.log_write(offset, data), offset, data)
         if fua:
             self.sync()
 
     def zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         with self.lock:
-            self._record(KIND_ZEROES, offset, length)
-            self.replica.zero(offset, length)
+            assert self.writelog is not None
+            seq = self.writelog.append(KIND_ZEROES, offset, length)
             self.stats.writes += 1
+            if not self.lagging:
+                try:
+                    self.replica.zero(offset, length)
+                except OSError as exc:
+                    self._lag(seq, exc)
+                else:
+                    self.replica.applied_seq = seq
         if fua:
             self.sync()
 
@@ -177,8 +217,12 @@ class TapBackend:
             await trio.to_thread.run_sync(self.sync)
 
     def read(self, offset: int, length: int) -> bytes:
+        """Under `lock`: a write acked on another connection may still be on its way to the replica."""
         self.stats.reads += 1
-        return self.replica.read(offset, length)
+        with self.lock:
+            if self.lagging:
+                raise OSError(errno.EIO, self.lagging)
+            return self.replica.read(offset, length)
 
 
 def _errno_reply(exc: OSError) -> int:
@@ -318,37 +362,58 @@ async def _transmit_in_thread(stream: trio.SocketStream, proto: nbd.NBDServer, b
 
 def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBackend) -> None:
     """The request loop of `_transmit`, blocking, in a connection's own thread. Per 4 KiB WRITE at depth 1: one
-    `recv_into`, the parse, the log's `writev`, the replica's `pwrite`, one `send`. Requests that arrive together
-    (depth > 1) are all handled before their replies go out in one `send`."""
-    next_event, receive_data, data_to_send = proto.next_event, proto.receive_data, proto.data_to_send
+    `recv_into` (two when the payload trails its header), the parse, the log's `writev`, the ack's `send`, then
+    the replica's `pwrite`, all under the backend's lock: the guest waits for the log only. Requests that arrive
+    together (depth > 1) are all handled before their replies go out in one `send`. Received bytes are parsed
+    in place (`receive_borrowed`): every event of a receive is done with before the next one."""
+    next_event, receive, data_to_send = proto.next_event, proto.receive_borrowed, proto.data_to_send
     recv_into, sendall = sock.recv_into, sock.sendall
     buf = bytearray(RECEIVE_SIZE)
     view = memoryview(buf)
     threshold = nbd.SEND_THRESHOLD
     Write, FUA, WAITALL = nbd.Write, nbd.CMD_FLAG_FUA, socket.MSG_WAITALL
-    write, reply = backend.write, proto.reply
+    lock, log_write, apply_write, write, reply = (backend.lock, backend.log_write, backend.apply_write,
+                                                  backend.write, proto.reply)
     stats, clock = backend.stats, time.perf_counter_ns
     arrived = clock()
     while True:
         answered = 0  # writes of this receive's batch
+        unsent: bytes | memoryview = b""  # replies the early send left (the client's receive buffer is full)
+        acked = 0  # when the early send went out
         while (ev := next_event()) is not None:
             if type(ev) is Write:
-                try:
-                    write(ev.offset, ev.data, ev.flags & FUA != 0)
-                except OSError as exc:
-                    _failed(proto, ev, backend, exc)
-                else:
+                offset, data = ev.offset, ev.data
+                if ev.flags & FUA:  # fsynced before the ack: the replica first, in the usual order
+                    try:
+                        write(offset, data, True)
+                    except OSError as exc:
+                        _failed(proto, ev, backend, exc)
+                        continue
                     reply(ev.handle)
-                    answered += 1
+                else:
+                    with lock:
+                        try:
+                            seq = log_write(offset, data)
+                        except OSError as exc:
+                            _failed(proto, ev, backend, exc)
+                            continue
+                        reply(ev.handle)
+                        if proto.drained:  # the last request in hand: ack now, the replica after
+                            unsent = _send_nowait(sock, data_to_send())
+                            acked = clock()
+                        apply_write(seq, offset, data)
+                answered += 1
             else:
                 _handle_sync(proto, ev, backend)
             if proto.queued_output >= threshold:
                 sendall(data_to_send())
+        if unsent:
+            sendall(unsent)
         out = data_to_send()
         if out:
             sendall(out)
         if answered:
-            stats.observe(clock() - arrived, answered)
+            stats.observe((acked or clock()) - arrived, answered)
         if proto.closed:
             return
         wanted = proto.payload_wanted  # a WRITE's header came alone: wait for its whole payload in one recv
@@ -357,7 +422,18 @@ def _transmit_blocking(sock: socket.socket, proto: nbd.NBDServer, backend: TapBa
             proto.connection_lost()
             return
         arrived = clock()
-        receive_data(view[:n])
+        receive(view[:n])
+
+
+def _send_nowait(sock: socket.socket, out: bytes | bytearray) -> bytes | memoryview:
+    """Send what the socket takes without blocking (under the backend's lock: a client that does not read its
+    replies must not hold it); the rest, for a blocking send once the lock is released. A failed send is
+    retried there too, so that it raises where nothing is left undone."""
+    try:
+        n = sock.send(out, socket.MSG_DONTWAIT)
+    except OSError:
+        n = 0
+    return memoryview(out)[n:] if n < len(out) else b""
 
 
 def _handle_sync(proto: nbd.NBDServer, ev: object, backend: TapBackend) -> None:
@@ -386,8 +462,9 @@ def _failed(proto: nbd.NBDServer, ev: object, backend: TapBackend, exc: OSError)
     """Never pretend a write was recorded: fail it, QEMU's job pauses (on-target-error=stop) and re-sends once
     the cause (usually a full disk) is fixed."""
     backend.stats.errors += 1
-    backend.stats.last_error = f"cannot record a write: {exc}"
-    log.error("cannot record: %s", exc)
+    what = "read the replica" if type(ev) is nbd.Read else "record a write"
+    backend.stats.last_error = f"cannot {what}: {exc}"
+    log.error("cannot %s: %s", what, exc)
     handle = getattr(ev, "handle", None)
     if handle is not None:
         proto.reply(handle, error=_errno_reply(exc))

@@ -128,13 +128,12 @@ class TrackingBackend(TapBackend):
 
     tracker: WriteTracker | None = field(default=None)
 
-    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    def log_write(self, offset: int, data: bytes | memoryview) -> int:
         with self.lock:  # the record and its note together: a repair checks both under this lock
-            super().write(offset, data)
+            seq = super().log_write(offset, data)
             if (tracker := self.tracker) is not None:  # set to None by the trio thread when the check ends
                 tracker.add(offset, len(data))
-        if fua:
-            self.sync()
+        return seq
 
     def zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         with self.lock:

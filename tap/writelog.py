@@ -51,11 +51,14 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
+
+# zlib's CRC-32 (the same values), about 15x faster: SIMD (PCLMULQDQ) where the CPU has it. It runs over every
+# payload on the ack path, and over every record a reader takes.
+from zlib_ng.zlib_ng import crc32
 
 log = logging.getLogger("mirrorfs.writelog")
 
@@ -128,7 +131,7 @@ def _probe(fd: int, off: int, size: int) -> tuple[int, int, int]:
     data = hdr if total == HEADER.size else os.pread(fd, total, off) if off + total <= size else b""
     if len(data) < total:
         return _INCOMPLETE, seq, total
-    return (_VALID if zlib.crc32(memoryview(data)[8:]) == crc else _BADCRC), seq, total
+    return (_VALID if crc32(memoryview(data)[8:]) == crc else _BADCRC), seq, total
 
 
 def _candidate(fd: int, p: int, size: int, expect: int, base: int, hi: int | None,
@@ -153,7 +156,7 @@ def _candidate(fd: int, p: int, size: int, expect: int, base: int, hi: int | Non
     data = hdr if total == HEADER.size else os.pread(fd, total, p)
     if len(data) < total:
         return -1, 0, 0
-    return (1 if zlib.crc32(memoryview(data)[8:]) == crc else 0), seq, total
+    return (1 if crc32(memoryview(data)[8:]) == crc else 0), seq, total
 
 
 def _find_record(fd: int, start: int, size: int, expect: int, base: int,
@@ -284,7 +287,7 @@ def _read_batch(fd: int, off: int, since: int, expect: int, max_records: int, ma
             if len(buf) < total:
                 return off, expect, _TORN
         mv = memoryview(buf)[pos:pos + total]
-        if zlib.crc32(mv[8:]) != crc:
+        if crc32(mv[8:]) != crc:
             return off, expect, _TORN
         if seq != expect:
             return off, expect, _BADSEQ
@@ -427,7 +430,7 @@ class WriteLog:
             rest = _REST.pack(seq, time.time_ns(), offset, length, kind)
         except struct.error as exc:
             raise ValueError(f"record out of range: offset {offset}, length {length}") from exc
-        header = MAGIC + zlib.crc32(payload, zlib.crc32(rest)).to_bytes(4, "little") + rest
+        header = MAGIC + crc32(payload, crc32(rest)).to_bytes(4, "little") + rest
         total = HEADER.size + n
         try:
             written = os.writev(self._fd, (header, payload)) if n else os.write(self._fd, header)

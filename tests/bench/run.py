@@ -75,11 +75,15 @@ process recorded and the CPU time it used while the guest ran.""",
     "cost": """\
 `qemu-img bench -f raw -w -t none -d 1 -s 4096 -c 3000 -o OFFSET 'nbd+unix:///disk0?socket=EXPORT'` writes into
 qemu-storage-daemon's own NBD export of a sparse 1 GiB raw disk (`images/hostwriter.py`, daemon 1 only), with no
-mirror and with `mirrorfs attach --mode exact` / `--mode async` recording (no base, so no engine: the tap alone),
-in the order plain, exact, plain, async, plain within each round (`tests/bench/tapcost.py`). "Added" is the
-mirrored run's time per write less the median of the round's plain runs; "tap CPU" is the attach process's
-user+system time over the run divided by the writes. Plain runs vary by tens of percent from run to run, hence the
-interleaving; the async row is within that noise.""",
+mirror, with `mirrorfs attach --mode exact` / `--mode async` recording (no base, so no engine: the tap alone),
+and with a write-blocking mirror job (what exact mode starts) into `nbdkit memory`, a C server that keeps the
+writes in RAM: about the least a target can add on QEMU's path. Each run is followed by a timed client
+(`tapcost._median_write`: a minimal NBD client in Python, one 4 KiB WRITE at a time, header and payload in one
+send, each write timed) for the median per write, which bursts of other load on this shared machine move far less
+than qemu-img's mean. Order within each round: plain, exact, plain, async, plain, nbdkit, plain
+(`tests/bench/tapcost.py`). "Added" is the mirrored run's time per write less the median of the round's plain runs
+(mean from mean, median from median); "tap CPU" is the attach (or nbdkit) process's user+system time over the
+qemu-img run divided by the writes.""",
     "ingest": """\
 `qemu-img bench -w -f raw` (QEMU's own block layer, as in a mirror job) writes into the real tap code
 (`tests/bench/tapserver.py`: `tap.server.serve_nbd` with a `TapBackend` of a `WriteLog` and a `BlockReplica` in a

@@ -306,6 +306,37 @@ def test_payload_wanted_counts_down_a_write_whose_header_came_alone() -> None:
     assert events(server) == [Write(3, 4096, b"y" * 4096, 0)] and server.payload_wanted == 0
 
 
+def test_borrowed_receive_parses_in_place_and_keeps_nothing_of_the_buffer() -> None:
+    """The blocking transport receives every chunk into one buffer: once next_event() has returned None, no byte
+    of it may be needed again (a frame split across receives is copied), so scribbling over it changes nothing."""
+    requests = [Client.request(nbd.CMD_WRITE, h, h * 512, payload=bytes([h]) * (100 * h)) for h in range(1, 30)]
+    stream = b"".join(requests) + Client.request(nbd.CMD_FLUSH, 99)
+    want, _ = rw_server()
+    expected = [(type(e), getattr(e, "handle", None), bytes(getattr(e, "data", b""))) for e in events(want, stream)]
+    for step in (1, 7, 28, 29, 4096):
+        server, _ = rw_server()
+        buf = bytearray(8192)
+        got = []
+        for i in range(0, len(stream), step):
+            n = len(stream[i : i + step])
+            buf[:n] = stream[i : i + step]
+            server.receive_borrowed(memoryview(buf)[:n])
+            while (ev := server.next_event()) is not None:
+                got.append((type(ev), getattr(ev, "handle", None), bytes(getattr(ev, "data", b""))))
+            assert server.drained
+            buf[:] = b"\xee" * len(buf)
+        assert got == expected, step
+
+
+def test_borrowed_receive_only_when_drained() -> None:
+    server, client = rw_server()
+    server.receive_data(client.request(nbd.CMD_FLUSH, 1))
+    assert not server.drained
+    with pytest.raises(ValueError):
+        server.receive_borrowed(memoryview(bytearray(client.request(nbd.CMD_FLUSH, 2))))
+    assert events(server) == [Flush(1)] and server.drained
+
+
 def test_large_write_in_many_chunks() -> None:
     server, client = rw_server(size=64 << 20)
     payload = bytes(range(256)) * (nbd.MAX_PAYLOAD // 256)
