@@ -153,10 +153,13 @@ class TapBackend:
     def apply_write(self, seq: int, offset: int, data: bytes | memoryview) -> None:
         """The record's replica write, in the same hold of `lock` as `log_write` (it may follow the ack). It never
         fails the write, which is in the log: on an error the replica stops following the log (`lagging`)."""
+        self._apply(seq, self.replica.write, offset, data)
+
+    def _apply(self, seq: int, change, *args) -> None:
         if self.lagging:
             return
         try:
-            self.replica.write(offset, data)
+            change(*args)
         except OSError as exc:
             self._lag(seq, exc)
         else:
@@ -184,13 +187,7 @@ class TapBackend:
             assert self.writelog is not None
             seq = self.writelog.append(KIND_ZEROES, offset, length)
             self.stats.writes += 1
-            if not self.lagging:
-                try:
-                    self.replica.zero(offset, length)
-                except OSError as exc:
-                    self._lag(seq, exc)
-                else:
-                    self.replica.applied_seq = seq
+            self._apply(seq, self.replica.zero, offset, length)
         if fua:
             self.sync()
 

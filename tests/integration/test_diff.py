@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 from images.hostwriter import HostWriter
 from inference.blobs import BlobReader
 from tests.redisfixture import RedisServer
-from tests.support import require_root, require_tools
+from tests.support import ext4_base_and_disk, require_root, require_tools
 from tests.tapharness import Attach, mirrorfs
 
 pytestmark = pytest.mark.integration
@@ -93,13 +92,7 @@ def test_events_publish_and_collect_diff_a_real_writers_changes(tmp_path: Path) 
     seed = tmp_path / "seed"
     (seed / "etc").mkdir(parents=True)
     (seed / "etc" / "conf").write_text(CONF1)
-    base = tmp_path / "base.raw"
-    with open(base, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d",
-                    str(seed), str(base)], check=True, capture_output=True)
-    disk = tmp_path / "disk.raw"
-    shutil.copyfile(base, disk)
+    base, disk = ext4_base_and_disk(tmp_path, seed)
     state = tmp_path / "state"
     bin1 = bytes(range(256)) * 16
     bin2 = bin1[:1000] + b"\0changed\0" + bin1[1009:]

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import stat
 import subprocess
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from images.hostwriter import HostWriter
-from tests.support import require_root, require_tools
+from tests.support import ext4_base_and_disk, require_root, require_tools
 from tests.tapharness import Attach, mirrorfs
 
 pytestmark = pytest.mark.integration
@@ -109,13 +108,7 @@ def iso(ns: int, zone: bool = True) -> str:
 def test_every_version_back_and_a_deleted_tree_restored(tmp_path: Path) -> None:
     require_root()
     require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "mactime")
-    base = tmp_path / "base.raw"
-    with open(base, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(base)],
-                   check=True, capture_output=True)
-    disk = tmp_path / "disk.raw"
-    shutil.copyfile(base, disk)
+    base, disk = ext4_base_and_disk(tmp_path)
     state = tmp_path / "state"
     vers = versions()
     intervals: list[tuple[int, int]] = []  # per version: (its sync returned, the next change began)

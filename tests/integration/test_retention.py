@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from images.hostwriter import HostWriter
 from tap.retention import current
 from tap.writelog import list_segments
 from tests.mountharness import force_unmount, wait_mounted
-from tests.support import require_root, require_tools
+from tests.support import ext4_base_and_disk, require_root, require_tools
 from tests.tapharness import Attach, mirrorfs, same_bytes
 
 pytestmark = pytest.mark.integration
@@ -70,13 +69,7 @@ def write_synced(path: Path, data: bytes) -> tuple[int, int]:
 def test_retention_folds_while_a_writer_keeps_writing(tmp_path: Path) -> None:
     require_root()
     require_tools("qemu-storage-daemon", "losetup", "mount", "mke2fs", "fusermount3", "cmp")
-    base = tmp_path / "base.raw"
-    with open(base, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(base)],
-                   check=True, capture_output=True)
-    disk = tmp_path / "disk.raw"
-    shutil.copyfile(base, disk)
+    base, disk = ext4_base_and_disk(tmp_path)
     state, view = tmp_path / "state", tmp_path / "view"
     view.mkdir()
     old_doc, new_doc, late = b"before " * 3000, b"after " * 5000, b"late " * 2000
