@@ -90,7 +90,8 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "") ->
         store = engine.blobs
         engine.close()
     return {"init_s": t1 - t0, "seconds": t2 - t1, "records": engine.last_seq, "kinds": kinds,
-            "hash_s": sum(h.seconds for h in hashers), "hashed_bytes": sum(h.hashed_bytes for h in hashers),
+            "hash_s": sum(h.seconds for h in hashers), "hash_worker_s": sum(h.worker_seconds for h in hashers),
+            "hashed_bytes": sum(h.hashed_bytes for h in hashers),
             "hashed_files": sum(h.hashed_files for h in hashers),
             "kept": store.kept if store else 0, "store_bytes": store.total if store else 0,
             "store_s": store.seconds if store else 0.0,

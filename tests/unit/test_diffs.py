@@ -192,3 +192,61 @@ def test_text_output_escapes_a_diff_and_json_carries_it() -> None:
     assert json.loads(line)["diff"] == e.diff
     e.diff, e.diff_skipped = None, "binary"
     assert format_event(e, False).endswith("(no diff: binary)")
+
+
+def test_deferred_hashes_are_the_points_bytes_and_keep_in_order(tmp_path: Path) -> None:
+    """The engine's hashers take digests on a worker thread (and on the engine's, past AHEAD): the digests are of
+    the bytes at the point even if they change before `resolve`, and the store's rows (so what it evicts first)
+    are those of hashing in line."""
+    import sqlite3
+
+    from inference.hashes import AHEAD, BATCH, CHUNK
+
+    def make(version: int) -> dict[int, bytes]:
+        out = {}
+        for ino in range(10, 410):  # ~30 MiB in all: past AHEAD, so both threads hash; text, binary, empty
+            n = (ino * 7919) % (150 << 10) if ino % 50 else 0
+            line = f"{version} {ino} line\n".encode()
+            out[ino] = (line * (n // len(line) + 1))[:n] if ino % 3 else (hashlib.sha256(line).digest() * n)[:n]
+        out[9] = bytes([version]) * (CHUNK + 1)  # larger than a read: hashed in line, as it is read
+        return out
+
+    versions = {1: make(1), 2: make(2)}
+    files = versions.__getitem__
+    content: dict[int, bytes] = {}
+
+    def read(ino: int, off: int, n: int) -> bytes:
+        return content.get(ino, b"")[off:off + n]
+
+    def run(defer: bool) -> tuple[list[list[Mutation]], list[tuple]]:
+        store = BlobStore(tmp_path / f"blobs-{defer}.db", limit=2 << 20, file_limit=64 << 10)  # it evicts too
+        h = Hasher(read, limit=1 << 30, store=store, defer=defer)
+        content.clear()
+        content.update(files(1))
+        made = [ev(1, "create", f"/f{i}", i, size=len(d)) for i, d in sorted(content.items())]
+        h.before_change(3, 5)  # not a file the reader has: no digest, nothing kept
+        h.before_change(11, len(content[11]))  # a base file's version, kept before a write reaches it
+        h.stamp(made)
+        changed = [ev(2, "modify", f"/f{i}", i, size=len(d)) for i, d in sorted(files(2).items())]
+        if defer:
+            assert sum(1 for e in made if e.sha256 is None) > 300  # filled in by resolve, not yet
+            content.update(files(2))   # the next records overwrite the blocks before the digests are taken
+            h.resolve()
+        else:
+            content.update(files(2))
+        h.stamp(changed)
+        h.resolve()
+        assert h.hashed_bytes > AHEAD + BATCH
+        store.close()
+        db = sqlite3.connect(tmp_path / f"blobs-{defer}.db")
+        rows = db.execute("SELECT n, sha, cost, data FROM blob ORDER BY n").fetchall()
+        db.close()
+        return [made, changed], rows
+
+    inline, inline_rows = run(False)
+    deferred, deferred_rows = run(True)
+    assert [[e.to_json() for e in b] for b in deferred] == [[e.to_json() for e in b] for b in inline]
+    made, changed = deferred
+    assert all(e.sha256 == sha(files(1)[e.ino]) for e in made)
+    assert all(e.sha256 == sha(files(2)[e.ino]) and e.old_sha256 == sha(files(1)[e.ino]) for e in changed)
+    assert deferred_rows == inline_rows and len(inline_rows) > 10
