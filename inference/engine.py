@@ -203,7 +203,9 @@ class Engine:
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
         self.hash_limit: int | None = DEFAULT_HASH_LIMIT  # events' sha256 up to this size (None: no hashes)
+        self.hash_worker = True  # digests on a worker thread (inference/hashes.py); False: in line (a benchmark's)
         self._hashers: dict[str, Hasher] = {}
+        self._hashing: Hasher | None = None  # the hasher used last
         self.blobs: BlobStore | None = None  # set by replay: small files' bytes for --diff (inference/blobs.py)
         self.last_seq = self.last_time_ns = 0
         self._spent = -math.inf  # a deadline whose tick decided nothing: not due again before the next record
@@ -396,12 +398,16 @@ class Engine:
 
     def _hasher(self, fs: str) -> Hasher:
         hasher = self._hashers.get(fs)
-        if hasher is None or hasher.limit != self.hash_limit or hasher.store is not self.blobs:
+        if hasher is None or hasher.limit != self.hash_limit or hasher.store is not self.blobs \
+                or hasher.defer != self.hash_worker:
             if hasher is not None:
                 hasher.resolve()
             handler = self.filesystems[fs].handler
             hasher = self._hashers[fs] = Hasher(lambda ino, off, n: read_file(handler, ino, off, n),
-                                                self.hash_limit, self.blobs, defer=True)
+                                                self.hash_limit, self.blobs, defer=self.hash_worker)
+        if self.blobs is not None and self._hashing not in (None, hasher):
+            self._hashing.resolve()  # one store: versions kept in the order they were read, file system by file system
+        self._hashing = hasher
         return hasher
 
     def _settle(self) -> None:

@@ -70,9 +70,9 @@ class Hasher:
 
     `defer`: digests are taken on a worker thread (hashlib lets go of the GIL, so on a second core beside the
     engine's Python) and the events' fields are filled in by `resolve`, which the engine calls before it returns
-    the events; without it `stamp` and `before_change` resolve before they return. Only the copy of the point's
-    bytes is made at once: the next record may overwrite them. The store keeps versions in the order they were
-    read, so its rows (and what it evicts first) are what they would be without the worker."""
+    the events; without it every digest is taken in line, before `stamp` or `before_change` returns. Only the
+    copy of the point's bytes is made at once: the next record may overwrite them. The store keeps versions in
+    the order they were read, so its rows (and what it evicts first) are what they would be in line."""
 
     def __init__(self, read: Read, limit: int | None = DEFAULT_HASH_LIMIT, store: BlobStore | None = None, *,
                  defer: bool = False) -> None:
@@ -126,8 +126,6 @@ class Hasher:
                 fresh.add(ev.ino)
             self._put(ev, "sha256", known[1])
             last[ev.ino] = known[1]
-        if not self.defer:
-            self.resolve()
 
     def before_change(self, ino: int, size: int | None) -> None:
         """A data write is about to reach file `ino` (`size`: as shown now): copy its content now, while the
@@ -138,8 +136,6 @@ class Hasher:
         digest = self._hash(ino, size)
         if digest is not None:
             self._cache(ino, size, digest)
-        if not self.defer:
-            self.resolve()
 
     def _put(self, ev: Mutation, field: str, digest: Digest | None) -> None:
         if type(digest) is Pending:
@@ -163,9 +159,10 @@ class Hasher:
             self.seconds += time.perf_counter() - t0
 
     def _copy(self, ino: int, size: int) -> Digest | None:
-        """The point's bytes, handed over to be hashed (a Pending), or a large file's digest taken now."""
-        if size > CHUNK:
-            return self._stream(ino, size)
+        """The point's bytes handed over to be hashed (a Pending); in line without `defer`, or for a file larger
+        than a read (never kept: blobs.MAX_FILE_LIMIT is smaller), so memory stays a read's."""
+        if not self.defer or size > CHUNK:
+            return self._digest(ino, size)
         keep = self.store is not None and size <= self.store.file_limit
         parts: list[bytes] = []
         pos = 0
@@ -185,19 +182,25 @@ class Hasher:
             self._hand_over()
         return digest
 
-    def _stream(self, ino: int, size: int) -> str | None:
-        """A large file, read and hashed a chunk at a time (never kept: above any store's file limit)."""
+    def _digest(self, ino: int, size: int) -> str | None:
         h = hashlib.sha256()
+        keep = self.store is not None and size <= self.store.file_limit
+        parts: list[bytes] = []
         pos = 0
         while pos < size:
             data = self.read(ino, pos, min(CHUNK, size - pos))
             if not data:
                 return None
             h.update(data)
+            if keep:
+                parts.append(data)
             pos += len(data)
         self.hashed_bytes += size
         self.hashed_files += 1
-        return h.hexdigest()
+        digest = h.hexdigest()
+        if keep:
+            self.store.keep(digest, parts[0] if len(parts) == 1 else b"".join(parts))
+        return digest
 
     # -- the worker
 
@@ -221,7 +224,7 @@ class Hasher:
                 return False
             batch = self._todo.pop()
             self._queued -= batch.size
-        _digest(batch)
+        _take(batch)
         with self._cond:
             batch.done = True
             self._cond.notify_all()
@@ -245,7 +248,7 @@ class Hasher:
                         self._cond.wait()
                 t0 = time.perf_counter()
                 if take:
-                    _digest(batch)
+                    _take(batch)
                     with self._cond:
                         batch.done = True
                 else:
@@ -277,7 +280,7 @@ class Hasher:
         try:
             if self._thread is None:
                 batch, self._batch = self._batch, _Batch()
-                _digest(batch)
+                _take(batch)
                 self._keep(batch)
             else:
                 if self._batch.items:
@@ -306,7 +309,7 @@ class Hasher:
             self.seconds += time.perf_counter() - t0
 
 
-def _digest(batch: _Batch) -> None:
+def _take(batch: _Batch) -> None:
     for item in batch.items:
         item.hex = hashlib.sha256(item.data).hexdigest()
         if not item.keep:

@@ -4,11 +4,15 @@
 
 WORKLOAD: untar (incompressible files: nothing is text, the store keeps only "binary" rows) and untar-text (the
 same sizes as lines of hex digits: each file up to 64 KiB is kept); default both. Each replay runs in its own
-subprocess (tests.bench.enginebench probe replay DIR none|default [store]), the three modes alternating; prints
-one JSON line per workload: the medians, the cost of each mode over no hashing as the difference of the medians
-(noisy on a shared machine), and `share`: the time the engine's hashers (reading, SHA-256, keeping bytes) and the
-store's commits spent inside each run over that run's time. Then, per workload, what `events --diff --json` costs
-over `events --json` on that replay's events (`diff_read`), in this process.
+subprocess (tests.bench.enginebench probe replay DIR none|default [store] [inline]), the five modes alternating:
+no hashes; hashes and hashes with the store, each with the digests taken in line on the engine's thread (the
+`*_inline` modes: how it was before the hashers had a worker thread) and on the worker (the engine's default).
+Prints one JSON line per workload: the medians of wall and CPU time (every thread's), the cost of each mode over
+no hashing as the difference of the medians (noisy on a shared machine), and `share`: the time the engine's
+thread spent in the hashers (reading the point's bytes; hashing and keeping in line, or helping and waiting for
+the worker) and in the store's commits, over that run's time; `worker_share`: the worker's time likewise. Then,
+per workload, what `events --diff --json` costs over `events --json` on that replay's events (`diff_read`), in
+this process.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from tests.bench.common import median
 from tests.bench.enginebench import probe
 from tests.bench.enginedata import recorded
 
-MODES = {"none": ("none",), "hash": ("default",), "store": ("default", "store")}
+MODES = {"none": ("none",), "hash_inline": ("default", "", "inline"), "hash": ("default",),
+         "store_inline": ("default", "store", "inline"), "store": ("default", "store")}
 
 
 def diff_read(rec: Path) -> dict:
@@ -69,20 +74,27 @@ def main(argv: list[str]) -> int:
     for workload in argv[1:] or ["untar", "untar-text"]:
         rec = recorded(workload)
         times: dict[str, list[float]] = {m: [] for m in MODES}
-        shares: dict[str, list[float]] = {"hash": [], "store": []}
+        cpu: dict[str, list[float]] = {m: [] for m in MODES}
+        shares: dict[str, list[float]] = {m: [] for m in MODES if m != "none"}
+        worker: dict[str, list[float]] = {m: [] for m in shares}
         last: dict[str, dict] = {}
         for _ in range(rounds):
             for mode, args in MODES.items():
                 r = last[mode] = probe("replay", rec, *args)
                 times[mode].append(r["seconds"])
+                cpu[mode].append(r["cpu_s"])
                 if mode in shares:
                     shares[mode].append((r["hash_s"] + r.get("store_s", 0.0)) / r["seconds"])
-        base = median(times["none"])
+                    worker[mode].append(r["hash_worker_s"] / r["seconds"])
+        base, cpu_base = median(times["none"]), median(cpu["none"])
         print(json.dumps({
             "workload": workload, "rounds": rounds,
             "median_s": {m: median(t) for m, t in times.items()},
+            "median_cpu_s": {m: median(t) for m, t in cpu.items()},
             "cost": {m: (median(times[m]) - base) / base for m in shares},
-            "share": {m: median(s) for m, s in shares.items()}, "shares": shares,
+            "cpu_cost": {m: (median(cpu[m]) - cpu_base) / cpu_base for m in shares},
+            "share": {m: median(s) for m, s in shares.items()},
+            "worker_share": {m: median(s) for m, s in worker.items()}, "shares": shares,
             "hashed_bytes": last["hash"]["hashed_bytes"], "hashed_files": last["hash"]["hashed_files"],
             "kept": last["store"]["kept"], "store_bytes": last["store"]["store_bytes"], "times": times,
             "diff_read": diff_read(rec)}), flush=True)
