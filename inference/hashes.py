@@ -2,13 +2,16 @@
 
 File-integrity users (osquery file_events, Wazuh syscheck, AIDE) compare content hashes; the engine has the
 point's bytes in hand when it emits the point's events, and nowhere later has them so cheaply (the blocks may be
-reused a second later). So each batch a file-system handler returns is hashed before the engine takes the next
-record, through the same read path the view uses (inference/view.py EngineView.read: the replica with the bytes of
-data writes no point has taken yet put back), so a hash is of exactly the bytes a reader of the view got.
+reused a second later). So the bytes of each batch a file-system handler returns are read before the engine takes
+the next record, through the same read path the view uses (inference/view.py EngineView.read: the replica with the
+bytes of data writes no point has taken yet put back), so a hash is of exactly the bytes a reader of the view got.
 
 Cost: a file's hash is kept until its content changes (a create, modify or truncate event), so renames and
 attribute changes cost nothing; only with a scope (data not attributed everywhere, so a content change may go
-without a modify event) is every hash taken afresh.
+without a modify event) is every hash taken afresh. SHA-256 itself (~1.7 GB/s with SHA-NI) was most of what was
+left, ~10% of a replay of the untar log, so the engine's hashers copy the point's bytes and take the digests on a
+worker thread (hashlib lets go of the GIL: a second core hashes while the engine's Python goes on), and the events
+get them before the engine returns them (`resolve`): the same events, in the same order (BENCHMARKS.md "History").
 
 Diffs (`--diff`): a modify or truncate event carries `old_sha256`, the sha256 of the file's previous event (the
 kept hash, or an earlier event's at the same point: a create and a modify at one point chain too); and with a store
@@ -80,7 +83,8 @@ class Hasher:
         self.cache: dict[int, tuple[int, Digest]] = {}  # ino -> (size, digest) as of its last content event
         self.hashed_bytes = self.hashed_files = 0
         self.seconds = 0.0  # the engine's thread: reading, hashing, waiting for the worker (the benchmark's numerator)
-        self.worker_seconds = 0.0  # the worker's: hashing, keeping
+        self.cpu_seconds = 0.0  # the engine's thread's CPU time in them (not waiting, nor preempted)
+        self.worker_seconds = self.worker_cpu_seconds = 0.0  # the worker's: hashing, keeping
         self._unset: list[tuple[Mutation, str, Pending]] = []  # events' fields that wait for their digest
         self._open: list[tuple[int, Pending]] = []  # cache entries that do
         self._batch = _Batch()  # being filled
@@ -152,11 +156,12 @@ class Hasher:
         return entry
 
     def _hash(self, ino: int, size: int) -> Digest | None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return self._copy(ino, size)
         finally:
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
 
     def _copy(self, ino: int, size: int) -> Digest | None:
         """The point's bytes handed over to be hashed (a Pending); in line without `defer`, or for a file larger
@@ -246,7 +251,7 @@ class Hasher:
                         if self._closing and k == len(self._batches):
                             return
                         self._cond.wait()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 if take:
                     _take(batch)
                     with self._cond:
@@ -258,6 +263,7 @@ class Hasher:
                         self._kept = k
                         self._cond.notify_all()
                 self.worker_seconds += time.perf_counter() - t0
+                self.worker_cpu_seconds += time.thread_time() - c0
         except BaseException as exc:  # noqa: BLE001 - resolve() raises it on the engine's thread
             self._error = exc
         finally:
@@ -274,11 +280,11 @@ class Hasher:
     def resolve(self) -> None:
         """Take every digest handed over (the worker's and this thread's), keep the versions in order, and fill
         in the events' and the cache's fields. The engine calls it before its events leave it."""
-        if not self._batch.items and self._thread is None and not self._unset and not self._open:
+        if not self._batch.items and not self._batches and not self._unset and not self._open:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            if self._thread is None:
+            if self._thread is None and not self._batches:
                 batch, self._batch = self._batch, _Batch()
                 _take(batch)
                 self._keep(batch)
@@ -307,6 +313,7 @@ class Hasher:
         finally:
             self._unset, self._open = [], []
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
 
 
 def _take(batch: _Batch) -> None:

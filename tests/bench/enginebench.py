@@ -74,7 +74,7 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "", ha
         if diffs == "store":
             from inference.blobs import BlobStore
             engine.blobs = BlobStore(Path(tmp) / "blobs.db")
-        t1, c1 = time.perf_counter(), time.process_time()  # CPU: every thread's (hashes' worker too)
+        t1, c1, e1 = time.perf_counter(), time.process_time(), time.thread_time()  # CPU: all threads', this one's
         kinds: dict[str, int] = {}
         with EventLog(Path(tmp) / "events.jsonl", truncate=True) as events, LogFollower(state / "log") as follower:
             while batch := follower.poll():
@@ -86,13 +86,16 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "", ha
             events.append(evs)
             for e in evs:
                 kinds[e.kind] = kinds.get(e.kind, 0) + 1
-        t2, c2 = time.perf_counter(), time.process_time()
+        t2, c2, e2 = time.perf_counter(), time.process_time(), time.thread_time()
         stats = [fs.handler.stats.__dict__ for fs in engine.filesystems.values()]
         hashers = list(engine._hashers.values())
         store = engine.blobs
         engine.close()
-    return {"init_s": t1 - t0, "seconds": t2 - t1, "cpu_s": c2 - c1, "records": engine.last_seq, "kinds": kinds,
+    return {"init_s": t1 - t0, "seconds": t2 - t1, "cpu_s": c2 - c1, "thread_cpu_s": e2 - e1,
+            "records": engine.last_seq, "kinds": kinds,
             "hash_s": sum(h.seconds for h in hashers), "hash_worker_s": sum(h.worker_seconds for h in hashers),
+            "hash_cpu_s": sum(h.cpu_seconds for h in hashers),
+            "hash_worker_cpu_s": sum(h.worker_cpu_seconds for h in hashers),
             "hashed_bytes": sum(h.hashed_bytes for h in hashers),
             "hashed_files": sum(h.hashed_files for h in hashers),
             "kept": store.kept if store else 0, "store_bytes": store.total if store else 0,

@@ -10,7 +10,9 @@ no hashes; hashes and hashes with the store, each with the digests taken in line
 Prints one JSON line per workload: the medians of wall and CPU time (every thread's), the cost of each mode over
 no hashing as the difference of the medians (noisy on a shared machine), and `share`: the time the engine's
 thread spent in the hashers (reading the point's bytes; hashing and keeping in line, or helping and waiting for
-the worker) and in the store's commits, over that run's time; `worker_share`: the worker's time likewise. Then,
+the worker) and in the store's commits, over that run's time; `worker_share`: the worker's time likewise;
+`cpu_share`, `worker_cpu_share`: the same with CPU time (the engine's thread's and the worker's, without the store's
+commits), over the engine thread's CPU time, which a busy machine's preemption does not inflate. Then,
 per workload, what `events --diff --json` costs over `events --json` on that replay's events (`diff_read`), in
 this process.
 """
@@ -77,6 +79,8 @@ def main(argv: list[str]) -> int:
         cpu: dict[str, list[float]] = {m: [] for m in MODES}
         shares: dict[str, list[float]] = {m: [] for m in MODES if m != "none"}
         worker: dict[str, list[float]] = {m: [] for m in shares}
+        cpu_shares: dict[str, list[float]] = {m: [] for m in shares}
+        worker_cpu: dict[str, list[float]] = {m: [] for m in shares}
         last: dict[str, dict] = {}
         for _ in range(rounds):
             for mode, args in MODES.items():
@@ -86,6 +90,8 @@ def main(argv: list[str]) -> int:
                 if mode in shares:
                     shares[mode].append((r["hash_s"] + r.get("store_s", 0.0)) / r["seconds"])
                     worker[mode].append(r["hash_worker_s"] / r["seconds"])
+                    cpu_shares[mode].append(r["hash_cpu_s"] / r["thread_cpu_s"])
+                    worker_cpu[mode].append(r["hash_worker_cpu_s"] / r["thread_cpu_s"])
         base, cpu_base = median(times["none"]), median(cpu["none"])
         print(json.dumps({
             "workload": workload, "rounds": rounds,
@@ -95,6 +101,8 @@ def main(argv: list[str]) -> int:
             "cpu_cost": {m: (median(cpu[m]) - cpu_base) / cpu_base for m in shares},
             "share": {m: median(s) for m, s in shares.items()},
             "worker_share": {m: median(s) for m, s in worker.items()}, "shares": shares,
+            "cpu_share": {m: median(s) for m, s in cpu_shares.items()},
+            "worker_cpu_share": {m: median(s) for m, s in worker_cpu.items()},
             "hashed_bytes": last["hash"]["hashed_bytes"], "hashed_files": last["hash"]["hashed_files"],
             "kept": last["store"]["kept"], "store_bytes": last["store"]["store_bytes"], "times": times,
             "diff_read": diff_read(rec)}), flush=True)
