@@ -203,9 +203,7 @@ class Engine:
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
         self.hash_limit: int | None = DEFAULT_HASH_LIMIT  # events' sha256 up to this size (None: no hashes)
-        self.hash_worker = True  # digests on a worker thread (inference/hashes.py); False: in line (a benchmark's)
         self._hashers: dict[str, Hasher] = {}
-        self._hashing: Hasher | None = None  # the hasher used last
         self.blobs: BlobStore | None = None  # set by replay: small files' bytes for --diff (inference/blobs.py)
         self.last_seq = self.last_time_ns = 0
         self._spent = -math.inf  # a deadline whose tick decided nothing: not due again before the next record
@@ -245,8 +243,7 @@ class Engine:
             if name in self.filesystems:
                 log.info("file system %s was made anew (new UUID): indexed again", name)
             self.filesystems[name] = FsEntry(vol, handler)
-            if (stale := self._hashers.pop(name, None)) is not None:  # its inode numbers mean new files now
-                stale.resolve()
+            self._hashers.pop(name, None)  # a new file system under the name: its inode numbers mean new files
             self._scope_handler(handler)
             self.names_refused = True
 
@@ -315,12 +312,6 @@ class Engine:
     # -- records
 
     def process(self, records: Iterable[Record]) -> list[Mutation]:
-        try:
-            return self._process(records)
-        finally:
-            self._settle()
-
-    def _process(self, records: Iterable[Record]) -> list[Mutation]:
         events: list[Mutation] = []
         rescan = False
         for rec in records:
@@ -373,6 +364,8 @@ class Engine:
             if rescan:
                 rescan = False
                 self._rescan()
+        if self.blobs is not None:
+            self.blobs.commit()  # old versions kept before writes (before_change): readers see them, no lock held
         return events
 
     def _before_write(self, offset: int, length: int, old: bytes | None = None, old_at: int = 0) -> None:
@@ -394,29 +387,17 @@ class Engine:
         exactly their point's bytes: the next record may overwrite them."""
         if events and self.hash_limit is not None:
             self._hasher(fs).stamp(events, cache=self.scope is None)
+            if self.blobs is not None:
+                self.blobs.commit()
         return events
 
     def _hasher(self, fs: str) -> Hasher:
         hasher = self._hashers.get(fs)
-        if hasher is None or hasher.limit != self.hash_limit or hasher.store is not self.blobs \
-                or hasher.defer != self.hash_worker:
-            if hasher is not None:
-                hasher.resolve()
+        if hasher is None or hasher.limit != self.hash_limit or hasher.store is not self.blobs:
             handler = self.filesystems[fs].handler
             hasher = self._hashers[fs] = Hasher(lambda ino, off, n: read_file(handler, ino, off, n),
-                                                self.hash_limit, self.blobs, defer=self.hash_worker)
-        if self.blobs is not None and self._hashing not in (None, hasher):
-            self._hashing.resolve()  # one store: versions kept in the order they were read, file system by file system
-        self._hashing = hasher
+                                                self.hash_limit, self.blobs)
         return hasher
-
-    def _settle(self) -> None:
-        """Before events leave the engine: their digests (taken on the hashers' worker threads while the engine
-        went on) filled in, and the versions the store keeps committed: readers see them, no lock held."""
-        for hasher in self._hashers.values():
-            hasher.resolve()
-        if self.blobs is not None:
-            self.blobs.commit()
 
     def idle_wait_s(self, now_ns: int) -> float | None:
         """How long a follower with no new records may sleep before `tick(now)` has something to decide: until
@@ -459,11 +440,8 @@ class Engine:
     def tick(self, now_ns: int) -> list[Mutation]:
         """No record came up to record time `now_ns` (a live follower's clock, less Runner's grace): decide what
         fell due meanwhile (settles, data waiting for a commit, held sizes' bounds), as a replay would."""
-        try:
-            events: list[Mutation] = self._refused_names(self.last_time_ns or now_ns) if self.names_refused else []
-            return events + self._advance(now_ns)
-        finally:
-            self._settle()
+        events: list[Mutation] = self._refused_names(self.last_time_ns or now_ns) if self.names_refused else []
+        return events + self._advance(now_ns)
 
     def finish(self) -> list[Mutation]:
         """End of a replay (or a detach): whatever is dirty or pending becomes events now."""
@@ -475,7 +453,6 @@ class Engine:
             events += self._refused_names(self.last_time_ns)
         for fs in self.filesystems.values():
             events += self._stamp(fs.handler.name, fs.handler.finish(self.last_seq, self.last_time_ns))
-        self._settle()
         return events
 
     def close(self) -> None:

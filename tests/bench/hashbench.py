@@ -4,17 +4,13 @@
 
 WORKLOAD: untar (incompressible files: nothing is text, the store keeps only "binary" rows) and untar-text (the
 same sizes as lines of hex digits: each file up to 64 KiB is kept); default both. Each replay runs in its own
-subprocess (tests.bench.enginebench probe replay DIR none|default [store] [inline]), the five modes alternating:
-no hashes; hashes and hashes with the store, each with the digests taken in line on the engine's thread (the
-`*_inline` modes: how it was before the hashers had a worker thread) and on the worker (the engine's default).
-Prints one JSON line per workload: the medians of wall and CPU time (every thread's), the cost of each mode over
-no hashing as the difference of the medians (noisy on a shared machine), and `share`: the time the engine's
-thread spent in the hashers (reading the point's bytes; hashing and keeping in line, or helping and waiting for
-the worker) and in the store's commits, over that run's time; `worker_share`: the worker's time likewise;
-`cpu_share`, `worker_cpu_share`: the same with CPU time (the engine's thread's and the worker's, without the store's
-commits), over the engine thread's CPU time, which a busy machine's preemption does not inflate. Then,
-per workload, what `events --diff --json` costs over `events --json` on that replay's events (`diff_read`), in
-this process.
+subprocess (tests.bench.enginebench probe replay DIR none|default [store]), the three modes alternating; prints
+one JSON line per workload: the medians of wall and CPU time, the cost of each mode over no hashing as the
+difference of the medians (noisy on a shared machine), and `share`: the time the engine's hashers (reading,
+SHA-256, keeping bytes) and the store's commits spent inside each run over that run's time; `cpu_share`: the
+hashers' CPU time over the run's (the replay is one thread; a busy machine's preemption inflates neither; the
+store's commits left out). Then, per workload, what `events --diff --json` costs over `events --json` on that
+replay's events (`diff_read`), in this process.
 """
 
 from __future__ import annotations
@@ -29,8 +25,7 @@ from tests.bench.common import median
 from tests.bench.enginebench import probe
 from tests.bench.enginedata import recorded
 
-MODES = {"none": ("none",), "hash_inline": ("default", "", "inline"), "hash": ("default",),
-         "store_inline": ("default", "store", "inline"), "store": ("default", "store")}
+MODES = {"none": ("none",), "hash": ("default",), "store": ("default", "store")}
 
 
 def diff_read(rec: Path) -> dict:
@@ -77,10 +72,8 @@ def main(argv: list[str]) -> int:
         rec = recorded(workload)
         times: dict[str, list[float]] = {m: [] for m in MODES}
         cpu: dict[str, list[float]] = {m: [] for m in MODES}
-        shares: dict[str, list[float]] = {m: [] for m in MODES if m != "none"}
-        worker: dict[str, list[float]] = {m: [] for m in shares}
-        cpu_shares: dict[str, list[float]] = {m: [] for m in shares}
-        worker_cpu: dict[str, list[float]] = {m: [] for m in shares}
+        shares: dict[str, list[float]] = {"hash": [], "store": []}
+        cpu_shares: dict[str, list[float]] = {"hash": [], "store": []}
         last: dict[str, dict] = {}
         for _ in range(rounds):
             for mode, args in MODES.items():
@@ -89,9 +82,7 @@ def main(argv: list[str]) -> int:
                 cpu[mode].append(r["cpu_s"])
                 if mode in shares:
                     shares[mode].append((r["hash_s"] + r.get("store_s", 0.0)) / r["seconds"])
-                    worker[mode].append(r["hash_worker_s"] / r["seconds"])
-                    cpu_shares[mode].append(r["hash_cpu_s"] / r["thread_cpu_s"])
-                    worker_cpu[mode].append(r["hash_worker_cpu_s"] / r["thread_cpu_s"])
+                    cpu_shares[mode].append(r["hash_cpu_s"] / r["cpu_s"])
         base, cpu_base = median(times["none"]), median(cpu["none"])
         print(json.dumps({
             "workload": workload, "rounds": rounds,
@@ -99,10 +90,8 @@ def main(argv: list[str]) -> int:
             "median_cpu_s": {m: median(t) for m, t in cpu.items()},
             "cost": {m: (median(times[m]) - base) / base for m in shares},
             "cpu_cost": {m: (median(cpu[m]) - cpu_base) / cpu_base for m in shares},
-            "share": {m: median(s) for m, s in shares.items()},
-            "worker_share": {m: median(s) for m, s in worker.items()}, "shares": shares,
-            "cpu_share": {m: median(s) for m, s in cpu_shares.items()},
-            "worker_cpu_share": {m: median(s) for m, s in worker_cpu.items()},
+            "share": {m: median(s) for m, s in shares.items()}, "shares": shares,
+            "cpu_share": {m: median(s) for m, s in cpu_shares.items()}, "cpu_shares": cpu_shares,
             "hashed_bytes": last["hash"]["hashed_bytes"], "hashed_files": last["hash"]["hashed_files"],
             "kept": last["store"]["kept"], "store_bytes": last["store"]["store_bytes"], "times": times,
             "diff_read": diff_read(rec)}), flush=True)
