@@ -72,7 +72,7 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "") ->
         if diffs == "store":
             from inference.blobs import BlobStore
             engine.blobs = BlobStore(Path(tmp) / "blobs.db")
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()  # CPU time: what a busy machine's preemption leaves out
         kinds: dict[str, int] = {}
         with EventLog(Path(tmp) / "events.jsonl", truncate=True) as events, LogFollower(state / "log") as follower:
             while batch := follower.poll():
@@ -84,13 +84,14 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "") ->
             events.append(evs)
             for e in evs:
                 kinds[e.kind] = kinds.get(e.kind, 0) + 1
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         stats = [fs.handler.stats.__dict__ for fs in engine.filesystems.values()]
         hashers = list(engine._hashers.values())
         store = engine.blobs
         engine.close()
-    return {"init_s": t1 - t0, "seconds": t2 - t1, "records": engine.last_seq, "kinds": kinds,
-            "hash_s": sum(h.seconds for h in hashers), "hashed_bytes": sum(h.hashed_bytes for h in hashers),
+    return {"init_s": t1 - t0, "seconds": t2 - t1, "cpu_s": c2 - c1, "records": engine.last_seq, "kinds": kinds,
+            "hash_s": sum(h.seconds for h in hashers), "hash_cpu_s": sum(h.cpu_seconds for h in hashers),
+            "hashed_bytes": sum(h.hashed_bytes for h in hashers),
             "hashed_files": sum(h.hashed_files for h in hashers),
             "kept": store.kept if store else 0, "store_bytes": store.total if store else 0,
             "store_s": store.seconds if store else 0.0,

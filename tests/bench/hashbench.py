@@ -5,10 +5,12 @@
 WORKLOAD: untar (incompressible files: nothing is text, the store keeps only "binary" rows) and untar-text (the
 same sizes as lines of hex digits: each file up to 64 KiB is kept); default both. Each replay runs in its own
 subprocess (tests.bench.enginebench probe replay DIR none|default [store]), the three modes alternating; prints
-one JSON line per workload: the medians, the cost of each mode over no hashing as the difference of the medians
-(noisy on a shared machine), and `share`: the time the engine's hashers (reading, SHA-256, keeping bytes) and the
-store's commits spent inside each run over that run's time. Then, per workload, what `events --diff --json` costs
-over `events --json` on that replay's events (`diff_read`), in this process.
+one JSON line per workload: the medians of wall and CPU time, the cost of each mode over no hashing as the
+difference of the medians (noisy on a shared machine), and `share`: the time the engine's hashers (reading,
+SHA-256, keeping bytes) and the store's commits spent inside each run over that run's time; `cpu_share`: the
+hashers' CPU time over the run's (the replay is one thread; a busy machine's preemption inflates neither; the
+store's commits left out). Then, per workload, what `events --diff --json` costs over `events --json` on that
+replay's events (`diff_read`), in this process.
 """
 
 from __future__ import annotations
@@ -69,20 +71,27 @@ def main(argv: list[str]) -> int:
     for workload in argv[1:] or ["untar", "untar-text"]:
         rec = recorded(workload)
         times: dict[str, list[float]] = {m: [] for m in MODES}
+        cpu: dict[str, list[float]] = {m: [] for m in MODES}
         shares: dict[str, list[float]] = {"hash": [], "store": []}
+        cpu_shares: dict[str, list[float]] = {"hash": [], "store": []}
         last: dict[str, dict] = {}
         for _ in range(rounds):
             for mode, args in MODES.items():
                 r = last[mode] = probe("replay", rec, *args)
                 times[mode].append(r["seconds"])
+                cpu[mode].append(r["cpu_s"])
                 if mode in shares:
                     shares[mode].append((r["hash_s"] + r.get("store_s", 0.0)) / r["seconds"])
-        base = median(times["none"])
+                    cpu_shares[mode].append(r["hash_cpu_s"] / r["cpu_s"])
+        base, cpu_base = median(times["none"]), median(cpu["none"])
         print(json.dumps({
             "workload": workload, "rounds": rounds,
             "median_s": {m: median(t) for m, t in times.items()},
+            "median_cpu_s": {m: median(t) for m, t in cpu.items()},
             "cost": {m: (median(times[m]) - base) / base for m in shares},
+            "cpu_cost": {m: (median(cpu[m]) - cpu_base) / cpu_base for m in shares},
             "share": {m: median(s) for m, s in shares.items()}, "shares": shares,
+            "cpu_share": {m: median(s) for m, s in cpu_shares.items()}, "cpu_shares": cpu_shares,
             "hashed_bytes": last["hash"]["hashed_bytes"], "hashed_files": last["hash"]["hashed_files"],
             "kept": last["store"]["kept"], "store_bytes": last["store"]["store_bytes"], "times": times,
             "diff_read": diff_read(rec)}), flush=True)
