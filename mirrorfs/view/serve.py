@@ -204,7 +204,10 @@ class ViewServer:
         for nid in dict.fromkeys(applied.nodes):
             _quiet(pyfuse3.invalidate_inode, nid, True)
         if content is not None and content.fs in self.tree.fs_root:
-            self.dropper.drop(self.tree.nid(content.fs, content.ino))
+            nid = self.tree.nid(content.fs, content.ino)
+            node = self.tree.nodes.get(nid)
+            if node is None or node.opened:  # never opened for reading: the kernel holds no page of it
+                self.dropper.drop(nid)
 
     def _before_growth(self, m: Mutation) -> None:
         """The poke thread is about to grow a file: drop its cached pages first. The kernel publishes the new
@@ -214,7 +217,7 @@ class ViewServer:
         if m.fs in self.tree.fs_root:
             nid = self.tree.nid(m.fs, m.ino)
             node = self.tree.nodes.get(nid)
-            if node is not None and (m.size or 0) > node.size:
+            if node is not None and node.opened and (m.size or 0) > node.size:
                 self.dropper.drop(nid).wait(PRE_DROP_WAIT)
 
     def _reconcile_quiet(self) -> None:

@@ -1,0 +1,192 @@
+"""The poke helper alone (issue 12): changes/s from a queue of mutations to the view's tree and the kernel's
+inotify events, with no engine, no guest and no other thread in the process.
+
+A real ViewServer (tree, FUSE handlers, poke helper, page dropper) is mounted over a stand-in for the engine that
+holds only an empty root; the live benchmark's shape of changes is queued at once (directories of new files, each
+file a create then a modify), and the time until the helper has done them all is taken. Run with an `inotifywait
+-m -r` on the mount or without one (the helper waits for recursive watchers after each mkdir).
+
+    .venv/bin/python -m tests.bench.pokebench MNT [--dirs 20] [--per-dir 100] [--watch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+
+from inference.events import Mutation
+from inference.ext.statfs import StatFs
+from inference.view import Entry, Identity
+
+FS = "disk"
+
+
+class StandIn:
+    """What ViewServer asks of EngineView, for an empty file system that only the queued mutations fill."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def filesystems(self) -> list[str]:
+        return [FS]
+
+    def identity(self, fs: str) -> Identity:
+        return Identity(fs, "", "", "", "")
+
+    def snapshot(self, fs: str) -> list[Entry]:
+        return [Entry(b"/", 2, "dir", stat.S_IFDIR | 0o755, 0, 0, 4096, 1, 1, 2, 0, None, None, blksize=4096)]
+
+    def statfs(self, fs: str) -> StatFs:
+        return StatFs(4096, 1 << 20, 1 << 19, 1 << 16, 1 << 15)
+
+    def read(self, fs: str, ino: int, offset: int, size: int) -> bytes:
+        return b"x" * size
+
+    def writing(self, fs: str, ino: int, start: int, end: int) -> bool:
+        return False
+
+    def stat(self, fs: str, ino: int):
+        return None
+
+    def take_quiet(self, fs: str) -> list:
+        return []
+
+
+def mutations(dirs: int, per_dir: int) -> list[Mutation]:
+    """The live benchmark's tree: `dirs` directories of `per_dir` files, each file created, then given bytes."""
+    out, ino, seq = [], 100, 0
+    for d in range(dirs):
+        ino += 1
+        dino, dpath = ino, f"/d{d:03d}"
+        seq += 1
+        out.append(Mutation(seq, 1.0, "mkdir", dpath, fs=FS, ino=dino, type="dir", size=4096, mode=0o755, links=2,
+                            parent={"ino": 2, "size": 4096}))
+        for i in range(per_dir):
+            ino += 1
+            seq += 1
+            path, size = f"{dpath}/f{i:03d}", i % 7 * 100 + 1
+            out.append(Mutation(seq, 1.0, "create", path, fs=FS, ino=ino, type="file", size=0, mode=0o644,
+                                links=1, parent={"ino": dino, "size": 4096}))
+            out.append(Mutation(seq, 1.0, "modify", path, fs=FS, ino=ino, type="file", size=size,
+                                ranges=[(0, size)]))
+    return out
+
+
+def _counted(fn, name: str, counts: collections.Counter):
+    if inspect.iscoroutinefunction(fn):
+        async def counted(*a):
+            counts[name] += 1
+            return await fn(*a)
+        return counted
+
+    def plain(*a):
+        counts[name] += 1
+        return fn(*a)
+    return plain
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mnt", type=Path)
+    ap.add_argument("--dirs", type=int, default=20)
+    ap.add_argument("--per-dir", type=int, default=100)
+    ap.add_argument("--watch", action="store_true", help="an inotifywait -m -r on the mount while it runs")
+    ap.add_argument("--profile", type=Path, help="cProfile of the helper thread to this file")
+    ap.add_argument("--count", action="store_true", help="count the FUSE requests per operation")
+    ap.add_argument("--busy", action="store_true",
+                    help="a thread of pure Python busy meanwhile, as the engine is while the guest writes")
+    ap.add_argument("--switch", type=float, help="sys.setswitchinterval(SECONDS)")
+    args = ap.parse_args()
+
+    import mirrorfs.view.serve as serve
+    from tests.mountharness import Inotify, mounted
+
+    serve.EngineView = StandIn
+    engine = SimpleNamespace(lock=threading.Lock(), stats=lambda: SimpleNamespace(last_seq=0))
+    server = serve.ViewServer(engine, args.mnt, None)
+    counts: collections.Counter[str] = collections.Counter()
+    if args.count:
+        from mirrorfs.view.ops import _HANDLERS
+
+        for name in (*_HANDLERS, "forget"):
+            setattr(server.ops, name, _counted(getattr(server.ops, name), name, counts))
+    todo = mutations(args.dirs, args.per_dir)
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            while not mounted(args.mnt):
+                time.sleep(0.01)
+            ino = Inotify(args.mnt) if args.watch else None
+            poker = server.poker
+            if args.busy:
+                threading.Thread(target=busy, daemon=True).start()
+            t0 = time.monotonic()
+            poker.submit(todo)
+            while poker.done < len(todo):
+                time.sleep(0.001)
+            dt = time.monotonic() - t0
+            result.update(n=len(todo), s=dt, fallbacks=poker.fallbacks, refused=poker.refused)
+            if ino is not None:
+                deadline = time.monotonic() + 10
+                want = f"d{args.dirs - 1:03d}/f{args.per_dir - 1:03d}"
+                while not any(p == want and "CLOSE_WRITE" in e for _, e, p, _ in ino.events()):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                evs = ino.events()
+                ino.stop()
+                result["creates"] = sum(1 for _, e, p, _ in evs if e.startswith("CREATE") and "/f" in p)
+                result["modifies"] = sum(1 for _, e, p, _ in evs if e.startswith("MODIFY"))
+        finally:
+            stop.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        x = 0
+        while not stop.is_set():
+            for i in range(1000):
+                x += i * i
+
+    if args.switch:
+        sys.setswitchinterval(args.switch)
+    threading.Thread(target=drive, daemon=True).start()
+    if args.profile:
+        import cProfile
+        prof = cProfile.Profile()
+        run = server.poker._run
+
+        def profiled() -> None:
+            prof.enable()
+            try:
+                run()
+            finally:
+                prof.disable()
+                prof.dump_stats(args.profile)
+        server.poker.thread = threading.Thread(target=profiled, name="mirrorfs-poke", daemon=True)
+    server.run()
+    n, s = result.get("n", 0), result.get("s", float("nan"))
+    print(f"poke: {n} changes in {s:.3f} s = {n / s:.0f}/s, fallbacks {result.get('fallbacks')}, "
+          f"refused {result.get('refused')}"
+          + (f", inotify creates {result['creates']} modifies {result['modifies']}" if "creates" in result else ""),
+          flush=True)
+    if counts:
+        print("requests:", ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    _ = pyfuse3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
