@@ -39,6 +39,11 @@ from mirrorfs.view.tree import Applied, ViewError, ViewTree
 log = logging.getLogger("mirrorfs.mount")
 
 PRE_DROP_WAIT = 0.05  # seconds the poke helper waits for a file's pages to drop before it grows the file
+# How long a thread may keep the GIL while another waits for it (Python's default: 5 ms). Each poke is ~4 FUSE
+# requests, each a hand-off poke thread -> trio thread -> poke thread; while the engine thread runs pure Python
+# (a burst of guest writes), every hand-off waited out the engine's slice: 5x fewer changes/s. Shorter slices
+# cost the engine a little switching, and let the view keep up with it (BENCHMARKS.md "Poke").
+SWITCH_S = 0.0005
 
 
 class PageDropper:
@@ -288,9 +293,12 @@ class ViewServer:
             self.poker.set_root(mnt, mount_id(root))
         finally:
             os.close(root)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_S))
         try:
             trio.run(self._main, target)
         finally:
+            sys.setswitchinterval(switch)
             pyfuse3.close(unmount=True)
         if mount_type(mnt) == FSTYPE:
             unmount(mnt, lazy=True)

@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--count", action="store_true", help="count the FUSE requests per operation")
     ap.add_argument("--busy", action="store_true",
                     help="a thread of pure Python busy meanwhile, as the engine is while the guest writes")
-    ap.add_argument("--switch", type=float, help="sys.setswitchinterval(SECONDS)")
+    ap.add_argument("--switch", type=float, help="the GIL switch interval while serving (default: serve.SWITCH_S)")
     args = ap.parse_args()
 
     import mirrorfs.view.serve as serve
@@ -130,14 +130,20 @@ def main() -> None:
                 time.sleep(0.01)
             ino = Inotify(args.mnt) if args.watch else None
             poker = server.poker
-            if args.busy:
+            if args.busy:  # its speed alone first, then while the helper works
                 threading.Thread(target=busy, daemon=True).start()
-            t0 = time.monotonic()
+                time.sleep(0.5)
+                t0, n0 = time.monotonic(), spins[0]
+                time.sleep(0.5)
+                result["alone"] = (spins[0] - n0) / (time.monotonic() - t0)
+            t0, n0 = time.monotonic(), spins[0]
             poker.submit(todo)
             while poker.done < len(todo):
                 time.sleep(0.001)
             dt = time.monotonic() - t0
             result.update(n=len(todo), s=dt, fallbacks=poker.fallbacks, refused=poker.refused)
+            if args.busy:
+                result["busy"] = (spins[0] - n0) / dt / result["alone"]
             if ino is not None:
                 deadline = time.monotonic() + 10
                 want = f"d{args.dirs - 1:03d}/f{args.per_dir - 1:03d}"
@@ -155,13 +161,17 @@ def main() -> None:
 
     stop = threading.Event()
 
+    spins = [0]
+
     def busy() -> None:
         x = 0
         while not stop.is_set():
             for i in range(1000):
                 x += i * i
+            spins[0] += 1
 
-    if args.switch:
+    if args.switch:  # what the view sets while it serves (serve.SWITCH_S), replaced
+        serve.SWITCH_S = args.switch
         sys.setswitchinterval(args.switch)
     threading.Thread(target=drive, daemon=True).start()
     if args.profile:
@@ -181,7 +191,8 @@ def main() -> None:
     n, s = result.get("n", 0), result.get("s", float("nan"))
     print(f"poke: {n} changes in {s:.3f} s = {n / s:.0f}/s, fallbacks {result.get('fallbacks')}, "
           f"refused {result.get('refused')}"
-          + (f", inotify creates {result['creates']} modifies {result['modifies']}" if "creates" in result else ""),
+          + (f", inotify creates {result['creates']} modifies {result['modifies']}" if "creates" in result else "")
+          + (f", the busy thread at {result['busy']:.2f} of its speed alone" if "busy" in result else ""),
           flush=True)
     if counts:
         print("requests:", ", ".join(f"{k} {v}" for k, v in counts.most_common()))
