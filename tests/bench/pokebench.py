@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import json
 import os
 import signal
 import stat
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--per-dir", type=int, default=100)
     ap.add_argument("--watch", action="store_true", help="an inotifywait -m -r on the mount while it runs")
     ap.add_argument("--profile", type=Path, help="cProfile of the helper thread to this file")
+    ap.add_argument("--profile-trio", type=Path, help="cProfile of the trio thread (FUSE handlers) to this file")
     ap.add_argument("--count", action="store_true", help="count the FUSE requests per operation")
     ap.add_argument("--busy", action="store_true",
                     help="a thread of pure Python busy meanwhile, as the engine is while the guest writes")
@@ -187,8 +189,13 @@ def main() -> None:
                 prof.disable()
                 prof.dump_stats(args.profile)
         server.poker.thread = threading.Thread(target=profiled, name="mirrorfs-poke", daemon=True)
-    server.run()
+    if args.profile_trio:
+        import cProfile
+        cProfile.runctx("server.run()", globals(), {"server": server}, str(args.profile_trio))
+    else:
+        server.run()
     n, s = result.get("n", 0), result.get("s", float("nan"))
+    print("RESULT " + json.dumps({"changes": n, "seconds": s, **{k: v for k, v in result.items() if k not in "ns"}}))
     print(f"poke: {n} changes in {s:.3f} s = {n / s:.0f}/s, fallbacks {result.get('fallbacks')}, "
           f"refused {result.get('refused')}"
           + (f", inotify creates {result['creates']} modifies {result['modifies']}" if "creates" in result else "")
@@ -197,6 +204,53 @@ def main() -> None:
     if counts:
         print("requests:", ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     _ = pyfuse3
+
+
+CASES = {  # name -> pokebench arguments
+    "alone": [],
+    "inotifywait -m -r on the mount": ["--watch"],
+    "a busy Python thread, GIL slice 5 ms (Python's default)": ["--busy", "--switch", "0.005"],
+    "a busy Python thread, GIL slice 0.5 ms (serve.SWITCH_S)": ["--busy"],
+}
+
+
+def bench_poke(ws, quick: bool) -> dict:
+    """Each case in a process of its own (it mounts, and ends with SIGINT), the cases in turn in each round."""
+    from tests.bench.common import log, run
+
+    rounds, dirs = (1, 10) if quick else (5, 40)
+    mnt = ws.path / "poke"
+    mnt.mkdir()
+    per: dict[str, list[dict]] = {c: [] for c in CASES}
+    for r in range(rounds):
+        for case, extra in (CASES.items() if r % 2 == 0 else reversed(CASES.items())):
+            out = run([sys.executable, "-m", "tests.bench.pokebench", str(mnt), "--dirs", str(dirs), *extra]).stdout
+            res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            if res.get("fallbacks") or res.get("refused") or res.get("creates", dirs * 100) != dirs * 100 \
+                    or res.get("modifies", dirs * 100) != dirs * 100:
+                raise RuntimeError(f"pokebench {case}: {res}")
+            per[case].append(res)
+            log(f"poke round {r + 1} {case}: {res['changes'] / res['seconds']:.0f} changes/s")
+    return {"rounds": rounds, "changes": per["alone"][0]["changes"], "dirs": dirs, "per": per}
+
+
+def poke_table(res: dict) -> list[str]:
+    from tests.bench.common import spread
+
+    per = res["per"]
+    base = [x["changes"] / x["seconds"] for x in per["alone"]]
+
+    def row(case: str) -> str:
+        rate = [x["changes"] / x["seconds"] for x in per[case]]
+        busy = [x["busy"] for x in per[case] if "busy" in x]
+        ratio = [a / b for a, b in zip(rate, base, strict=True)]
+        return (f"| {case} | {spread(rate, '{:.0f}')} | {spread(ratio, '{:.2f}')} | "
+                f"{spread(busy, '{:.2f}') if busy else '-'} |")
+
+    return [f"{res['changes']} changes ({res['dirs']} directories of 100 new files, each file a create then a modify "
+            f"of 1-601 bytes) queued at once to the poke helper of a mounted view with no engine behind it.", "",
+            "| case | changes/s | / alone (same round) | busy thread's speed / its speed alone |",
+            "|---|---|---|---|", *(row(c) for c in per)]
 
 
 if __name__ == "__main__":
