@@ -354,8 +354,8 @@ class Poker:
         """An O_PATH fd (held: the caller does not close it) of `path`'s parent, resolved beneath `fs`'s
         directory, and the last name (checked)."""
         head, _, name = path.rpartition(b"/")
-        key = (fs, head)
-        fd = self._held.get(key)
+        key = (fs, head)  # held only once its components passed the checks below
+        fd = self._held.get(key) if path[:1] == b"/" else None
         if fd is not None:
             return fd, check_component(name)
         parts = components(path)

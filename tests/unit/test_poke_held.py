@@ -134,3 +134,18 @@ def test_pages_are_dropped_only_for_files_a_reader_opened():
     tree.apply(_ev("delete", "/g", ino=13))
     tree.apply(_ev("create", "/h", ino=13, type="file", size=0))
     assert tree.nodes[13].opened
+
+
+def test_a_held_directory_takes_no_unchecked_name(tmp_path):
+    """The held parent's shortcut still checks what it is given: a relative path or a bad last name is refused
+    even right after a change in the same directory."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    poker, direct = _poker(mnt)
+    bad = (_ev("create", "rel"), _ev("create", "/.."), _ev("create", "/d/.."), _ev("mkdir", "/d/"))
+    poker.poke(_ev("mkdir", "/d"))
+    for i, m in enumerate(bad):
+        poker.poke(_ev("create", f"/d/ok{i}"))  # /d held again
+        poker.poke(m)
+    assert poker.refused == len(bad) and direct == []
+    assert os.listdir(mnt) == ["d"] and sorted(os.listdir(mnt / "d")) == [f"ok{i}" for i in range(len(bad))]
