@@ -39,10 +39,10 @@ from mirrorfs.view.tree import Applied, ViewError, ViewTree
 log = logging.getLogger("mirrorfs.mount")
 
 PRE_DROP_WAIT = 0.05  # seconds the poke helper waits for a file's pages to drop before it grows the file
-# How long a thread may keep the GIL while another waits for it (Python's default: 5 ms). Each poke is ~4 FUSE
-# requests, each a hand-off poke thread -> trio thread -> poke thread; while the engine thread runs pure Python
-# (a burst of guest writes), every hand-off waited out the engine's slice: 5x fewer changes/s. Shorter slices
-# cost the engine a little switching, and let the view keep up with it (BENCHMARKS.md "Poke").
+# How long a thread may keep the GIL while another waits for it (Python's default: 5 ms). Each change is ~3 FUSE
+# requests the helper waits for, each a hand-off poke thread -> trio thread -> poke thread; while the engine thread
+# runs Python (a guest writing), every hand-off waited out the engine's slice: ~5x fewer changes/s. Shorter slices
+# trade some of the engine's speed for the view's lag while both are busy (BENCHMARKS.md, Mount 4).
 SWITCH_S = 0.0005
 
 

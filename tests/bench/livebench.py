@@ -182,7 +182,8 @@ def bench_live(ws: Workspace, quick: bool) -> dict:
     if in_stream is None and stream.has(MARKER):
         in_stream = after_sync
     log(f"live: the view showed it all {caught_up:.1f} s after the writer started, {after_sync:.1f} s after its "
-        f"last syncfs returned; in the stream (events.jsonl) {in_stream:.1f} s after it")
+        f"last syncfs returned; in the stream (events.jsonl) "
+        f"{'?' if in_stream is None else f'{in_stream:.1f}'} s after it")
     n = 20 if quick else 100
     rounds = 1 if quick else 5
     lat = sync_latency(host, mnt, n)
