@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyfuse3
-
 from inference.events import Mutation
 from inference.ext.statfs import StatFs
 from inference.view import Entry, Identity
@@ -203,7 +201,6 @@ def main() -> None:
           flush=True)
     if counts:
         print("requests:", ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-    _ = pyfuse3
 
 
 CASES = {  # name -> pokebench arguments
