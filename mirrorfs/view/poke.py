@@ -16,8 +16,13 @@ file system's directory in the mount. O_NOFOLLOW alone stops symlinks, not `..`.
 only with *at() calls that do not follow it, or opened with openat2 too. The root fd itself is opened by the
 mounter right after the mount (a local user who can rename a directory above the mount point must not be able to
 aim it at a host directory) is not trusted: the mounter records the view's mount id right after mounting, and
-the root, opened for each change (a held fd would keep `mirrorfs umount` from unmounting), must lie on that very
-mount, or the change is refused.
+the root, opened again for each run of changes, must lie on that very mount, or the change is refused.
+
+Held fds: the root, each file system's directory and the parent directories of a run of changes stay open while
+the queue has work (opening and checking them for every change cost a fifth of it), and are closed once the
+queue is empty (a held fd keeps `mirrorfs umount` from unmounting: during a burst it says busy, as it could before
+during any one syscall), and before anything that can change which directory a held path names: a rename, an
+rmdir, a change applied directly, a failed or refused syscall.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ log = logging.getLogger("mirrorfs.poke")
 QUIET_S = 0.5  # the queue idle this long: the view takes what moved with no event (on_idle)
 MKDIR_PAUSE = 0.1
 WATCH_CHECK = 0.002
+MAX_HELD = 64  # parent directories held open at once (a run of changes usually stays in a few)
+REAIMS = ("rename", "rmdir")  # kinds after which a held directory's path may lead elsewhere
 
 Invalidate = Callable[[Applied, "Mutation | None"], None]  # (what changed, the content-changing mutation)
 
@@ -170,6 +177,7 @@ class Poker:
         self.refused = 0
         self._root: tuple[bytes, int] | None = None  # the mount point and its mount id (set_root)
         self._made_dir: tuple[int, int, int] | None = None  # (st_dev, parent's st_ino, st_ino) of the last mkdir
+        self._held: dict[object, int] = {}  # O_PATH fds held while the queue has work: "root", fs, (fs, parent)
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -206,7 +214,11 @@ class Poker:
         self._root = (os.fsencode(mountpoint), mnt_id)
 
     def _open_root(self) -> int:
-        """An O_PATH fd of the view's root, or Refused when the path now leads anywhere but the view's mount."""
+        """An O_PATH fd of the view's root (held), or Refused when the path now leads anywhere but the view's
+        mount."""
+        fd = self._held.get("root")
+        if fd is not None:
+            return fd
         if self._root is None:
             raise Refused(errno.EPERM, "the view's root is not known")
         path, want = self._root
@@ -216,7 +228,14 @@ class Poker:
             os.close(fd)
             log.error("%r now leads to mount %s, not to the view's mount %s: change refused", path, found, want)
             raise Refused(errno.EPERM, f"the mount point {path!r} no longer leads to the view")
+        self._held["root"] = fd
         return fd
+
+    def _release(self) -> None:
+        """Close every held fd (the queue is empty, or a held path may now lead elsewhere)."""
+        held, self._held = self._held, {}
+        for fd in held.values():
+            os.close(fd)
 
     def _run(self) -> None:
         self.stage.tid = threading.get_native_id()
@@ -230,10 +249,13 @@ class Poker:
 
     def _loop(self) -> None:
         while True:
+            if self._held and not self.queue:  # only this thread empties the queue: it stays empty till the wait
+                self._release()
             with self.cond:
                 while not self.queue and not self.stopping and self._quiet_wait() != 0:
                     self.cond.wait(self._quiet_wait())
                 if self.stopping and not self.queue:
+                    self._release()
                     return
                 m = self.queue.popleft() if self.queue else None
                 if m is None:
@@ -279,8 +301,11 @@ class Poker:
     def poke(self, m: Mutation) -> None:
         if self.hidden(m):  # no one can see it, so no event: a change under a directory something is mounted on
             self.unseen += 1
+            self._release()
             self.invalidate(self.apply_direct(m), None)
             return
+        if len(self._held) > MAX_HELD:
+            self._release()
         staged = Staged(m)
         self.stage.current = staged
         try:
@@ -288,16 +313,20 @@ class Poker:
             error = None
         except Refused as exc:  # a path that would leave the mount: nothing of it reaches the host or the view
             self.refused += 1
+            self._release()
             log.warning("refused %s %r: %s", m.kind, m.path, exc.strerror or exc)
             return
         except OSError as exc:
             error = exc
         finally:
             self.stage.current = None
+            if m.kind in REAIMS:
+                self._release()
         if staged.error:
             log.warning("view disagrees with %s %s: %s", m.kind, m.path, staged.error)
         if error is not None or not staged.applied:
             self.fallbacks += 1
+            self._release()
             log.info("poke %s %s: %s; applying directly", m.kind, m.path, error or "no request reached the view")
             if not staged.applied:
                 self.invalidate(self.apply_direct(m), m if m.kind in ("modify", "truncate") else None)
@@ -311,18 +340,24 @@ class Poker:
     # -- syscalls
 
     def _fs_fd(self, fs: str) -> int:
-        """An O_PATH fd of the directory `fs` is shown at, resolved beneath the mount's root."""
+        """An O_PATH fd (held) of the directory `fs` is shown at, resolved beneath the mount's root."""
+        fd = self._held.get(fs)
+        if fd is not None:
+            return fd
         prefix = self.prefix(fs)
         if prefix is None:
             raise Refused(errno.ENOENT, f"file system {fs} is not in the view")
-        root = self._open_root()
-        try:
-            return open_beneath(root, [p for p in prefix.split(b"/") if p])
-        finally:
-            os.close(root)
+        fd = self._held[fs] = open_beneath(self._open_root(), [p for p in prefix.split(b"/") if p])
+        return fd
 
     def _dir(self, fs: str, path: bytes) -> tuple[int, bytes]:
-        """An O_PATH fd of `path`'s parent, resolved beneath `fs`'s directory, and the last name (checked)."""
+        """An O_PATH fd (held: the caller does not close it) of `path`'s parent, resolved beneath `fs`'s
+        directory, and the last name (checked)."""
+        head, _, name = path.rpartition(b"/")
+        key = (fs, head)  # held only once its components passed the checks below
+        fd = self._held.get(key) if path[:1] == b"/" else None
+        if fd is not None:
+            return fd, check_component(name)
         parts = components(path)
         if not parts:
             raise OSError(errno.EINVAL, "the root of a file system has no parent in the view")
@@ -333,67 +368,57 @@ class Poker:
             if exc.errno in (errno.EXDEV, errno.ELOOP):  # the kernel says it leaves the mount, or is a symlink
                 raise Refused(exc.errno, f"{path!r}: {exc.strerror}") from None
             raise
-        finally:
-            os.close(top)
+        self._held[key] = fd
         return fd, parts[-1]
 
     def _syscall(self, m: Mutation) -> None:
         kind = m.kind
         path = path_bytes(m.path)
         fd, name = self._dir(m.fs, path)
-        try:
-            if kind == "create":
-                os.close(openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
-            elif kind == "mkdir":
-                os.mkdir(name, 0o700, dir_fd=fd)
-                try:  # for _let_watchers_follow: the kernel's numbers of the parent and the new directory
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    self._made_dir = (st.st_dev, os.fstat(fd).st_ino, st.st_ino)
-                except OSError:
-                    self._made_dir = None
-            elif kind == "symlink":
-                target = path_bytes(m.target or "")
-                if b"\0" in target:
-                    raise Refused(errno.EINVAL, "symlink target holds NUL")
-                os.symlink(target, name, dir_fd=fd)
-            elif kind == "mknod":
-                mode = IFMT.get(m.type, stat.S_IFIFO) | 0o600
-                os.mknod(name, mode, m.rdev or 0, dir_fd=fd)
-            elif kind == "link":
-                sfd, sname = self._dir(m.fs, path_bytes(m.target or ""))
-                try:
-                    os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=fd, follow_symlinks=False)
-                finally:
-                    os.close(sfd)
-            elif kind == "delete":
-                os.unlink(name, dir_fd=fd)
-            elif kind == "rmdir":
-                os.rmdir(name, dir_fd=fd)
-            elif kind == "rename":
-                sfd, sname = self._dir(m.fs, path_bytes(m.old_path or ""))
-                try:
-                    os.rename(sname, name, src_dir_fd=sfd, dst_dir_fd=fd)
-                finally:
-                    os.close(sfd)
-            elif kind in ("modify", "truncate"):
-                f = openat2(fd, name, os.O_WRONLY | os.O_NOFOLLOW)
-                if self.before_growth is not None:
-                    self.before_growth(m)
-                try:
-                    os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
-                finally:
-                    os.close(f)
-            elif kind in ("attrib", "xattr"):
-                target = openat2(fd, name, os.O_PATH | os.O_NOFOLLOW)
-                try:
-                    if kind == "attrib":
-                        self._attrib(m, fd, name, target)
-                    else:
-                        self._xattr(m, fd, name, target)
-                finally:
-                    os.close(target)
-        finally:
-            os.close(fd)
+        if kind == "create":
+            os.close(openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+        elif kind == "mkdir":
+            os.mkdir(name, 0o700, dir_fd=fd)
+            try:  # for _let_watchers_follow: the kernel's numbers of the parent and the new directory
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                self._made_dir = (st.st_dev, os.fstat(fd).st_ino, st.st_ino)
+            except OSError:
+                self._made_dir = None
+        elif kind == "symlink":
+            target = path_bytes(m.target or "")
+            if b"\0" in target:
+                raise Refused(errno.EINVAL, "symlink target holds NUL")
+            os.symlink(target, name, dir_fd=fd)
+        elif kind == "mknod":
+            mode = IFMT.get(m.type, stat.S_IFIFO) | 0o600
+            os.mknod(name, mode, m.rdev or 0, dir_fd=fd)
+        elif kind == "link":
+            sfd, sname = self._dir(m.fs, path_bytes(m.target or ""))
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=fd, follow_symlinks=False)
+        elif kind == "delete":
+            os.unlink(name, dir_fd=fd)
+        elif kind == "rmdir":
+            os.rmdir(name, dir_fd=fd)
+        elif kind == "rename":
+            sfd, sname = self._dir(m.fs, path_bytes(m.old_path or ""))
+            os.rename(sname, name, src_dir_fd=sfd, dst_dir_fd=fd)
+        elif kind in ("modify", "truncate"):
+            f = openat2(fd, name, os.O_WRONLY | os.O_NOFOLLOW)
+            if self.before_growth is not None:
+                self.before_growth(m)
+            try:
+                os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
+            finally:
+                os.close(f)
+        elif kind in ("attrib", "xattr"):
+            target = openat2(fd, name, os.O_PATH | os.O_NOFOLLOW)
+            try:
+                if kind == "attrib":
+                    self._attrib(m, fd, name, target)
+                else:
+                    self._xattr(m, fd, name, target)
+            finally:
+                os.close(target)
 
     @staticmethod
     def _at(fd: int, name: bytes, target: int) -> tuple[bytes | int, dict]:

@@ -39,6 +39,11 @@ from mirrorfs.view.tree import Applied, ViewError, ViewTree
 log = logging.getLogger("mirrorfs.mount")
 
 PRE_DROP_WAIT = 0.05  # seconds the poke helper waits for a file's pages to drop before it grows the file
+# How long a thread may keep the GIL while another waits for it (Python's default: 5 ms). Each change is ~3 FUSE
+# requests the helper waits for, each a hand-off poke thread -> trio thread -> poke thread; while the engine thread
+# runs Python (a guest writing), every hand-off waited out the engine's slice: ~5x fewer changes/s. Shorter slices
+# trade some of the engine's speed for the view's lag while both are busy (BENCHMARKS.md, Mount 4).
+SWITCH_S = 0.0005
 
 
 class PageDropper:
@@ -204,7 +209,10 @@ class ViewServer:
         for nid in dict.fromkeys(applied.nodes):
             _quiet(pyfuse3.invalidate_inode, nid, True)
         if content is not None and content.fs in self.tree.fs_root:
-            self.dropper.drop(self.tree.nid(content.fs, content.ino))
+            nid = self.tree.nid(content.fs, content.ino)
+            node = self.tree.nodes.get(nid)
+            if node is None or node.opened:  # never opened for reading: the kernel holds no page of it
+                self.dropper.drop(nid)
 
     def _before_growth(self, m: Mutation) -> None:
         """The poke thread is about to grow a file: drop its cached pages first. The kernel publishes the new
@@ -214,7 +222,7 @@ class ViewServer:
         if m.fs in self.tree.fs_root:
             nid = self.tree.nid(m.fs, m.ino)
             node = self.tree.nodes.get(nid)
-            if node is not None and (m.size or 0) > node.size:
+            if node is not None and node.opened and (m.size or 0) > node.size:
                 self.dropper.drop(nid).wait(PRE_DROP_WAIT)
 
     def _reconcile_quiet(self) -> None:
@@ -285,9 +293,12 @@ class ViewServer:
             self.poker.set_root(mnt, mount_id(root))
         finally:
             os.close(root)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_S))
         try:
             trio.run(self._main, target)
         finally:
+            sys.setswitchinterval(switch)
             pyfuse3.close(unmount=True)
         if mount_type(mnt) == FSTYPE:
             unmount(mnt, lazy=True)

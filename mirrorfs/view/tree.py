@@ -69,6 +69,7 @@ class VNode:
     atime_ns: int = 0
     blocks: int = 0               # st_blocks, the guest's i_blocks in 512-byte units
     flags: int = 0                # the guest's inode flags (FS_IOC_GETFLAGS values)
+    opened: bool = False          # opened for reading at some time: the kernel may hold pages of it to drop
 
     @property
     def st_ino(self) -> int:
@@ -333,6 +334,7 @@ class ViewTree:
                 node.children = {}
                 self.nodes[parent].links += 1
             if old is not None:   # the guest reused an inode number the kernel still holds: a new generation
+                node.opened = old.opened  # the kernel's inode of that number, and its pages, may be the old one's
                 for p, n in list(old.names):
                     self.nodes[p].children.pop(n, None)
             self.nodes[nid] = node

@@ -12,7 +12,8 @@ Event-stream benchmark: stream (events/s event log -> publisher -> Redis -> coll
 per 1,000 mutations with and without host-side filtering).
 Mount benchmarks: views (sequential read and `find -ls` on the mirrorfs mount, a loop mount and guestmount --ro of
 one 100k-file image), inotify (guest mutation -> inotify event on the live mount), live (the live view of a
-disk the host kernel writes vs a loop mount of a copy: reads, `find -ls`, writer sync -> inotify event).
+disk the host kernel writes vs a loop mount of a copy: reads, `find -ls`, writer sync -> inotify event), poke
+(the poke helper's changes/s with no engine behind it).
 Their inputs (recorded logs, many-file images, the 1M-file index) are built once into .cache/bench/engine/
 (`python -m tests.bench.enginedata` builds them ahead). Speeds are ratios against a baseline measured in the
 same run, in interleaved rounds; tables give the median of the per-round values and their range (min-max).
@@ -37,7 +38,7 @@ from tests.support import CACHE, REPO
 TAP_NAMES = ("ingest", "overhead", "latency", "cost")
 ENGINE_NAMES = ("replay", "index", "memory", "synclat")
 STREAM_NAMES = ("stream",)
-MOUNT_NAMES = ("views", "inotify", "live")
+MOUNT_NAMES = ("views", "inotify", "live", "poke")
 NAMES = TAP_NAMES + ENGINE_NAMES + STREAM_NAMES + MOUNT_NAMES
 GROUP = {**{n: "tap" for n in TAP_NAMES}, **{n: "engine" for n in ENGINE_NAMES},
          **{n: "stream" for n in STREAM_NAMES}, **{n: "mount" for n in MOUNT_NAMES}}
@@ -58,6 +59,7 @@ TITLES = {
     "views": "1. Sequential read and `find -ls`: mirrorfs mount vs loop mount vs guestmount --ro (100k-file image)",
     "inotify": "2. Delay from a guest mutation to its inotify event on the live mount (TCG guest)",
     "live": "3. The live view vs a loop mount of a copy of the same disk, host kernel as the writer (issue 10)",
+    "poke": "4. The poke helper alone: changes/s from its queue to the view and inotify (issue 12)",
 }
 
 METHODS = {
@@ -192,6 +194,14 @@ only (first read: the view's own pages dropped, the backing bytes in the host pa
 backing file shows: /big's 256 MiB plus what else was read of it); again without dropping anything (second read:
 the view's page cache); then `find MNT -ls` (output counted, must agree). Ratios are speed / the loop mount's
 speed within each round.""",
+    "poke": """\
+`tests/bench/pokebench.py` mounts a real `ViewServer` (view tree, FUSE handlers, poke helper, page dropper) over a
+stand-in for the engine holding an empty root, queues the changes at once and times until the helper has done them
+all (each case in its own process, the cases in turn, reversed every other round). "inotifywait": `inotifywait -m
+-r` watches the mount meanwhile (every CREATE and MODIFY is checked to have arrived; the helper waits for the
+watcher to watch each new directory). "Busy thread": a thread of pure Python arithmetic runs meanwhile, as the
+engine thread does while a guest writes, first 0.5 s alone to take its speed; its column is its speed while the
+helper worked / alone. The GIL slice is `sys.setswitchinterval` while the view is served.""",
     "stream": """\
 A redis-server started on loopback for the run (`tests/redisfixture.py`, AOF turned off with CONFIG SET: Redis's
 disk is not what is measured), the real `mirrorfs publish` and `mirrorfs collect` processes. Events are synthetic
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.bench.guestbench import bench_latency, bench_overhead, latency_table, overhead_table
     from tests.bench.ingest import bench_ingest, ingest_table
     from tests.bench.livebench import bench_live, live_table
+    from tests.bench.pokebench import bench_poke, poke_table
     from tests.bench.streambench import bench_stream, stream_table
     from tests.bench.synclat import bench_synclat, synclat_table
     from tests.bench.tapcost import bench_cost, cost_table
@@ -341,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 res, table = mb.bench_views(ws, args.quick), mb.views_table
             elif name == "live":
                 res, table = bench_live(ws, args.quick), live_table
+            elif name == "poke":
+                res, table = bench_poke(ws, args.quick), poke_table
             elif name == "inotify":
                 res, table = mb.bench_inotify(ws, pristine, args.quick), mb.inotify_table
             else:
