@@ -66,6 +66,7 @@ _CLO, _CHI = L.INODE_CSUM_LO_OFFSET, L.INODE_CSUM_HI_OFFSET
 _FAST_TYPES = {0x8000: "file", 0x4000: "dir"}
 _XATTR_MAGIC_BYTES = L.XATTR_MAGIC.to_bytes(4, "little")
 _ZERO8 = bytes(8)
+_U64 = (1 << 64) - 1
 SIGN32, NS = R.SIGN32, R.NS
 _CMP_FIELDS = operator.attrgetter("mode", "uid", "gid", "size", "mtime_ns", "links", "gen", "atime_ns", "blocks",
                                   "flags", "sig")  # what _changed_inodes compares of a tree node
@@ -418,7 +419,7 @@ class ExtHandler:
         c_ns = ((ctime ^ SIGN32) - SIGN32 + ((ctime_x & 3) << 32)) * NS + (ctime_x >> 2)
         m_ns = ((mtime ^ SIGN32) - SIGN32 + ((mtime_x & 3) << 32)) * NS + (mtime_x >> 2)
         sig = zlib.crc32(raw[128:], zlib.crc32(i_block))  # (_sig, with file_acl 0)
-        sig = zlib.crc32(c_ns.to_bytes(8, "little", signed=True), zlib.crc32(_ZERO8, sig))
+        sig = zlib.crc32((c_ns & _U64).to_bytes(8, "little"), zlib.crc32(_ZERO8, sig))
         node = Node(ino, kind, mode, uid | uid_hi << 16, gid | gid_hi << 16, size_lo | size_hi << 32, m_ns, c_ns,
                     links, 0, a_ns, blocks, flags, None, None, extents, (), 0, gen, c_ns, False, sig)
         if extents:
@@ -1040,9 +1041,10 @@ class ExtHandler:
 
 def _sig(inode: R.Inode) -> int:
     """Cheap fingerprint of what the tuple compare in _changed_inodes misses: block-map root, xattrs in the inode,
-    the xattr block, ctime (which moves with every xattr or link change)."""
+    the xattr block, ctime (which moves with every xattr or link change). The ctime's low 64 bits: a signed
+    64-bit count of ns ends in 2262, ext4's epoch bits reach 2446 (the same bytes as signed below 2262)."""
     return zlib.crc32(inode.i_block + inode.raw[128:] + inode.file_acl.to_bytes(8, "little")
-                      + inode.ctime_ns.to_bytes(8, "little", signed=True))
+                      + (inode.ctime_ns & _U64).to_bytes(8, "little"))
 
 
 def _new_blocks(old: tuple, new: tuple) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ from images.build import artifact
 from inference.engine import volume_reader
 from inference.ext import reader as R
 from inference.ext.handler import ExtHandler
+from inference.shadow import ROOT_INO
 from inference.volume import VolumeMap
 from tests.hostile import apply_changes, hostile_name_changes, make_image
 
@@ -111,3 +112,28 @@ def test_damaged_inode_tables(seed: int, tmp_path: Path, monkeypatch: pytest.Mon
     img.write_bytes(raw)
     _same(img, monkeypatch, verify=False)
     _same(img, monkeypatch)
+
+
+def test_far_future_ctime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ctime past 2262 (epoch bits 2-3 of i_ctime_extra: legal, a guest clock far ahead) is past a signed 64-bit
+    count of ns: the handler's signature of the record must still take it (it raised OverflowError)."""
+    img = tmp_path / "ext4.img"
+    shutil.copyfile(artifact("ext4.img"), img)
+    raw = bytearray(img.read_bytes())
+    geo = R.parse_superblock(bytes(raw[1024:2048]))
+    descs = R.parse_group_descs(b"".join(bytes(raw[b * geo.block_size:(b + 1) * geo.block_size])
+                                         for b in R.gdt_blocks(geo)), geo)
+    where = {}
+    for ino in [ROOT_INO, *range(geo.first_ino, geo.inodes_count)]:  # the root (general path) and a file (fast)
+        block, off = R.inode_location(ino, geo, descs)
+        pos = block * geo.block_size + off
+        if ino == ROOT_INO or int.from_bytes(raw[pos:pos + 2], "little") & 0xF000 == 0x8000:
+            where[ino] = pos
+            if len(where) == 2:
+                break
+    for pos in where.values():
+        raw[pos + 0x84] |= 3  # i_ctime_extra
+    img.write_bytes(raw)
+    built = _same(img, monkeypatch, verify=False)
+    tree = pickle.loads(built[0]).tree
+    assert all(tree.peek(ino).ctime_ns > 1 << 63 for ino in where)
