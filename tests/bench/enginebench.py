@@ -277,8 +277,8 @@ def index_table(res: dict) -> list[str]:
         f"(loading is {median([r['build']['seconds'] / r['load']['seconds'] for r in pr]):.0f}x faster than crawling).",
     ]
     if general:
-        lines.append(f"Fast path / general path (build time): "
-                     f"{spread([r['general']['seconds'] / r['build']['seconds'] for r in pr], '{:.2f}')}x.")
+        lines += ["", f"Fast path / general path (build time): "
+                     f"{spread([r['general']['seconds'] / r['build']['seconds'] for r in pr], '{:.2f}')}x."]
     return lines
 
 
