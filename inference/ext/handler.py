@@ -59,6 +59,15 @@ MAX_BAD_REMEMBERED = 4096  # refused entries remembered as reported (dir, name, 
 # recently compared go first. A checkpoint rewrites at home the blocks its commit already brought: compared with
 # the block they were last time, their inodes need no parsing.
 ITABLE_MEMO_BYTES = 8 << 20
+_unpack_large = L.INODE_LARGE_ST.unpack_from
+_ext_header, _ext_leaves = L.EXTENT_HEADER_ST.unpack_from, L.EXTENT_LEAF_ST.iter_unpack
+_crc32c = R.crc32c.crc32c
+_CLO, _CHI = L.INODE_CSUM_LO_OFFSET, L.INODE_CSUM_HI_OFFSET
+_FAST_TYPES = {0x8000: "file", 0x4000: "dir"}
+_XATTR_MAGIC_BYTES = L.XATTR_MAGIC.to_bytes(4, "little")
+_ZERO8 = bytes(8)
+_U64 = (1 << 64) - 1
+SIGN32, NS = R.SIGN32, R.NS
 _CMP_FIELDS = operator.attrgetter("mode", "uid", "gid", "size", "mtime_ns", "links", "gen", "atime_ns", "blocks",
                                   "flags", "sig")  # what _changed_inodes compares of a tree node
 
@@ -315,18 +324,21 @@ class ExtHandler:
         tree.add_node(root)
         queue = [ROOT_INO]
         total = max(self.geo.inodes_count - self._free_inodes(), 1)
+        added = {ROOT_INO}  # (the tree is empty but for what this loop adds: the same answer as `in tree.nodes`)
+        load = self._load_fast if self.fast_index else self._load
         while queue:
             d = queue.pop()
             for name, ino in self._entries(d)[0].items():
-                if ino not in tree.nodes:
-                    node = self._load(ino)
+                if ino not in added:
+                    node = load(ino)
                     if node is None:
                         continue
+                    added.add(ino)
                     tree.add_node(node)  # (in bulk: only `in` answers for it until the end)
                     if node.type == "dir":
                         queue.append(ino)
-                    if progress is not None and len(tree.nodes) % 1000 == 0:
-                        progress(len(tree.nodes), total)
+                    if progress is not None and len(added) % 1000 == 0:
+                        progress(len(added), total)
                 tree.add_name(d, name, ino)
         if progress is not None:
             progress(len(tree.nodes), len(tree.nodes))
@@ -346,6 +358,72 @@ class ExtHandler:
         node = self._load_detached(inode, shared_ok=True)
         node.name_ctime_ns = inode.ctime_ns
         self._own(node)
+        return node
+
+    fast_index = True  # _index takes _load_fast (tests turn it off to compare with the general path)
+
+    def _load_fast(self, ino: int) -> Node | None:
+        """_load for the common inode of an index, in one function: a file or directory with its extents in
+        i_block (depth 0), no xattrs, no xattr block, a full-size record. Anything else (and anything this
+        path's checks refuse, so errors are the general path's own) goes to _load. Same Node, same block maps:
+        tests/unit/test_index_fast.py compares both paths on every test image."""
+        geo, reader = self.geo, self.reader
+        isz = geo.inode_size
+        if isz <= 128 or not 1 <= ino <= geo.inodes_count:
+            return self._load(ino)
+        group, index = divmod(ino - 1, geo.inodes_per_group)  # (reader.inode_raw, inlined for its bulk window)
+        descs, w = reader.descs, reader._window
+        if group >= len(descs):
+            return self._load(ino)
+        pos = descs[group].inode_table * geo.block_size + index * isz
+        if w is not None and w[0] <= pos and pos + isz <= w[0] + len(w[1]):
+            raw = w[1][pos - w[0]:pos - w[0] + isz]
+        else:
+            raw = reader.inode_raw(ino)
+            if len(raw) != isz:
+                return self._load(ino)
+        (mode, uid, size_lo, atime, ctime, mtime, _dtime, gid, links, blocks_lo, flags, _v, i_block, gen, acl_lo,
+         size_hi, _f, blocks_hi, acl_hi, uid_hi, gid_hi, csum_lo, _r, extra, csum_hi, ctime_x, mtime_x, atime_x,
+         _crtime, _crtime_x, _vh, _projid) = _unpack_large(raw)
+        kind = _FAST_TYPES.get(mode & 0xF000)
+        if (kind is None or not links or extra < 32 or extra & 3 or 128 + extra > isz
+                or flags & (L.EXTENTS_FL | L.INLINE_DATA_FL) != L.EXTENTS_FL or acl_lo or (acl_hi and geo.is_64bit)
+                or size_hi >> 31 or raw[128 + extra:132 + extra] == _XATTR_MAGIC_BYTES):
+            return self._load(ino)
+        magic, entries, emax, depth, _eg = _ext_header(i_block)
+        if magic != L.EXT4_EXT_MAGIC or depth or emax > 4 or entries > emax:
+            return self._load(ino)
+        # (R.inode_csum_ok with i_checksum_hi, which extra >= 32 holds; a mismatch: _load raises the error)
+        if reader.verify and geo.metadata_csum and csum_lo | csum_hi << 16 != _crc32c(
+                ino.to_bytes(4, "little") + raw[0x64:0x68] + raw[:_CLO] + b"\0\0" + raw[_CLO + 2:_CHI] + b"\0\0"
+                + raw[_CHI + 2:], geo.csum_seed ^ 0xFFFFFFFF) ^ 0xFFFFFFFF:
+            return self._load(ino)
+        extents: tuple = ()
+        if entries:
+            out, end, first, count = [], 0, geo.first_data_block, geo.blocks_count
+            for logical, length, hi, lo in _ext_leaves(i_block[12:12 + 12 * entries]):
+                uninit = length > L.EXT_INIT_MAX_LEN
+                length -= L.EXT_INIT_MAX_LEN if uninit else 0
+                phys = lo | hi << 32
+                if not length or logical < end or logical + length > 1 << 32 or phys < first \
+                        or phys + length > count:
+                    return self._load(ino)
+                end = logical + length
+                out.append((logical, phys, length, uninit))
+            extents = tuple(out)
+        blocks = blocks_lo | (blocks_hi << 32 if geo.huge_file else 0)
+        if flags & L.HUGE_FILE_FL and geo.huge_file:
+            blocks *= geo.block_size // 512
+        # (R.parse_inode's time decoding)
+        a_ns = ((atime ^ SIGN32) - SIGN32 + ((atime_x & 3) << 32)) * NS + (atime_x >> 2)
+        c_ns = ((ctime ^ SIGN32) - SIGN32 + ((ctime_x & 3) << 32)) * NS + (ctime_x >> 2)
+        m_ns = ((mtime ^ SIGN32) - SIGN32 + ((mtime_x & 3) << 32)) * NS + (mtime_x >> 2)
+        sig = zlib.crc32(raw[128:], zlib.crc32(i_block))  # (_sig, with file_acl 0)
+        sig = zlib.crc32((c_ns & _U64).to_bytes(8, "little"), zlib.crc32(_ZERO8, sig))
+        node = Node(ino, kind, mode, uid | uid_hi << 16, gid | gid_hi << 16, size_lo | size_hi << 32, m_ns, c_ns,
+                    links, 0, a_ns, blocks, flags, None, None, extents, (), 0, gen, c_ns, False, sig)
+        if extents:
+            self.blocks.set_extents(ino, (), extents)
         return node
 
     def _own(self, node: Node, old: Node | None = None) -> None:
@@ -963,9 +1041,10 @@ class ExtHandler:
 
 def _sig(inode: R.Inode) -> int:
     """Cheap fingerprint of what the tuple compare in _changed_inodes misses: block-map root, xattrs in the inode,
-    the xattr block, ctime (which moves with every xattr or link change)."""
+    the xattr block, ctime (which moves with every xattr or link change). The ctime's low 64 bits: a signed
+    64-bit count of ns ends in 2262, ext4's epoch bits reach 2446 (the same bytes as signed below 2262)."""
     return zlib.crc32(inode.i_block + inode.raw[128:] + inode.file_acl.to_bytes(8, "little")
-                      + inode.ctime_ns.to_bytes(8, "little", signed=True))
+                      + (inode.ctime_ns & _U64).to_bytes(8, "little"))
 
 
 def _new_blocks(old: tuple, new: tuple) -> list[tuple[int, int]]:

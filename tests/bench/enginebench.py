@@ -99,8 +99,12 @@ def probe_replay(rec_dir: Path, hash_limit: str = "default", diffs: str = "") ->
             "transactions": sum(s["transactions"] for s in stats), "errors": sum(s["errors"] for s in stats)}
 
 
-def probe_build(image: Path, out: Path) -> dict:
+def probe_build(image: Path, out: Path, general: bool = False) -> dict:
+    """`general`: every inode through ExtHandler._load, as before the index's fast path (ExtHandler._load_fast)."""
     from inference.engine import build_index
+    from inference.ext.handler import ExtHandler
+
+    ExtHandler.fast_index = not general
 
     r0 = _rss_kib()
     t0 = time.perf_counter()
@@ -140,8 +144,9 @@ def probe_heap(index: Path) -> dict:
 
 
 PROBES = {"read": lambda a: probe_read(Path(a[0])), "replay": lambda a: probe_replay(Path(a[0]), *a[1:]),
-          "build": lambda a: probe_build(Path(a[0]), Path(a[1])), "load": lambda a: probe_load(Path(a[0])),
-          "heap": lambda a: probe_heap(Path(a[0]))}
+          "build": lambda a: probe_build(Path(a[0]), Path(a[1])),
+          "build-general": lambda a: probe_build(Path(a[0]), Path(a[1]), general=True),
+          "load": lambda a: probe_load(Path(a[0])), "heap": lambda a: probe_heap(Path(a[0]))}
 
 
 # ------------------------------------------------------------------ 4. replay throughput
@@ -229,9 +234,11 @@ def bench_index(quick: bool) -> dict:
         idx = Path(tmp) / "many.idx"
         for r in range(rounds):
             fls_s, entries = _fls(image)
+            general = probe("build-general", image, idx)
             build = probe("build", image, idx)
             load = probe("load", idx)
-            per_round.append({"fls_s": fls_s, "fls_entries": entries, "build": build, "load": load})
+            per_round.append({"fls_s": fls_s, "fls_entries": entries, "build": build, "load": load,
+                              "general": general})
             log(f"index round {r + 1}: fls -r -p {entries / fls_s:.0f} entries/s; build_index "
                 f"{build['inodes'] / build['seconds']:.0f} inodes/s ({build['seconds']:.1f} s); load_index "
                 f"{load['seconds']:.2f} s; RSS/inode build {build['rss_kib'] * 1024 / build['inodes']:.0f} B, "
@@ -246,6 +253,7 @@ def index_table(res: dict) -> list[str]:
     ours = [r["build"]["inodes"] / r["build"]["seconds"] for r in pr]
     ratio = [o / f for o, f in zip(ours, fls, strict=True)]
     loads = [r["load"]["inodes"] / r["load"]["seconds"] for r in pr]
+    general = [r["general"]["inodes"] / r["general"]["seconds"] for r in pr if "general" in r]
     b = pr[0]["build"]
     data = f"every {info['data_every']}th with 1-3 KiB of data, the rest empty" if info["data_every"] else "empty"
     lines = [
@@ -259,6 +267,9 @@ def index_table(res: dict) -> list[str]:
         f"| {spread(fls, '{:.0f}')} | 1 |",
         f"| `build_index` (= `mirrorfs index IMAGE -o INDEX`) | {spread([r['build']['seconds'] for r in pr])} s "
         f"| {spread(ours, '{:.0f}')} | {spread(ratio, '{:.3f}')} |",
+        *([f"| `build_index`, every inode by the general path (`ExtHandler.fast_index = False`) "
+           f"| {spread([r['general']['seconds'] for r in pr])} s | {spread(general, '{:.0f}')} "
+           f"| {spread([g / f for g, f in zip(general, fls, strict=True)], '{:.3f}')} |"] if general else []),
         f"| `load_index` of that index ({b['index_bytes'] / MiB:.1f} MiB pickle) "
         f"| {spread([r['load']['seconds'] for r in pr])} s | {spread(loads, '{:.0f}')} "
         f"| {spread([x / f for x, f in zip(loads, fls, strict=True)], '{:.3f}')} |",
@@ -266,6 +277,9 @@ def index_table(res: dict) -> list[str]:
         f"Index load / crawl time: {spread([r['load']['seconds'] / r['build']['seconds'] for r in pr], '{:.3f}')} "
         f"(loading is {median([r['build']['seconds'] / r['load']['seconds'] for r in pr]):.0f}x faster than crawling).",
     ]
+    if general:
+        lines += ["", f"Fast path / general path (build time): "
+                     f"{spread([r['general']['seconds'] / r['build']['seconds'] for r in pr], '{:.2f}')}x."]
     return lines
 
 
