@@ -15,6 +15,7 @@ come from libvirt's default event loop in a daemon thread and are handed to trio
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -320,4 +321,13 @@ async def writable_disks(domain: str, uri: str | None = None) -> list[str]:
         found = [d["target"] for d in disks(await job._call(job.dom.XMLDesc, 0)) if not d["readonly"]]
     if not found:
         raise AttachError(f"domain {domain} has no writable disk to watch")
-    return found
+    return check_targets(domain, found)
+
+
+def check_targets(domain: str, targets: list[str]) -> list[str]:
+    """--disk all: each target becomes a directory name under --state and --mount, so only plain names."""
+    odd = [t for t in targets if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", t)]
+    if odd:
+        raise AttachError(f"domain {domain}: disk target {odd[0]!r} cannot name a directory; attach that disk on "
+                          "its own with --disk TARGET and a --state of its own")
+    return targets
