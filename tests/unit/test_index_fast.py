@@ -86,16 +86,22 @@ def test_hostile_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _same(img, monkeypatch)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_damaged_inode_tables(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Random bytes of used inode records replaced (mode, sizes, flags, extent headers and leaves, i_extra_isize,
-    xattr magic): the fast path must refuse what the general path refuses and take what it takes."""
+def _ext4_copy(tmp_path: Path):
+    """A copy of the ext4 test image to damage: its path, its bytes, its superblock and group descriptors."""
     img = tmp_path / "ext4.img"
     shutil.copyfile(artifact("ext4.img"), img)
     raw = bytearray(img.read_bytes())
     geo = R.parse_superblock(bytes(raw[1024:2048]))
     descs = R.parse_group_descs(b"".join(bytes(raw[b * geo.block_size:(b + 1) * geo.block_size])
                                          for b in R.gdt_blocks(geo)), geo)
+    return img, raw, geo, descs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_damaged_inode_tables(seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random bytes of used inode records replaced (mode, sizes, flags, extent headers and leaves, i_extra_isize,
+    xattr magic): the fast path must refuse what the general path refuses and take what it takes."""
+    img, raw, geo, descs = _ext4_copy(tmp_path)
     rng = random.Random(seed)
     used = []
     for ino in range(geo.first_ino, min(geo.inodes_count, 3000)):
@@ -117,12 +123,7 @@ def test_damaged_inode_tables(seed: int, tmp_path: Path, monkeypatch: pytest.Mon
 def test_far_future_ctime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ctime past 2262 (epoch bits 2-3 of i_ctime_extra: legal, a guest clock far ahead) is past a signed 64-bit
     count of ns: the handler's signature of the record must still take it (it raised OverflowError)."""
-    img = tmp_path / "ext4.img"
-    shutil.copyfile(artifact("ext4.img"), img)
-    raw = bytearray(img.read_bytes())
-    geo = R.parse_superblock(bytes(raw[1024:2048]))
-    descs = R.parse_group_descs(b"".join(bytes(raw[b * geo.block_size:(b + 1) * geo.block_size])
-                                         for b in R.gdt_blocks(geo)), geo)
+    img, raw, geo, descs = _ext4_copy(tmp_path)
     where = {}
     for ino in [ROOT_INO, *range(geo.first_ino, geo.inodes_count)]:  # the root (general path) and a file (fast)
         block, off = R.inode_location(ino, geo, descs)
