@@ -199,7 +199,7 @@ class Engine:
         if index is not None:
             loaded = load_index(index)
             base = base or Path(loaded["base"])
-        self.replica = BlockReplica(disk, size, base=base)
+        self.replica = BlockReplica(disk, size, base=base, mapped=True)  # (metadata reads: slices, not preads)
         self.volumes = VolumeMap(self.replica.read, size)
         self.filesystems: dict[str, FsEntry] = {}
         self.hash_limit: int | None = DEFAULT_HASH_LIMIT  # events' sha256 up to this size (None: no hashes)
