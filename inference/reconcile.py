@@ -631,7 +631,10 @@ class Reconciler:
 
         def run(op: _Op) -> None:
             done.add(op)
-            self._entries_touched(*(where[0] for where in (op.src, op.dst) if where))
+            if op.src:
+                self._entries_touched(op.src[0])
+            if op.dst:
+                self._entries_touched(op.dst[0])
             paths.touch(op.ino)
             try:
                 change_names(op)
