@@ -11,8 +11,6 @@ import operator
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import compress
-from operator import is_not
 from typing import Any
 
 import orjson
@@ -152,12 +150,9 @@ class Mutation:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id} if self.id else {}
         d |= {"seq": self.seq, "time": self.time, "vm": self.vm, "fs": self.fs, "kind": self.kind, "path": self.path}
-        values = _optional(self)
-        d.update(compress(zip(_OPTIONAL, values, strict=True), map(is_not, values, _NONES)))  # set fields, in C
-        if self.ranges is not None:
-            d["ranges"] = [list(r) for r in self.ranges]  # (in place: the key keeps its position)
-        if not self.ino and self.kind == "error":
-            d.pop("ino", None)
+        for name, value in zip(_OPTIONAL, _optional(self), strict=True):
+            if value is not None and not (name == "ino" and self.kind == "error" and not value):
+                d[name] = [list(r) for r in value] if name == "ranges" else value
         if self.extra:
             d.update(self.extra)
         return d
@@ -187,7 +182,6 @@ _OPTIONAL = ("old_path", "ino", "type", "size", "mode", "uid", "gid", "mtime", "
              "message", "unconfirmed", "sha256", "hash_skipped", "old_size", "old_mode", "old_uid", "old_gid",
              "old_target", "old_sha256", "diff", "diff_skipped")  # to_dict's fields after the fixed ones, in order
 _optional = operator.attrgetter(*_OPTIONAL)  # (one C call, not 30 getattr: to_dict ran once per event)
-_NONES = (None,) * len(_OPTIONAL)
 
 
 @dataclass(slots=True)
