@@ -435,6 +435,12 @@ class _Store(MutableMapping):
 class NodeStore(_Store):
     """inode -> Node."""
 
+    @property
+    def resident(self) -> dict[int, Node]:
+        """The nodes made resident (do not change the dict): `resident.get(ino) or get(ino)` is get(ino) with no
+        Python call for a resident node, for loops that look up many."""
+        return self._over
+
     def _row(self, key: int) -> int:
         return self._base.row(key)
 

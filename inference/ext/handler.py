@@ -824,7 +824,8 @@ class ExtHandler:
         parsed = self._parsed if self._parsed is not None and group < len(descs) and \
             descs[group].inode_table == t0 else None
         kept: list[tuple | None] = [None] * per_block
-        get, zero = self.tree.nodes.get, bytes(isz)
+        nodes, zero = self.tree.nodes, bytes(isz)
+        resident, get = nodes.resident.get, nodes.get
         # (hot: ~16 slots per dirty block, most of them as they were) the slots' records sliced at once, the valid
         # slots worked out once per block, the bytes compared before the tree's node is looked at
         offs = range(0, per_block * isz, isz)
@@ -838,7 +839,7 @@ class ExtHandler:
         out: set[int] = set()
         for k in slots:
             ino = ino0 + k
-            old = get(ino)
+            old = resident(ino) or get(ino)
             rec = recs[k]
             if memo is not None and old is not None and (fields := was[k]) is not None and \
                     (same or rec == olds[k]) and fields == _CMP_FIELDS(old):
