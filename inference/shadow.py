@@ -347,14 +347,19 @@ class _Store(MutableMapping):
         self._len = len(self._keys())
         self._staged: _Stage | None = None
         # (hot: get and `in` run per inode many times a point) the row finder as a bound method, one frame less
-        # than _row; and whether the base has no rows at all (a file system made empty: every miss is a miss)
+        # than _row; and the smallest and largest key of the base: a key outside them (a new inode of a file
+        # system that grows) is no row, with no bisection
         self._find = self._finder(base)
-        self._no_base = not self._len
+        self._lo, self._hi = self._span(base)
 
     def _row(self, key: int) -> int:
         raise NotImplementedError
 
     def _finder(self, base: _Base):  # noqa: ANN202 - _row's function, bound to `base`
+        raise NotImplementedError
+
+    def _span(self, base: _Base) -> tuple[int, int]:
+        """(smallest, largest) key with a row in `base`; (1, 0) for none."""
         raise NotImplementedError
 
     def _make(self, row: int):  # noqa: ANN202 - a Node or a dict
@@ -370,7 +375,7 @@ class _Store(MutableMapping):
         value = self._over.get(key)
         if value is not None:
             return value
-        if self._no_base and self._staged is None:
+        if not self._lo <= key <= self._hi and self._staged is None:
             return default
         if key in self._gone:
             return default
@@ -385,7 +390,7 @@ class _Store(MutableMapping):
     def _copy(self, key: int):  # noqa: ANN202
         """get() without making the row resident: a copy, unless it already is (do not change what you get)."""
         value = self._over.get(key)
-        if value is not None or self._no_base or key in self._gone:
+        if value is not None or not self._lo <= key <= self._hi or key in self._gone:
             return value
         r = self._find(key)
         return self._make(r) if r >= 0 else None
@@ -399,7 +404,7 @@ class _Store(MutableMapping):
     def __contains__(self, key: object) -> bool:
         if key in self._over or (self._staged is not None and key in self._staged_keys()):
             return True
-        return not self._no_base and key not in self._gone and self._find(key) >= 0
+        return self._lo <= key <= self._hi and key not in self._gone and self._find(key) >= 0
 
     def __setitem__(self, key: int, value) -> None:  # noqa: ANN001
         if key not in self:
@@ -447,6 +452,9 @@ class NodeStore(_Store):
     def _finder(self, base: _Base):  # noqa: ANN202
         return base.row
 
+    def _span(self, base: _Base) -> tuple[int, int]:
+        return (base.inos[0], base.inos[-1]) if len(base.inos) else (1, 0)
+
     def _make(self, row: int) -> Node:
         return self._base.node(row)
 
@@ -479,6 +487,9 @@ class ChildStore(_Store):
 
     def _finder(self, base: _Base):  # noqa: ANN202
         return base.dir_row
+
+    def _span(self, base: _Base) -> tuple[int, int]:
+        return (base.dirs[0], base.dirs[-1]) if len(base.dirs) else (1, 0)
 
     def _make(self, row: int) -> dict[bytes, int]:
         return self._base.entries(row)
