@@ -592,20 +592,25 @@ class ShadowTree:
         if stage is not None:
             stage.add_row(parent, name, ino, _CHILD | _NAME if ino in stage.inos else _CHILD)
             return
-        self.children.setdefault(parent, {})[name] = ino
+        entries = self.children.get(parent)  # (setdefault of a MutableMapping is three Python calls)
+        if entries is None:
+            entries = self.children[parent] = {}
+        entries[name] = ino
         node = self.nodes.get(ino)
         if node is not None and (parent, name) not in node.names:
             node.names += ((parent, name),)
 
     def remove_name(self, parent: int, name: bytes) -> int | None:
-        ino = self.children.get(parent, {}).pop(name, None)
+        entries = self.children.get(parent)
+        ino = entries.pop(name, None) if entries is not None else None
         if ino is not None and (node := self.nodes.get(ino)) is not None and (parent, name) in node.names:
             i = node.names.index((parent, name))
             node.names = node.names[:i] + node.names[i + 1:]
         return ino
 
     def lookup(self, parent: int, name: bytes) -> int | None:
-        return self.children.get(parent, {}).get(name)
+        entries = self.children.get(parent)
+        return entries.get(name) if entries is not None else None
 
     def path(self, ino: int) -> bytes | None:
         """The first path of an inode, or None if it is not reachable from the root."""
