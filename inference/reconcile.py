@@ -606,7 +606,10 @@ class Reconciler:
         paths = _Paths(tree)  # (run touches it for every inode whose names it changes, before and after)
 
         def dir_exists(d: int) -> bool:
-            return d == ROOT_INO or (d in tree.nodes and tree.nodes[d].type == "dir" and paths.dir(d) is not None)
+            if d == ROOT_INO:
+                return True
+            node = tree.nodes.get(d)
+            return node is not None and node.type == "dir" and paths.dir(d) is not None
 
         def ready(op: _Op, force: bool) -> bool:
             if op.kind == "unlink":
@@ -716,8 +719,8 @@ class Reconciler:
     @staticmethod
     def _depth(op: _Op, paths: _Paths) -> int:
         where = op.dst or op.src
-        path = paths.name_path(*where) if where else None
-        depth = path.count(b"/") if path else 0
+        base = paths.dir(where[0]) if where else None  # (name_path's slashes, without making the path)
+        depth = 0 if base is None else (base.rstrip(b"/") or b"").count(b"/") + 1 + where[1].count(b"/")
         return -depth if op.kind == "unlink" else depth
 
     def _node(self, ino: int, change: Change) -> Node | None:
