@@ -251,11 +251,15 @@ class Reconciler:
         events = refused + self._schedule(ops, change, ctx, created, p.reborn, behind)
         # Settle: whatever the order, the tree now holds the directories as re-read, except for the
         # names that wait for their other half.
+        kept_out: dict[int, list[tuple[bytes, int]]] = defaultdict(list)  # per directory, in deferred_rem's order
+        for dd, n, i in deferred_rem:
+            kept_out[dd].append((n, i))
         for d, entries in p.dirs.items():
-            target = {n: i for n, i in entries.items() if (d, n, i) not in deferred_add}
-            for dd, n, i in deferred_rem:
-                if dd == d:
-                    target.setdefault(n, i)
+            # (with nothing waiting, the listing as it is: no tuple per entry of every re-read directory)
+            target = {n: i for n, i in entries.items() if (d, n, i) not in deferred_add} if deferred_add \
+                else dict(entries)
+            for n, i in kept_out.get(d, ()):
+                target.setdefault(n, i)
             self._settle_dir(d, target)
         events += self._attributes(change, ctx, created, p.reborn, grown, unconfirmed)
         self._parents(events)
