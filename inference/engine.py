@@ -24,6 +24,7 @@ from inference.ext.handler import ExtHandler
 from inference.hashes import DEFAULT_HASH_LIMIT, Hasher
 from inference.shadow import gc_paused
 from inference.volume import Volume, VolumeMap
+from inference.zeros import data_end, data_start
 from tap.replica import BlockReplica
 from tap.writelog import KIND_FLUSH, KIND_WRITE, KIND_ZEROES, Record
 
@@ -91,26 +92,10 @@ def changed_span(old: bytes, new: bytes | None, length: int) -> tuple[int, int] 
 
 def nonzero_span(new: bytes) -> tuple[int, int] | None:
     """changed_span(bytes(len(new)), new): from the first to the last nonzero byte (None: all zeros). For a write
-    over a hole of the replica, which reads as zeros: nothing needs reading, and the gallop touches only the ends
-    (strip of a window, in C)."""
-    length = len(new)
-    lo, step = 0, SPAN_STEP
-    while True:
-        if lo >= length:
-            return None
-        hi = min(lo + step, length)
-        rest = new[lo:hi].lstrip(b"\0")
-        if rest:
-            first = hi - len(rest)
-            break
-        lo, step = hi, step * 2
-    hi, step = length, SPAN_STEP
-    while True:
-        lo = max(hi - step, first)
-        kept = new[lo:hi].rstrip(b"\0")
-        if kept:
-            return first, lo + len(kept)
-        hi, step = lo, step * 2
+    over a hole of the replica, which reads as zeros: nothing needs reading, and the ends are found by memcmp
+    (inference/zeros.py), not by stripping zeros byte by byte."""
+    first = data_start(new)
+    return None if first == len(new) else (first, data_end(new, first))
 
 
 def is_hole(replica: BlockReplica, offset: int, length: int) -> bool:
@@ -136,8 +121,8 @@ def zeroed_span(replica: BlockReplica, offset: int, length: int) -> tuple[int, i
             if chunk.count(0) == len(chunk):
                 continue
             if first < 0:
-                first = pos + len(chunk) - len(chunk.lstrip(b"\0"))
-            last = pos + len(chunk.rstrip(b"\0"))
+                first = pos + data_start(chunk)
+            last = pos + data_end(chunk)
     return None if first < 0 else (first - offset, last - offset)
 
 

@@ -30,6 +30,7 @@ from inference.ext import reader as R
 from inference.ext.journal import JournalGap, JournalTracker, parse_journal_superblock
 from inference.reconcile import Change, Context, Reconciler
 from inference.shadow import ROOT_INO, Node, ShadowTree, gc_paused
+from inference.zeros import data_end
 
 log = logging.getLogger("mirrorfs.ext")
 
@@ -970,7 +971,7 @@ class ExtHandler:
                 phys = next((p + eof - lg for lg, p, n, un in node.extents if lg <= eof < lg + n and not un), None)
                 if phys is not None:
                     block = self.read_view(phys * bs, bs)  # data=journal: in the overlay
-                    b = eof * bs + len(block.rstrip(b"\0"))
+                    b = eof * bs + data_end(block)  # (len of rstrip(b"\0"), by memcmp: inference/zeros.py)
             if a < b:
                 out.append((a, b))
         return out
