@@ -809,7 +809,8 @@ class Reconciler:
                 if new.xattrs:
                     events.append(_event(ctx, "xattr", path, node, xattr={k: v.hex() for k, v in new.xattrs.items()}))
                 continue
-            ranges = _merge(change.data.get(ino, []), new.size)
+            data = change.data.get(ino)
+            ranges = _merge(data, new.size) if data else []
             old_size, old = grown.get(ino, node.size), _copy(node)
             _update(node, new)
             content = False
