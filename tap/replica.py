@@ -98,7 +98,10 @@ class BlockReplica:
                     raise ValueError(f"replica {self.path} has {have} bytes, the disk has {size}")
                 self.applied_seq = self._read_sidecar()
             if mapped and size > 0:
-                self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                try:
+                    self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                except (OSError, ValueError, OverflowError):
+                    self._map = None  # a file system (or address space) that cannot map it: reads stay pread
         except BaseException:
             self.close()
             raise
