@@ -311,8 +311,13 @@ class ExtHandler:
         """Build the shadow tree from the current view (the base image, or the disk after a full sync)."""
         self.reader.bulk = True
         try:
-            with gc_paused(), self.tree.bulk():
-                self._index(progress)
+            with gc_paused():
+                if self.fast_index and self.bulk_index:
+                    from inference.ext import bulkindex  # (imports numpy: only an index needs it)
+                    if bulkindex.index(self, progress):
+                        return
+                with self.tree.bulk():
+                    self._index(progress)
         finally:
             self.reader.bulk, self.reader._window = False, None
 
@@ -361,6 +366,7 @@ class ExtHandler:
         return node
 
     fast_index = True  # _index takes _load_fast (tests turn it off to compare with the general path)
+    bulk_index = True  # index() takes inference/ext/bulkindex.py first (with fast_index; tests turn it off)
 
     def _load_fast(self, ino: int) -> Node | None:
         """_load for the common inode of an index, in one function: a file or directory with its extents in
