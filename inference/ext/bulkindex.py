@@ -34,6 +34,7 @@ from inference.ext import reader as R
 from inference.shadow import _CHILD, _FIXED, _NAME, ROOT_INO, Node, _Base
 
 BATCH_BYTES = 16 << 20   # inode-table bytes parsed per numpy batch (a few groups): bounds the scan's memory
+LIST_BATCH_BYTES = 4 << 20  # directory blocks parsed per batch (their entries' arrays take ~8x that at most)
 MAX_NS_SECONDS = 9_000_000_000  # past this a time in ns leaves int64: such an inode goes to the general path
 _I64 = np.int64
 _SIGN32 = 1 << 31
@@ -237,9 +238,11 @@ def index(h, progress: Callable[[int, int], None] | None = None) -> bool:  # noq
     try:
         base, blocks = _crawl(h, table, order, progress)
     except _Redo:
-        for k in _STATE:
-            h.__dict__.pop(k, None)
-        h.__dict__.update(saved)
+        for k in _STATE:  # (in place: the pickled handler lists its attributes in the order they were made)
+            if k in saved:
+                h.__dict__[k] = saved[k]
+            else:
+                h.__dict__.pop(k, None)
         return False
     except BaseException:
         h.blocks = BlockMap()
@@ -247,6 +250,130 @@ def index(h, progress: Callable[[int, int], None] | None = None) -> bool:  # noq
     h.tree._adopt(base)
     h.blocks = blocks
     return True
+
+
+def listings(h, table: Table) -> dict[int, dict[bytes, int]]:  # noqa: ANN001
+    """ExtHandler._entries of the table's plain directories (no htree index), where a directory is the common case:
+    its blocks read whole, checksums right, every entry well formed, '.' and '..' first and no name the policy
+    refuses. Entries of all blocks of a batch of directories are parsed together, one entry of every block per
+    numpy step. A directory left out is read by _entries in the crawl (which raises or reports what it finds)."""
+    geo = h.geo
+    bs = geo.block_size
+    c = table.cols
+    dirs = np.flatnonzero(c["is_dir"] & (c["flags"] & L.INDEX_FL == 0))
+    if not len(dirs):
+        return {}
+    # each directory's blocks, as read_dir reads them: initialized extents, up to its size, at most MAX_DIR_BLOCKS
+    n = table.cols["ext_n"][dirs]
+    first = table.ext_at[dirs]
+    owner = np.repeat(dirs, n)
+    at = np.repeat(first - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+    lg, ph, ln, un = (f[at] for f in table.flat)
+    nblocks = -(-c["size"][owner] // bs)
+    count = np.where(un == 1, 0, np.maximum(0, np.minimum(ln, nblocks - lg)))
+    total = np.zeros(len(table), _I64)
+    np.add.at(total, owner, count)
+    fine = (total <= R.MAX_DIR_BLOCKS) & (total * bs <= LIST_BATCH_BYTES)  # (a larger one: read block by block)
+    keep = fine[owner] & (count > 0)
+    out: dict[int, dict[bytes, int]] = {}
+    owner, ph, count = owner[keep], ph[keep], count[keep]
+    start = 0
+    while start < len(owner):  # batches of whole directories, at most 2 LIST_BATCH_BYTES of blocks each
+        stop = start + 1
+        held = int(count[start])
+        while stop < len(owner) and (owner[stop] == owner[stop - 1] or held * bs < LIST_BATCH_BYTES):
+            held += int(count[stop])
+            stop += 1
+        _listing_batch(h, table, owner[start:stop], ph[start:stop], count[start:stop], out)
+        start = stop
+    return out
+
+
+_TAIL = b"\0\0\0\0\x0c\0\0" + bytes([L.DIR_TAIL_FT])
+
+
+def _listing_batch(h, table: Table, owner: np.ndarray, ph: np.ndarray, count: np.ndarray,  # noqa: ANN001
+                   out: dict[int, dict[bytes, int]]) -> None:
+    geo, read = h.geo, h.reader._read
+    bs = geo.block_size
+    raw = b"".join(read(int(p) * bs, int(k) * bs) for p, k in zip(ph.tolist(), count.tolist(), strict=True))
+    blk_owner = np.repeat(owner, count)         # table row of each block's directory
+    nb = len(blk_owner)
+    if len(raw) != nb * bs:
+        return
+    bad = np.zeros(len(table), bool)
+    if geo.metadata_csum:  # read_dir's leaf check (whatever reader.verify says): a dirent tail must match
+        ino, gen = table.ino, table.cols["gen"]
+        seeds: dict[int, int] = {}
+        crc = R.crc32c_raw
+        for b, row in enumerate(blk_owner.tolist()):
+            blk = raw[b * bs:(b + 1) * bs]
+            if blk[-12:-4] == _TAIL:
+                seed = seeds.get(row)
+                if seed is None:
+                    seed = seeds[row] = crc(geo.csum_seed, int(ino[row]).to_bytes(4, "little")
+                                            + int(gen[row]).to_bytes(4, "little"))
+                if crc(seed, blk[:-12]) != int.from_bytes(blk[-4:], "little"):
+                    bad[row] = True
+    data = np.frombuffer(raw, np.uint8).reshape(nb, bs)
+    flat = data.reshape(-1)
+    # R.parse_dir_block for every block at once: one entry per block per step
+    off = np.zeros(nb, _I64)
+    active = np.ones(nb, bool)
+    got_b, got_off, got_ino, got_len = [], [], [], []
+    icount = geo.inodes_count
+    while True:
+        ab = np.flatnonzero(active)
+        if not len(ab):
+            break
+        o = off[ab]
+        cross = o + 8 > bs
+        base = ab * bs + np.minimum(o, bs - 8)
+        e_ino = (flat[base].astype(_I64) | flat[base + 1].astype(_I64) << 8 | flat[base + 2].astype(_I64) << 16
+                 | flat[base + 3].astype(_I64) << 24)
+        rec_len = flat[base + 4].astype(_I64) | flat[base + 5].astype(_I64) << 8
+        name_len = flat[base + 6].astype(_I64)
+        if not geo.filetype:
+            name_len |= flat[base + 7].astype(_I64) << 8
+        if bs == 65536:
+            rec_len = np.where((rec_len == 0) | (rec_len == 65535), 65536, rec_len)
+        wrong = cross | (rec_len < 12) | (rec_len & 3 != 0) | (rec_len < ((8 + name_len + 3) & ~3)) | (o + rec_len > bs)
+        live = ~wrong & (e_ino != 0)
+        wrong |= live & (e_ino > icount)
+        live &= ~wrong
+        bad[blk_owner[ab[wrong]]] = True
+        got_b.append(ab[live])
+        got_off.append(o[live])
+        got_ino.append(e_ino[live])
+        got_len.append(name_len[live])
+        off[ab] = o + rec_len
+        active[ab] = ~wrong & (o + rec_len < bs)
+    e_b, e_off, e_ino, e_len = (np.concatenate(x) for x in (got_b, got_off, got_ino, got_len))
+    by = np.argsort(e_b * bs + e_off, kind="stable")  # on-disk order: block by block, then by offset
+    e_b, e_off, e_ino, e_len = e_b[by], e_off[by], e_ino[by], e_len[by]
+    e_row = blk_owner[e_b]
+    # the names, and what names.split_entries checks of them: '.' and '..' first, no other '.', '..', '' or / NUL
+    at = e_b * bs + e_off + 8
+    cum = np.cumsum(e_len) - e_len
+    chars = flat[np.repeat(at - cum, e_len) + np.arange(int(e_len.sum()))]
+    blob = chars.tobytes()
+    ends = (cum + e_len).tolist()
+    names = [blob[a:b] for a, b in zip(cum.tolist(), ends, strict=True)]
+    refused = np.concatenate([[0], np.cumsum((chars == 0x2F) | (chars == 0))])
+    has_bad = refused[cum + e_len] - refused[cum] > 0
+    first = chars[np.minimum(cum, max(len(chars) - 1, 0))] if len(chars) else np.zeros(len(e_len), np.uint8)
+    second = chars[np.minimum(cum + 1, max(len(chars) - 1, 0))] if len(chars) else first
+    dot = (e_len == 1) & (first == 0x2E)
+    dotdot = (e_len == 2) & (first == 0x2E) & (second == 0x2E)
+    row_start = np.searchsorted(e_row, e_row, "left")  # (entries are grouped by directory: rows ascend)
+    pos = np.arange(len(e_row)) - row_start
+    wrong = np.where(pos == 0, ~dot, np.where(pos == 1, ~dotdot, (e_len == 0) | dot | dotdot | has_bad))
+    bad[e_row[wrong]] = True
+    rows, starts, counts = np.unique(e_row, return_index=True, return_counts=True)
+    ino_list, table_ino = e_ino.tolist(), table.ino
+    for row, a, k in zip(rows.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        if k >= 2 and not bad[row]:
+            out[int(table_ino[row])] = dict(zip(names[a + 2:a + k], ino_list[a + 2:a + k], strict=True))
 
 
 def _crawl(h, table: Table, order: list[int], progress: Callable[[int, int], None] | None  # noqa: ANN001
@@ -269,9 +396,12 @@ def _crawl(h, table: Table, order: list[int], progress: Callable[[int, int], Non
         order.append(ROOT_INO)
         queue = [ROOT_INO]
         load, entries_of, get = h._load, h._entries, fast.get
+        listed = listings(h, table) if h.bulk_listings else {}
         while queue:
             d = queue.pop()
-            entries = entries_of(d)[0]
+            entries = listed.pop(d, None)
+            if entries is None:
+                entries = entries_of(d)[0]
             if not entries:
                 continue
             parents.append(d)

@@ -367,6 +367,7 @@ class ExtHandler:
 
     fast_index = True  # _index takes _load_fast (tests turn it off to compare with the general path)
     bulk_index = True  # index() takes inference/ext/bulkindex.py first (with fast_index; tests turn it off)
+    bulk_listings = True  # bulkindex parses the blocks of plain directories in bulk too (tests turn it off)
 
     def _load_fast(self, ino: int) -> Node | None:
         """_load for the common inode of an index, in one function: a file or directory with its extents in
