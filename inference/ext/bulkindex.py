@@ -24,6 +24,7 @@ import copy
 import zlib
 from array import array
 from collections.abc import Callable
+from itertools import repeat
 
 import numpy as np
 
@@ -98,15 +99,27 @@ def scan(h) -> Table:  # noqa: ANN001 - an ExtHandler (not imported: it imports 
         keep = np.flatnonzero(used & mode_links)
         if not len(keep):
             continue
-        recs.append(table[keep])
+        recs.append(table if len(keep) == n else table[keep])  # (a full table: no copy here)
         inos.append(keep.astype(_I64) + first)
         held += len(keep) * isz
         if held >= BATCH_BYTES:
-            parts.append(_parse(np.concatenate(recs), np.concatenate(inos), dt, h))
+            parts.append(_parse(_joined(recs), np.concatenate(inos), dt, h))
             recs, inos, held = [], [], 0
     if recs:
-        parts.append(_parse(np.concatenate(recs), np.concatenate(inos), dt, h))
+        parts.append(_parse(_joined(recs), np.concatenate(inos), dt, h))
     return Table([p for p in parts if len(p["ino"])])
+
+
+def _joined(recs: list[np.ndarray]) -> np.ndarray:
+    return recs[0] if len(recs) == 1 else np.concatenate(recs)
+
+
+def _crcs(crc: Callable, rows: np.ndarray, *seed: int) -> np.ndarray:
+    """crc(row, *seed) of every row of a C-contiguous 2-D uint8 array, as int64: one call per row (no copy)."""
+    k, w = rows.shape
+    mv = memoryview(rows).cast("B")
+    return np.array(list(map(crc, map(mv.__getitem__, map(slice, range(0, k * w, w), range(w, k * w + w, w))),
+                             *(repeat(x, k) for x in seed))), _I64).reshape(k)
 
 
 def _signed_ns(sec: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,9 +184,7 @@ def _parse(rec: np.ndarray, ino: np.ndarray, dt: np.dtype, h) -> dict[str, np.nd
     sig_rows[:, :60] = rec[idx, 40:100]
     sig_rows[:, 60:60 + isz - 128] = rec[idx, 128:]
     sig_rows[:, w - 8:] = c_ns[idx].astype("<i8").view(np.uint8).reshape(-1, 8)
-    buf = sig_rows.tobytes()
-    mv, crc = memoryview(buf), zlib.crc32
-    sig = np.fromiter((crc(mv[i:i + w]) for i in range(0, len(buf), w)), _I64, len(idx))
+    sig = _crcs(zlib.crc32, sig_rows)
     slot = slot[idx]
     return {
         "ino": ino[idx], "is_dir": kind[idx] == 0x4000, "mode": mode[idx],
@@ -197,13 +208,11 @@ def _csum_ok(rec: np.ndarray, ino: np.ndarray, a: np.ndarray, ok: np.ndarray, ge
     rows = np.empty((len(idx), w), np.uint8)
     rows[:, :4] = ino[idx].astype("<u4").view(np.uint8).reshape(-1, 4)
     rows[:, 4:8] = rec[idx, 0x64:0x68]
-    rows[:, 8:] = rec[idx]
+    rows[:, 8:] = rec if len(idx) == len(rec) else rec[idx]
     lo, hi = 8 + L.INODE_CSUM_LO_OFFSET, 8 + L.INODE_CSUM_HI_OFFSET
     rows[:, lo:lo + 2] = 0
     rows[:, hi:hi + 2] = 0
-    buf = rows.tobytes()
-    mv, crc, seed = memoryview(buf), R.crc32c.crc32c, geo.csum_seed ^ 0xFFFFFFFF
-    got = np.fromiter((crc(mv[i:i + w], seed) for i in range(0, len(buf), w)), _I64, len(idx)) ^ 0xFFFFFFFF
+    got = _crcs(R.crc32c.crc32c, rows, geo.csum_seed ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
     stored = a["l_i_checksum_lo"][idx].astype(_I64) | a["i_checksum_hi"][idx].astype(_I64) << 16
     out[idx] = got == stored
     return out
