@@ -117,6 +117,8 @@ def _joined(recs: list[np.ndarray]) -> np.ndarray:
 def _crcs(crc: Callable, rows: np.ndarray, *seed: int) -> np.ndarray:
     """crc(row, *seed) of every row of a C-contiguous 2-D uint8 array, as int64: one call per row (no copy)."""
     k, w = rows.shape
+    if not k:
+        return np.zeros(0, _I64)
     mv = memoryview(rows).cast("B")
     return np.array(list(map(crc, map(mv.__getitem__, map(slice, range(0, k * w, w), range(w, k * w + w, w))),
                              *(repeat(x, k) for x in seed))), _I64).reshape(k)
@@ -324,26 +326,24 @@ def _listing_batch(h, table: Table, owner: np.ndarray, ph: np.ndarray, count: np
                                             + int(gen[row]).to_bytes(4, "little"))
                 if crc(seed, blk[:-12]) != int.from_bytes(blk[-4:], "little"):
                     bad[row] = True
-    data = np.frombuffer(raw, np.uint8).reshape(nb, bs)
-    flat = data.reshape(-1)
+    flat = np.frombuffer(raw, np.uint8)
+    words = np.frombuffer(raw, "<u4").astype(_I64)  # (entries start 4-aligned: rec_len is a multiple of 4)
     # R.parse_dir_block for every block at once: one entry per block per step
     off = np.zeros(nb, _I64)
     active = np.ones(nb, bool)
     got_b, got_off, got_ino, got_len = [], [], [], []
-    icount = geo.inodes_count
+    icount, wpb = geo.inodes_count, bs // 4
     while True:
         ab = np.flatnonzero(active)
         if not len(ab):
             break
         o = off[ab]
         cross = o + 8 > bs
-        base = ab * bs + np.minimum(o, bs - 8)
-        e_ino = (flat[base].astype(_I64) | flat[base + 1].astype(_I64) << 8 | flat[base + 2].astype(_I64) << 16
-                 | flat[base + 3].astype(_I64) << 24)
-        rec_len = flat[base + 4].astype(_I64) | flat[base + 5].astype(_I64) << 8
-        name_len = flat[base + 6].astype(_I64)
-        if not geo.filetype:
-            name_len |= flat[base + 7].astype(_I64) << 8
+        base = ab * wpb + np.minimum(o, bs - 8) // 4
+        e_ino = words[base]
+        second = words[base + 1]
+        rec_len = second & 0xFFFF
+        name_len = (second >> 16) & 0xFF if geo.filetype else second >> 16
         if bs == 65536:
             rec_len = np.where((rec_len == 0) | (rec_len == 65535), 65536, rec_len)
         wrong = cross | (rec_len < 12) | (rec_len & 3 != 0) | (rec_len < ((8 + name_len + 3) & ~3)) | (o + rec_len > bs)
@@ -540,10 +540,11 @@ def _columns(table: Table, order: list[int], slow: list[tuple[int, Node]], paren
     # an entry (an inode the crawl did not take)
     par = np.repeat(np.array(parents, _I64), np.array(counts, _I64))
     rino = np.array(inos, _I64)
-    kind = np.where(np.isin(rino, o), _CHILD | _NAME, _CHILD)
     ends = np.cumsum(np.fromiter(map(len, names), _I64, len(names)))
     order_sorted = np.argsort(o, kind="stable")
     inos_sorted = o[order_sorted]
+    in_tree = inos_sorted[np.minimum(np.searchsorted(inos_sorted, rino), n - 1)] == rino
+    kind = np.where(in_tree, _CHILD | _NAME, _CHILD)
     b.inos, b.by_ino = _pack(inos_sorted), _pack(order_sorted)
     nm_rows = np.flatnonzero(kind & _NAME)
     nm = nm_rows[np.argsort(rino[nm_rows], kind="stable")]
@@ -563,7 +564,7 @@ def _columns(table: Table, order: list[int], slow: list[tuple[int, Node]], paren
     b.rw_parent, b.rw_ino, b.rw_end, b.blob = _pack(par), _pack(rino), _pack(ends), b"".join(names)
     b.nm, b.ch = _pack(nm), _pack(ch)
     s_dirs = np.array([order[p] for p, node in slow if node.type == "dir"], _I64)
-    dirs = np.unique(np.concatenate([o[fidx][fdir], s_dirs, par]))
+    dirs = np.unique(np.concatenate([o[fidx][fdir], s_dirs, np.array(parents, _I64)]))
     pkeys = par[ch]
     dir_at = np.searchsorted(pkeys, dirs, "left")
     b.dirs, b.dir_at, b.dir_n = _pack(dirs), _pack(dir_at), _pack(np.searchsorted(pkeys, dirs, "right") - dir_at)
