@@ -59,7 +59,7 @@ class Table:
         self.cols = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, _I64) for k in keys}
         self.flat = [np.concatenate([p["flat"][i] for p in parts]) if parts else np.zeros(0, _I64)
                      for i in range(4)]
-        n = self.cols["ext_n"]
+        n = self.cols["ext_n"].astype(_I64)
         self.ext_at = np.cumsum(n) - n
         self.ino = self.cols["ino"]
 
@@ -82,6 +82,7 @@ def scan(h) -> Table:  # noqa: ANN001 - an ExtHandler (not imported: it imports 
     recs: list[np.ndarray] = []
     inos: list[np.ndarray] = []
     held = 0
+    step = max(1, BATCH_BYTES // isz)  # records read at once: a hostile geometry's group is not read whole
     for g, d in enumerate(reader.descs):
         first = g * ipg + 1
         if first > geo.inodes_count:
@@ -89,22 +90,26 @@ def scan(h) -> Table:  # noqa: ANN001 - an ExtHandler (not imported: it imports 
         n = min(ipg - (d.itable_unused if lazy else 0), geo.inodes_count - first + 1)
         if n <= 0:
             continue
-        raw = read(d.inode_table * bs, n * isz)
         bitmap = read(d.inode_bitmap * bs, bs)
-        if len(raw) != n * isz or len(bitmap) != bs:
+        if len(bitmap) != bs:
             continue
         used = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[:n].astype(bool)
-        table = np.frombuffer(raw, np.uint8).reshape(n, isz)
-        mode_links = table[:, 0].astype(bool) | table[:, 1].astype(bool)  # (a record with mode 0 is not taken)
-        keep = np.flatnonzero(used & mode_links)
-        if not len(keep):
-            continue
-        recs.append(table if len(keep) == n else table[keep])  # (a full table: no copy here)
-        inos.append(keep.astype(_I64) + first)
-        held += len(keep) * isz
-        if held >= BATCH_BYTES:
-            parts.append(_parse(_joined(recs), np.concatenate(inos), dt, h))
-            recs, inos, held = [], [], 0
+        for at in range(0, n, step):
+            m = min(step, n - at)
+            raw = read(d.inode_table * bs + at * isz, m * isz)
+            if len(raw) != m * isz:
+                break
+            table = np.frombuffer(raw, np.uint8).reshape(m, isz)
+            mode = table[:, 0].astype(bool) | table[:, 1].astype(bool)  # (a record with mode 0 is not taken)
+            keep = np.flatnonzero(used[at:at + m] & mode)
+            if not len(keep):
+                continue
+            recs.append(table if len(keep) == m else table[keep])  # (a full table: no copy here)
+            inos.append(keep.astype(_I64) + first + at)
+            held += len(keep) * isz
+            if held >= BATCH_BYTES:
+                parts.append(_parse(_joined(recs), np.concatenate(inos), dt, h))
+                recs, inos, held = [], [], 0
     if recs:
         parts.append(_parse(_joined(recs), np.concatenate(inos), dt, h))
     return Table([p for p in parts if len(p["ino"])])
@@ -188,7 +193,7 @@ def _parse(rec: np.ndarray, ino: np.ndarray, dt: np.dtype, h) -> dict[str, np.nd
     sig_rows[:, w - 8:] = c_ns[idx].astype("<i8").view(np.uint8).reshape(-1, 8)
     sig = _crcs(zlib_ng.crc32, sig_rows)  # (zlib's CRC-32, 1/3 faster per call here)
     slot = slot[idx]
-    return {
+    return _compact({
         "ino": ino[idx], "is_dir": kind[idx] == 0x4000, "mode": mode[idx],
         "uid": (a["i_uid"].astype(_I64) | a["l_i_uid_high"].astype(_I64) << 16)[idx],
         "gid": (a["i_gid"].astype(_I64) | a["l_i_gid_high"].astype(_I64) << 16)[idx],
@@ -197,7 +202,19 @@ def _parse(rec: np.ndarray, ino: np.ndarray, dt: np.dtype, h) -> dict[str, np.nd
         "atime_ns": a_ns[idx], "blocks": blocks[idx], "flags": flags[idx],
         "gen": a["i_generation"].astype(_I64)[idx], "sig": sig, "ext_n": entries[idx],
         "flat": [lg[idx][slot], ph[idx][slot], ln[idx][slot], un[idx][slot].astype(_I64)],
-    }
+    })
+
+
+# what each column fits (on-disk widths): the table of a file system of millions of inodes is ~80 B per inode
+_NARROW = {"ino": np.uint32, "mode": np.uint16, "uid": np.uint32, "gid": np.uint32, "links": np.uint16,
+           "flags": np.uint32, "gen": np.uint32, "sig": np.uint32, "ext_n": np.uint8}
+
+
+def _compact(part: dict) -> dict:
+    for k, t in _NARROW.items():
+        part[k] = part[k].astype(t)
+    part["flat"][3] = part["flat"][3].astype(np.uint8)
+    return part
 
 
 def _csum_ok(rec: np.ndarray, ino: np.ndarray, a: np.ndarray, ok: np.ndarray, geo: R.Geometry) -> np.ndarray:
@@ -275,7 +292,7 @@ def listings(h, table: Table) -> dict[int, dict[bytes, int]]:  # noqa: ANN001
     if not len(dirs):
         return {}
     # each directory's blocks, as read_dir reads them: initialized extents, up to its size, at most MAX_DIR_BLOCKS
-    n = table.cols["ext_n"][dirs]
+    n = table.cols["ext_n"][dirs].astype(_I64)
     first = table.ext_at[dirs]
     owner = np.repeat(dirs, n)
     at = np.repeat(first - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))

@@ -286,3 +286,12 @@ def test_million_entry_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     built = _same(img, monkeypatch)
     tree = pickle.loads(built[0]).tree
     assert len(tree.entries(d_ino)) == (nblocks - 1) * per
+
+
+@pytest.mark.parametrize("name", ["ext4.img", "ext4-1k.img"])
+def test_small_batches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inode tables read a few records at a time and directories parsed a few blocks per batch (what bounds the
+    bulk path's memory on a large or hostile geometry): the same index."""
+    monkeypatch.setattr(B, "BATCH_BYTES", 8 * 256 + 1)
+    monkeypatch.setattr(B, "LIST_BATCH_BYTES", 4096)
+    _same(artifact(name), monkeypatch)
