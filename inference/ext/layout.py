@@ -2,7 +2,9 @@
 
 The declarations are the source of truth. construct is slow for bulk scans (docs/ARCHITECTURE.md "Parsing speed"), so
 the hot paths (inodes, directory entries, extents, xattr entries, group descriptors) use `struct.Struct` formats
-derived from these declarations by `fixed_struct`; tests check both parse every real inode identically.
+derived from these declarations by `fixed_struct`; tests check both parse every real inode identically. The bulk
+index (inference/ext/bulkindex.py) views whole inode tables through numpy dtypes derived the same way
+(`numpy_dtype`; tests/unit/test_index_bulk.py checks them against construct and struct).
 """
 
 from __future__ import annotations

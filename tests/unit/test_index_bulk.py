@@ -31,7 +31,7 @@ MODES = {"general": dict(fast_index=False, bulk_index=False), "bulk": dict(fast_
 
 def _index(image: Path, mode: str, monkeypatch: pytest.MonkeyPatch, *, verify: bool = True) -> list:
     """Per ext volume: the pickled indexed handler, or the error indexing it raised."""
-    for k, v in {"bulk_listings": True, **MODES[mode]}.items():
+    for k, v in {"bulk_listings": True, "bulk_min_inodes": 0, **MODES[mode]}.items():
         monkeypatch.setattr(ExtHandler, k, v)
     data = image.read_bytes()
 
@@ -97,6 +97,28 @@ def test_bulk_path_taken(monkeypatch: pytest.MonkeyPatch) -> None:
         dirs = sum(1 for ino in h.tree.children)
         assert len(h.tree) > 1000 and calls["load"] < len(h.tree) / 20, calls
         assert dirs > 10 and calls["entries"] < dirs / 5, (calls, dirs)
+
+
+def test_small_file_systems_skip_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below bulk_min_inodes inodes in use, index() takes the per-inode path (no numpy import for a fresh disk);
+    at or above it, the bulk path."""
+    data = artifact("ext4.img").read_bytes()
+    taken = []
+    index = B.index
+
+    def spy(h, progress=None):  # noqa: ANN001, ANN202
+        taken.append(True)
+        return index(h, progress)
+
+    monkeypatch.setattr(B, "index", spy)
+    h = ExtHandler(lambda off, n: data[off:off + n].ljust(n, b"\0"))
+    used = h.geo.inodes_count - h._free_inodes()
+    monkeypatch.setattr(ExtHandler, "bulk_min_inodes", used + 1)
+    h.index()
+    assert not taken
+    monkeypatch.setattr(ExtHandler, "bulk_min_inodes", used)
+    ExtHandler(lambda off, n: data[off:off + n].ljust(n, b"\0")).index()
+    assert taken
 
 
 def test_dtype_matches_construct() -> None:
