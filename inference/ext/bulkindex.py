@@ -1,12 +1,12 @@
 """The pre-index in bulk: whole inode tables parsed at once as numpy columns, the shadow tree written as arrays.
 
 The general crawl (ExtHandler._index) spends Python bytecode on every inode: read, check, parse, a Node, the
-stage's buffers, the block map. Here every inode table is read a batch of groups at a time and viewed through a
+stage's buffers, the block map. Here the inode tables are read up to 16 MiB at a time and viewed through a
 numpy dtype derived from the construct declaration (layout.numpy_dtype(layout.inode_large)); column arithmetic
 picks the common records (what ExtHandler._load_fast takes: a file or directory with at most 4 extents in
 i_block, depth 0, no xattrs, no xattr block, a full-size record, times that fit a signed 64-bit count of ns)
 and computes their fields, extents and signature together. What is left per record is one crc32c call (its
-metadata_csum, on rows numpy builds) and one zlib.crc32 call (the handler's signature, `_sig`).
+metadata_csum, on rows numpy builds) and one CRC-32 call (zlib-ng's; the handler's signature, `_sig`).
 
 The crawl then walks directories only: an inode the tables did not take (anything unusual: inline data, block
 maps of ext2/3, deeper extent trees, xattrs, devices, symlinks, a bad checksum, an inode only a directory says is
