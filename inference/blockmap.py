@@ -20,6 +20,12 @@ class BlockMap:
     def __len__(self) -> int:
         return len(self._starts)
 
+    def __getstate__(self) -> dict:
+        """For the index file: the ranges by start, whatever order they were added in (the same map pickles the
+        same, however it was built: inference/ext/bulkindex.py writes it in one go)."""
+        info = self._info
+        return {"_starts": self._starts, "_info": {s: info[s] for s in self._starts}}
+
     def add(self, physical: int, length: int, ino: int, logical: int) -> None:
         """Own [physical, physical+length); whatever overlapped it before is dropped (a hostile or stale map)."""
         if length <= 0:

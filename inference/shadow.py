@@ -254,8 +254,9 @@ class _Stage:
         if buf:
             self.buf = []
             types = list(map(_type_of, buf))
-            for t in set(types) - self.types.keys():
-                self.types[t] = len(self.types)
+            for t in dict.fromkeys(types):  # (numbered as they first come: a set's order varies by process)
+                if t not in self.types:
+                    self.types[t] = len(self.types)
             extents, meta = list(map(_extents_of, buf)), list(map(_meta_of, buf))
             ext_n, meta_n = list(map(len, extents)), list(map(len, meta))
             ext_at = list(accumulate(ext_n, initial=len(self.ext[0])))[:-1]

@@ -2,7 +2,9 @@
 
 The declarations are the source of truth. construct is slow for bulk scans (docs/ARCHITECTURE.md "Parsing speed"), so
 the hot paths (inodes, directory entries, extents, xattr entries, group descriptors) use `struct.Struct` formats
-derived from these declarations by `fixed_struct`; tests check both parse every real inode identically.
+derived from these declarations by `fixed_struct`; tests check both parse every real inode identically. The bulk
+index (inference/ext/bulkindex.py) views whole inode tables through numpy dtypes derived the same way
+(`numpy_dtype`; tests/unit/test_index_bulk.py checks them against construct and struct).
 """
 
 from __future__ import annotations
@@ -166,3 +168,41 @@ EXTENT_IDX_ST, _ = fixed_struct(extent_idx)
 EXTENT_LEAF_ST, _ = fixed_struct(extent_leaf)
 XATTR_ENTRY_ST, _ = fixed_struct(xattr_entry_head)
 DX_ROOT_INFO_ST, _ = fixed_struct(dx_root_info)
+
+
+def numpy_dtype(cs: Struct, itemsize: int | None = None):  # noqa: ANN201 - numpy is imported only when asked
+    """A numpy structured dtype of the same fields as `fixed_struct(cs)` (numpy is imported here, not at import
+    time: only the bulk index needs it), padded to `itemsize` (an inode record longer than the declared part).
+    Byte strings become (uint8, n) sub-arrays."""
+    import numpy as np
+
+    st, names = fixed_struct(cs)
+    codes = {"B": "u1", "H": "<u2", "I": "<u4", "L": "<u4", "Q": "<u8", "b": "i1", "h": "<i2", "i": "<i4", "l": "<i4",
+             "q": "<i8"}
+    formats, offsets, pos = [], [], 0
+    for code in struct_codes(st.format):
+        if code.endswith("s"):
+            formats.append(("u1", int(code[:-1])))
+        else:
+            formats.append(codes[code])
+        offsets.append(pos)
+        pos += struct.calcsize("<" + code)
+    dt = np.dtype({"names": list(names), "formats": formats, "offsets": offsets,
+                   "itemsize": itemsize if itemsize is not None else st.size})
+    if pos != st.size or len(formats) != len(names) or dt.itemsize < st.size:
+        raise AssertionError(f"numpy dtype of {names[0]}...: {pos} bytes, struct says {st.size}")
+    return dt
+
+
+def struct_codes(fmt: str) -> list[str]:
+    """The field codes of a '<'-prefixed struct format without repeat counts but for byte strings ('60s')."""
+    out, count = [], ""
+    for ch in fmt.lstrip("<"):
+        if ch.isdigit():
+            count += ch
+        else:
+            out.append(count + ch if ch == "s" else ch)
+            if ch != "s" and count:
+                raise TypeError(f"repeat count in {fmt}")
+            count = ""
+    return out

@@ -128,8 +128,10 @@ The image is generated once (`tests/bench/enginedata.py`: a tree of files in dir
 directories, copied in with `mke2fs -t ext4 -N ... -d TREE`, no mount; the tree is deleted) and cached in
 `.cache/bench/engine/`. Each round runs `fls -r -p IMAGE` (output counted; one unmeasured warm-up run first, so
 both tools read from the page cache), then `build_index(IMAGE, OUT)` with every inode through the general path
-(`ExtHandler._load`, what the index did before its fast path), `build_index(IMAGE, OUT)` and `load_index(OUT)`, each
-in a fresh subprocess. files/s: fls output lines, or inodes in the shadow tree, per second.""",
+(`ExtHandler._load`, what the index did before its fast path), with the fast path one inode at a time
+(`ExtHandler._load_fast`, what it did before the bulk index), `build_index(IMAGE, OUT)` (the bulk index:
+`inference/ext/bulkindex.py`, numpy's import included) and `load_index(OUT)`, each in a fresh subprocess, and
+`import numpy` alone. files/s: fls output lines, or inodes in the shadow tree, per second.""",
     "memory": """\
 RSS is `VmRSS` from `/proc/self/status` of a fresh subprocess, read after imports and again after the call (after
 `gc.collect()`, the result still referenced), divided by the inodes in the shadow tree. `load_index` is what a

@@ -27,6 +27,7 @@ from tests.hostile import apply_changes, hostile_name_changes, make_image
 def _index(image: Path, fast: bool, monkeypatch: pytest.MonkeyPatch, *, verify: bool = True) -> list:
     """Per ext volume: the pickled indexed handler, or the error indexing it raised."""
     monkeypatch.setattr(ExtHandler, "fast_index", fast)
+    monkeypatch.setattr(ExtHandler, "bulk_index", False)  # (the bulk index: test_index_bulk.py)
     data = image.read_bytes()
 
     def read(off: int, n: int) -> bytes:
@@ -74,6 +75,7 @@ def test_fast_path_taken(monkeypatch: pytest.MonkeyPatch) -> None:
         return load(self, ino)
 
     monkeypatch.setattr(ExtHandler, "_load", counting)
+    monkeypatch.setattr(ExtHandler, "bulk_index", False)
     vmap_data = artifact("ext4.img").read_bytes()
     h = ExtHandler(lambda off, n: vmap_data[off:off + n].ljust(n, b"\0"))
     h.index()
