@@ -34,7 +34,13 @@ from mirrorfs.view.tree import IFMT, ROOT_ID, ViewError, ViewTree, VNode
 
 log = logging.getLogger("mirrorfs.fuse")
 
-TIMEOUT = 1.0            # entry/attribute cache; every change is followed by a reply or an invalidation
+TIMEOUT = 1.0            # attribute cache; every change is followed by a reply or an invalidation
+# How long the kernel may keep a name -> node answer. Names change only by the helper's own syscalls (the kernel
+# updates its dentries itself) or by a change applied directly, which invalidates the entries it touched
+# (serve._invalidate), so the cache is never wrong for longer than that. With 1 s, the modify of a file created
+# more than a second before (the live benchmark: the creates at one commit, their sizes at the next, seconds later)
+# cost one LOOKUP each to revalidate the name.
+ENTRY_TIMEOUT = 300.0
 XATTR_PREFIX = "user.mirrorfs."  # mirrorfs's own facts: readable by name (getxattr), never listed
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -155,7 +161,7 @@ class ViewOps(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.st_ino if node.nid == ROOT_ID else node.nid
         a.generation = node.generation & U64
-        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.entry_timeout, a.attr_timeout = ENTRY_TIMEOUT, TIMEOUT
         fmt = IFMT.get(node.type, stat.S_IFMT(node.mode))  # the type is the node's, whatever the mode bits say
         a.st_mode = (fmt if fmt in IFMT.values() else stat.S_IFREG) | stat.S_IMODE(node.mode)
         size = node.size if node.type in ("file", "dir", "symlink") else 0

@@ -55,6 +55,11 @@ MKDIR_PAUSE = 0.1
 WATCH_CHECK = 0.002
 MAX_HELD = 64  # parent directories held open at once (a run of changes usually stays in a few)
 REAIMS = ("rename", "rmdir")  # kinds after which a held directory's path may lead elsewhere
+# One write for a create and the content change of the same new file (Poker.submit): what may stand between them
+# in the queue (changes of other names and inodes that cannot move this file), and how far behind the helper must
+# be before a create takes the content change of a later point too.
+RIDE_OVER = frozenset(("create", "mkdir", "symlink", "mknod", "modify"))
+BURST = 1000  # queued changes
 
 Invalidate = Callable[[Applied, "Mutation | None"], None]  # (what changed, the content-changing mutation)
 
@@ -178,6 +183,12 @@ class Poker:
         self._root: tuple[bytes, int] | None = None  # the mount point and its mount id (set_root)
         self._made_dir: tuple[int, int, int] | None = None  # (st_dev, parent's st_ino, st_ino) of the last mkdir
         self._held: dict[object, int] = {}  # O_PATH fds held while the queue has work: "root", fs, (fs, parent)
+        # creates still queued that a later modify of the same file may join (submit): (fs, ino) -> (create, the
+        # barrier count when it was queued); a modify that joined its create, by the create's id
+        self._creates: dict[tuple[str, int], tuple[Mutation, int]] = {}
+        self._barriers = 0
+        self._riders: dict[int, Mutation] = {}
+        self.joined = 0
         self.thread = threading.Thread(target=self._run, name="mirrorfs-poke", daemon=True)
 
     # -- the engine's side: never blocks
@@ -186,8 +197,40 @@ class Poker:
         events = [e for e in events if not e.is_error]
         if events:
             with self.cond:
-                self.queue.extend(events)
+                for e in events:
+                    if not self._join(e):
+                        self.queue.append(e)
                 self.cond.notify()
+
+    def _join(self, e: Mutation) -> bool:
+        """Take `e` into the queue's state; True if it rides on its file's queued create instead of queueing.
+
+        A new file's content change joins the file's create when both are queued with nothing between them that
+        could move or reuse that file (only other creates, mkdirs and modifies: RIDE_OVER), and they came with
+        the same point, or the helper is BURST changes behind: the two are then one open(O_CREAT|O_EXCL) +
+        ftruncate + close, and the kernel raises CREATE, MODIFY, CLOSE_WRITE, as for the guest's own creat +
+        write + close, instead of CREATE, CLOSE_WRITE, MODIFY, CLOSE_WRITE. A create and a modify each cost ~4
+        FUSE requests; together ~6 (docs/ARCHITECTURE.md "Poke")."""
+        key = (e.fs, e.ino)
+        if e.kind == "create":
+            self._creates[key] = (e, self._barriers)
+            return False
+        if e.kind not in RIDE_OVER:
+            self._barriers += 1
+            self._creates.clear()  # nothing queued so far may be joined any more
+            return False
+        if e.kind != "modify":
+            return False
+        queued = self._creates.pop(key, None)
+        if queued is None:
+            return False
+        create, barriers = queued
+        if barriers != self._barriers or create.path != e.path or not (create.seq == e.seq
+                                                                       or len(self.queue) >= BURST):
+            return False
+        self._riders[id(create)] = e
+        self.joined += 1
+        return True
 
     def start(self) -> None:
         self.thread.start()
@@ -258,8 +301,13 @@ class Poker:
                     self._release()
                     return
                 m = self.queue.popleft() if self.queue else None
+                rider = None
                 if m is None:
                     self._quiet_from = None
+                elif m.kind == "create":
+                    rider = self._riders.pop(id(m), None)
+                    if self._creates.get((m.fs, m.ino), (None,))[0] is m:
+                        del self._creates[(m.fs, m.ino)]  # begun: nothing joins it any more
             if m is None:  # quiet for QUIET_S since the last change: what no event carries
                 try:
                     self.on_idle()
@@ -267,13 +315,15 @@ class Poker:
                     log.exception("idle reconcile failed")
                 continue
             try:
-                self.poke(m)
+                self.poke(m, rider)
             except Exception:  # noqa: BLE001
                 log.exception("poke of %s %s failed", m.kind, m.path)
             finally:
                 if self.on_done is not None:
                     self.on_done(m)
-            self.done += 1
+                    if rider is not None:
+                        self.on_done(rider)
+            self.done += 1 if rider is None else 2
             with self.cond:
                 self._quiet_from = time.monotonic()
             made, self._made_dir = self._made_dir, None
@@ -298,24 +348,62 @@ class Poker:
             return True  # nothing queued yet: it may well be the new directory's content
         return nxt.fs == m.fs and nxt.path.startswith(m.path.rstrip("/") + "/")
 
-    def poke(self, m: Mutation) -> None:
+    def poke(self, m: Mutation, rider: Mutation | None = None) -> None:
+        """Replay `m`; `rider`: the modify that joined this create (submit), replayed through the same open."""
+        if rider is not None and not (self.hidden(m) or self.hidden(rider)):
+            self._poke_pair(m, rider)
+            return
+        self._poke(m)
+        if rider is not None:
+            self._poke(rider)
+
+    def _poke_pair(self, create: Mutation, modify: Mutation) -> None:
+        """open(O_CREAT|O_EXCL) as the create, then ftruncate of that same fd as the modify, then close. If the
+        create does not go through as staged, the modify is replayed on its own, as if it had not joined."""
+        fd = self._poke(create, keep_open=True)
+        if fd is None:
+            self._poke(modify)
+            return
+        closed = False
+
+        def truncate(m: Mutation) -> None:
+            nonlocal closed
+            try:
+                self._truncate(fd, m)
+            finally:
+                closed = True
+                os.close(fd)
+        try:
+            self._poke(modify, call=truncate)
+        finally:
+            if not closed:
+                os.close(fd)
+
+    def _poke(self, m: Mutation, keep_open: bool = False, call: Callable[[Mutation], None] | None = None
+              ) -> int | None:
+        """Stage `m` and make its syscall (`call`, default _syscall). With `keep_open` (a create), the new
+        file's fd is returned, open for writing, once the view applied the create as staged (else None)."""
         if self.hidden(m):  # no one can see it, so no event: a change under a directory something is mounted on
             self.unseen += 1
             self._release()
             self.invalidate(self.apply_direct(m), None)
-            return
+            return None
         if len(self._held) > MAX_HELD:
             self._release()
         staged = Staged(m)
         self.stage.current = staged
+        kept = None
         try:
-            self._syscall(m)
+            if call is not None:
+                call(m)
+            else:
+                kept = self._syscall(m, keep_open=keep_open)
             error = None
         except Refused as exc:  # a path that would leave the mount: nothing of it reaches the host or the view
             self.refused += 1
             self._release()
             log.warning("refused %s %r: %s", m.kind, m.path, exc.strerror or exc)
-            return
+            return None
         except OSError as exc:
             error = exc
         finally:
@@ -325,17 +413,24 @@ class Poker:
         if staged.error:
             log.warning("view disagrees with %s %s: %s", m.kind, m.path, staged.error)
         if error is not None or not staged.applied:
+            if kept is not None:
+                os.close(kept)
+                kept = None
             self.fallbacks += 1
             self._release()
             log.info("poke %s %s: %s; applying directly", m.kind, m.path, error or "no request reached the view")
             if not staged.applied:
                 self.invalidate(self.apply_direct(m), m if m.kind in ("modify", "truncate") else None)
-                return
+                return None
+        if kept is not None and staged.error:
+            os.close(kept)
+            kept = None
         if m.kind in ("modify", "truncate"):
             # the ftruncate kept the cached pages that changed in place (and a syscall that failed after the
             # handler applied the change left them too): drop them, and the attributes, so that a reader with
             # the file open (tail -f, less +F, an mmap) gets the new bytes and size on its next read
             self.invalidate(Applied(), m)
+        return kept
 
     # -- syscalls
 
@@ -371,12 +466,16 @@ class Poker:
         self._held[key] = fd
         return fd, parts[-1]
 
-    def _syscall(self, m: Mutation) -> None:
+    def _syscall(self, m: Mutation, keep_open: bool = False) -> int | None:
+        """The syscall a guest process would have made for `m`; with `keep_open`, a create's fd is returned."""
         kind = m.kind
         path = path_bytes(m.path)
         fd, name = self._dir(m.fs, path)
         if kind == "create":
-            os.close(openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+            f = openat2(fd, name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+            if keep_open:
+                return f
+            os.close(f)
         elif kind == "mkdir":
             os.mkdir(name, 0o700, dir_fd=fd)
             try:  # for _let_watchers_follow: the kernel's numbers of the parent and the new directory
@@ -404,10 +503,8 @@ class Poker:
             os.rename(sname, name, src_dir_fd=sfd, dst_dir_fd=fd)
         elif kind in ("modify", "truncate"):
             f = openat2(fd, name, os.O_WRONLY | os.O_NOFOLLOW)
-            if self.before_growth is not None:
-                self.before_growth(m)
             try:
-                os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
+                self._truncate(f, m)
             finally:
                 os.close(f)
         elif kind in ("attrib", "xattr"):
@@ -419,6 +516,12 @@ class Poker:
                     self._xattr(m, fd, name, target)
             finally:
                 os.close(target)
+
+    def _truncate(self, f: int, m: Mutation) -> None:
+        """ftruncate of an fd open for writing to the modify's size (the view's page drop first)."""
+        if self.before_growth is not None:
+            self.before_growth(m)
+        os.ftruncate(f, min(max(m.size or 0, 0), OFF_T_MAX))  # the view clamps it the same way
 
     @staticmethod
     def _at(fd: int, name: bytes, target: int) -> tuple[bytes | int, dict]:

@@ -238,12 +238,11 @@ sync
 
 def _match(mutations: list[dict], events: list[tuple[float, str, str, str]]) -> tuple[list[float], int]:
     """Delays (s) from each mutation's `time` to its first expected kernel event, matched in order; and misses."""
-    from tests.integration.test_mount import expected_inotify, primary
+    from tests.integration.test_mount import expected_sequence, primary
 
     got = primary(events)
     delays, missed, i = [], 0, 0
-    for m in mutations:
-        exp = expected_inotify(m)
+    for m, exp in expected_sequence(mutations):
         if not exp:
             continue
         j = next((k for k in range(i, len(got)) if (got[k][1], got[k][2]) == exp[0]), None)

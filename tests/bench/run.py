@@ -156,7 +156,7 @@ the rest is the engine's work and its polling.""",
     "views": """\
 One image, three read-only views, all mounted for the whole run: `mirrorfs mount --state DIR --base IMAGE MNT`
 (a state dir with an empty write log, so the view is the base image; content read from the engine's replica
-through the extent maps, pyfuse3, 1 s attribute/entry timeouts), `mount -o ro,loop`, and `guestmount --ro -a IMAGE
+through the extent maps, pyfuse3, attribute/entry timeouts 1/300 s), `mount -o ro,loop`, and `guestmount --ro -a IMAGE
 -m /dev/sda` (libguestfs 1.48, `LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg`). The image is
 the 100k-file image of engine benchmark 2 (`tests/bench/enginedata.py`) copied once, with a 256 MiB random file
 `/big` added by `debugfs -w` (`tests/bench/mountbench.py`, cached in `.cache/bench/mount/`). Before measuring:
