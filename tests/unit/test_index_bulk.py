@@ -23,40 +23,15 @@ from inference.ext import layout as L
 from inference.ext import reader as R
 from inference.ext.handler import ExtHandler
 from tests.hostile import apply_changes, hostile_name_changes, make_image
-from tests.unit.test_index_fast import _ext4_copy
+from tests.unit.test_index_fast import _ext4_copy, index_with
 
 MODES = {"general": dict(fast_index=False, bulk_index=False), "bulk": dict(fast_index=True, bulk_index=True),
          "bulk-inodes": dict(fast_index=True, bulk_index=True, bulk_listings=False)}
 
 
 def _index(image: Path, mode: str, monkeypatch: pytest.MonkeyPatch, *, verify: bool = True) -> list:
-    """Per ext volume: the pickled indexed handler, or the error indexing it raised."""
-    for k, v in {"bulk_listings": True, "bulk_min_inodes": 0, **MODES[mode]}.items():
-        monkeypatch.setattr(ExtHandler, k, v)
-    data = image.read_bytes()
-
-    def read(off: int, n: int) -> bytes:
-        return data[off:off + n].ljust(n, b"\0")
-
-    from inference.engine import volume_reader
-    from inference.volume import VolumeMap
-    vmap = VolumeMap(read, len(data))
-    vmap.scan()
-    out = []
-    for vol in vmap.volumes:
-        if vol.kind != "ext":
-            continue
-        h = ExtHandler(volume_reader(vol, read), name=vol.name)
-        h.reader.verify = verify
-        try:
-            h.index()
-        except Exception as exc:  # noqa: BLE001 - compared between the paths
-            out.append((type(exc).__name__, str(exc)))
-            continue
-        h.reader.verify = True
-        out.append(pickle.dumps(h, protocol=pickle.HIGHEST_PROTOCOL))
-    assert out, f"{image}: no ext volume"
-    return out
+    return index_with(image, {"bulk_listings": True, "bulk_min_inodes": 0, **MODES[mode]}, monkeypatch,
+                      verify=verify)
 
 
 def _same(image: Path, monkeypatch: pytest.MonkeyPatch, **kw: bool) -> list:

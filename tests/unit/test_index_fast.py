@@ -25,9 +25,15 @@ from tests.hostile import apply_changes, hostile_name_changes, make_image
 
 
 def _index(image: Path, fast: bool, monkeypatch: pytest.MonkeyPatch, *, verify: bool = True) -> list:
-    """Per ext volume: the pickled indexed handler, or the error indexing it raised."""
-    monkeypatch.setattr(ExtHandler, "fast_index", fast)
-    monkeypatch.setattr(ExtHandler, "bulk_index", False)  # (the bulk index: test_index_bulk.py)
+    # (the bulk index: test_index_bulk.py)
+    return index_with(image, {"fast_index": fast, "bulk_index": False}, monkeypatch, verify=verify)
+
+
+def index_with(image: Path, attrs: dict, monkeypatch: pytest.MonkeyPatch, *, verify: bool = True) -> list:
+    """Per ext volume: the pickled handler indexed with ExtHandler's class attributes `attrs`, or the error
+    indexing it raised."""
+    for k, v in attrs.items():
+        monkeypatch.setattr(ExtHandler, k, v)
     data = image.read_bytes()
 
     def read(off: int, n: int) -> bytes:
