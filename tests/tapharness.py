@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ class Attach:
             extra = (*extra, "--verify-nbd", str(export))
         self.args = [*MIRRORFS, "attach", "--qmp", str(qmp), "--state", str(state), *extra]
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # its engine may outlive it: stop_engines
 
     def start(self, timeout: float = 60) -> Attach:
         return self.spawn().wait_ready(timeout)
@@ -82,6 +85,7 @@ class Attach:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
+        self.killed = True
         self.proc.wait(10)
         self._log.close()
 
@@ -92,6 +96,32 @@ class Attach:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+            self.killed = True
+        if self.killed:
+            self.stop_engines()
+
+    def stop_engines(self) -> None:
+        """Stop the engines this attach process started that still run. A killed attach leaves its engine
+        following the log until another attach takes the state dir over (mirrorfs/cli/main.py attach_finished),
+        so a test that ends, or fails, with its attach killed stops it itself, by pid."""
+        assert self.proc is not None
+        mine = f"--attach-pid\0{self.proc.pid}\0".encode()
+        for pid in map(int, re.findall(r"inference engine pid (\d+)", self.output())):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if mine not in f.read():
+                        continue  # another attach's engine (the log file is shared), or a reused pid
+                fd = os.pidfd_open(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+                if not select.select([fd], [], [], 10)[0]:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def log_seqs(state: Path) -> list[int]:
