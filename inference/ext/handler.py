@@ -410,19 +410,9 @@ class ExtHandler:
                 ino.to_bytes(4, "little") + raw[0x64:0x68] + raw[:_CLO] + b"\0\0" + raw[_CLO + 2:_CHI] + b"\0\0"
                 + raw[_CHI + 2:], geo.csum_seed ^ 0xFFFFFFFF) ^ 0xFFFFFFFF:
             return self._load(ino)
-        extents: tuple = ()
-        if entries:
-            out, end, first, count = [], 0, geo.first_data_block, geo.blocks_count
-            for logical, length, hi, lo in _ext_leaves(i_block[12:12 + 12 * entries]):
-                uninit = length > L.EXT_INIT_MAX_LEN
-                length -= L.EXT_INIT_MAX_LEN if uninit else 0
-                phys = lo | hi << 32
-                if not length or logical < end or logical + length > 1 << 32 or phys < first \
-                        or phys + length > count:
-                    return self._load(ino)
-                end = logical + length
-                out.append((logical, phys, length, uninit))
-            extents = tuple(out)
+        extents = _leaf_entries(i_block, entries, geo) if entries else ()
+        if extents is None:
+            return self._load(ino)
         blocks = blocks_lo | (blocks_hi << 32 if geo.huge_file else 0)
         if flags & L.HUGE_FILE_FL and geo.huge_file:
             blocks *= geo.block_size // 512
@@ -1081,6 +1071,12 @@ def _leaf_extents(inode: R.Inode, geo: R.Geometry) -> tuple | None:
     magic, entries, emax, depth, _eg = _ext_header(i_block)
     if magic != L.EXT4_EXT_MAGIC or depth or emax > 4 or entries > emax:
         return None
+    return _leaf_entries(i_block, entries, geo)
+
+
+def _leaf_entries(i_block: bytes, entries: int, geo: R.Geometry) -> tuple | None:
+    """The `entries` leaf extents in i_block as a node keeps them; None if one is empty, out of order, or outside
+    the file system (the general path then decides, with its errors)."""
     out, end, first, count = [], 0, geo.first_data_block, geo.blocks_count
     for logical, length, hi, lo in _ext_leaves(i_block[12:12 + 12 * entries]):
         uninit = length > L.EXT_INIT_MAX_LEN
